@@ -1,0 +1,142 @@
+"""The query ledger: what each budget key has spent, and the budgets that cap it.
+
+Counting protocol (exact under threads, and later under Ray replicas):
+
+1. ``reserve(key, queries)`` before any work. It refuses the call whole, with
+   :class:`~vlmlab.errors.BudgetExceededError`, when spent + reserved +
+   requested would exceed the key's budget.
+2. ``commit(reservation, ...)`` after the work succeeded: the reserved queries
+   become spent, and images scored, prompts encoded and wall time are added.
+3. ``release(reservation)`` when the work failed: the reservation is dropped
+   and nothing is counted.
+
+One query is one candidate prompt scored on one batch of images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import asdict, dataclass, field
+
+from vlmlab.errors import BudgetExceededError
+
+DEFAULT_BUDGET_KEY = "default"
+
+
+@dataclass
+class Usage:
+    """What one budget key has spent so far."""
+
+    queries: int = 0
+    images_scored: int = 0
+    prompts_encoded: int = 0
+    wall_seconds: float = 0.0
+    calls: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Queries held for one call between ``reserve`` and ``commit``/``release``."""
+
+    key: str
+    queries: int
+    ticket: int
+
+
+@dataclass
+class _Account:
+    usage: Usage = field(default_factory=Usage)
+    budget: int | None = None
+    reserved: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def held(self) -> int:
+        return self.usage.queries + sum(self.reserved.values())
+
+
+class QueryLedger:
+    """Thread-safe per-key accounting of queries, with optional budgets.
+
+    Thread safety: every method takes one lock, so concurrent callers on the
+    same key can never together exceed its budget.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._accounts: dict[str, _Account] = {}
+        self._tickets = itertools.count()
+
+    def _account(self, key: str) -> _Account:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"budget key must be a non-empty string, got {key!r}")
+        return self._accounts.setdefault(key, _Account())
+
+    def set_budget(self, key: str, max_queries: int | None) -> None:
+        """Cap ``key`` at ``max_queries`` in total (``None`` removes the cap)."""
+        if max_queries is not None and (not isinstance(max_queries, int) or max_queries < 0):
+            raise ValueError(f"max_queries must be a non-negative int or None, got {max_queries!r}")
+        with self._lock:
+            self._account(key).budget = max_queries
+
+    def budget(self, key: str) -> int | None:
+        with self._lock:
+            return self._account(key).budget
+
+    def remaining(self, key: str) -> int | None:
+        """Queries still available on ``key`` (``None`` when it has no budget)."""
+        with self._lock:
+            account = self._account(key)
+            return None if account.budget is None else account.budget - account.held
+
+    def reserve(self, key: str, queries: int) -> Reservation:
+        """Hold ``queries`` on ``key`` or refuse the call whole."""
+        if queries <= 0:
+            raise ValueError(f"a call must request at least one query, got {queries}")
+        with self._lock:
+            account = self._account(key)
+            if account.budget is not None and account.held + queries > account.budget:
+                raise BudgetExceededError(
+                    key, queries, account.budget - account.held, account.budget
+                )
+            ticket = next(self._tickets)
+            account.reserved[ticket] = queries
+            return Reservation(key, queries, ticket)
+
+    def commit(
+        self,
+        reservation: Reservation,
+        *,
+        images_scored: int,
+        prompts_encoded: int,
+        wall_seconds: float,
+    ) -> None:
+        """Turn a reservation into spent queries and add the call's other counts."""
+        with self._lock:
+            account = self._account(reservation.key)
+            queries = account.reserved.pop(reservation.ticket, None)
+            if queries is None:
+                raise KeyError(f"reservation {reservation.ticket} is not held (committed twice?)")
+            usage = account.usage
+            usage.queries += queries
+            usage.images_scored += images_scored
+            usage.prompts_encoded += prompts_encoded
+            usage.wall_seconds += wall_seconds
+            usage.calls += 1
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation whose work failed; nothing is counted."""
+        with self._lock:
+            self._account(reservation.key).reserved.pop(reservation.ticket, None)
+
+    def usage(self, key: str = DEFAULT_BUDGET_KEY) -> Usage:
+        """A copy of what ``key`` has spent."""
+        with self._lock:
+            return Usage(**asdict(self._account(key).usage))
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._accounts)

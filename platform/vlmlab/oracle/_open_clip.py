@@ -1,0 +1,232 @@
+"""The open_clip backend: real CLIP models, from a hub tag or a local checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlmlab.oracle._base import LocalOracle, embedding_table_stats
+from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
+from vlmlab.oracle._protocol import OracleMetadata
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[str, str | None, str]:
+    """Check a model name and weights source before building anything.
+
+    Returns the model name, the ``pretrained`` argument for open_clip and a
+    model id that identifies the weights (used in cache keys and reports).
+    """
+    import open_clip
+
+    if not model_name.startswith(("hf-hub:", "local-dir:")):
+        known = open_clip.list_models()
+        if model_name not in known:
+            close = difflib.get_close_matches(model_name, known, n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"unknown open_clip model {model_name!r}{hint} "
+                f"(open_clip.list_models() lists all {len(known)})"
+            )
+    if pretrained is None:
+        return model_name, None, f"{model_name}/random-init"
+    if _looks_like_path(pretrained) or Path(pretrained).exists():
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip checkpoint file not found: {str(path)!r}")
+        return model_name, str(path), f"{model_name}/{path.stem}-{_file_fingerprint(path)}"
+    if not model_name.startswith(("hf-hub:", "local-dir:")):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ValueError(
+                f"unknown pretrained tag {pretrained!r} for {model_name}; "
+                f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file path"
+            )
+    return model_name, pretrained, f"{model_name}/{pretrained}"
+
+
+class OpenClipOracle(LocalOracle):
+    """Any open_clip CLIP model as a black box.
+
+    Args:
+        model_name: an open_clip architecture (``open_clip.list_models()``).
+        pretrained: a pretrained tag (downloads from the hub when online), a local
+            checkpoint file, or None for random initialization (tests).
+        device: ``"cuda"``/``"cpu"``; CUDA when present by default.
+        precision: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``.
+        seed: torch seed for random initialization, so random-init models are
+            reproducible (and their cached image features stay valid).
+        prefix_sharing: use the fast text path (default); False forces the
+            model's own ``encode_text`` on padded prompts.
+
+    Raises:
+        ValueError: unknown model name or pretrained tag.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        *,
+        pretrained: str | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+        seed: int = 0,
+        prefix_sharing: bool = True,
+        cache_dir: str | None = None,
+        disk_cache: bool = True,
+        ledger=None,
+    ) -> None:
+        import open_clip
+
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        name, weights, model_id = resolve_open_clip_model(model_name, pretrained)
+        if weights is None:
+            model_id = f"{model_id}-seed{seed}"
+        super().__init__(cache_dir=cache_dir, disk_cache=disk_cache, ledger=ledger)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=weights, device=self.device)
+        model = model.to(dtype=_DTYPES[precision]).eval().requires_grad_(False)
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.tower = TextTower.from_model(model)
+        self._start, self._end = self._special_tokens()
+        self._placeholder = self._token_ids("X")[0]
+        self._fast: PrefixSharingEncoder | None = None
+        if prefix_sharing and self.tower.supports_prefix_sharing() is None:
+            self._fast = PrefixSharingEncoder(self.tower, self._start)
+        mean, std = embedding_table_stats(self.tower.token_embedding.weight)
+        self._metadata = OracleMetadata(
+            backend="open_clip",
+            model=model_id + ("" if precision == "fp32" else f"/{precision}"),
+            token_dim=self.tower.width,
+            context_length=self.tower.context_length,
+            embedding_mean=mean,
+            embedding_std=std,
+        )
+        self._scale = float(model.logit_scale.exp())
+        bias = getattr(model, "logit_bias", None)
+        self._bias = float(bias) if bias is not None else 0.0
+        preprocess = open_clip.get_model_preprocess_cfg(model)
+        size = preprocess.get("size", 224)
+        self._image_size = size if isinstance(size, int) else int(size[0])
+        self._mean = torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self._std = torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+        self._suffix_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ text
+    def _special_tokens(self) -> tuple[int, int]:
+        start = getattr(self.tokenizer, "sot_token_id", None)
+        end = getattr(self.tokenizer, "eot_token_id", None)
+        if start is None or end is None:
+            raise NotImplementedError(
+                f"tokenizer {type(self.tokenizer).__name__} has no start/end token ids; "
+                "only CLIP-style tokenizers are supported"
+            )
+        return int(start), int(end)
+
+    def _token_ids(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without start/end tokens, never truncated."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            raise NotImplementedError(f"tokenizer {type(self.tokenizer).__name__} has no encode()")
+        return list(encode(text))
+
+    def _suffix(self, name: str) -> list[int]:
+        suffix = self._suffix_cache.get(name)
+        if suffix is None:
+            suffix = [*self._token_ids(f"{name}."), self._end]
+            self._suffix_cache[name] = suffix
+        return suffix
+
+    def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
+        return [len(self._suffix(name)) for name in class_names]
+
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        ids = self._token_ids(phrase)
+        if not ids:
+            raise ValueError(f"phrase {phrase!r} has no tokens")
+        with torch.inference_mode():
+            table = self.tower.token_embedding.weight
+            return table[torch.tensor(ids, device=table.device)].float().cpu().clone()
+
+    def padded_token_rows(self, class_names: Sequence[str], n_context: int) -> torch.Tensor:
+        """``[SOS] X*m <class> . [EOS] 0...`` rows, as open_clip's tokenizer pads them."""
+        rows = torch.zeros(len(class_names), self.tower.context_length, dtype=torch.long)
+        for c, name in enumerate(class_names):
+            tokens = [self._start, *[self._placeholder] * n_context, *self._suffix(name)]
+            rows[c, : len(tokens)] = torch.tensor(tokens)
+        return rows
+
+    def _encode_population(
+        self, contexts: torch.Tensor, class_names: Sequence[str]
+    ) -> torch.Tensor:
+        n_context = contexts.shape[1]
+        if self._fast is not None:
+            plan = self._fast.plan([self._suffix(name) for name in class_names], n_context)
+            features = self._fast.encode(contexts, plan)
+        else:
+            rows = self.padded_token_rows(class_names, n_context)
+            features = encode_padded(self.tower, contexts, rows, n_context)
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    # ---------------------------------------------------------------- images
+    def _encode_images(self, pixels: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        dtype = self.tower.dtype
+        features = []
+        with torch.inference_mode():
+            for i in range(0, len(pixels), batch_size):
+                batch = torch.from_numpy(pixels[i : i + batch_size]).permute(0, 3, 1, 2)
+                batch = TF.resize(
+                    batch,
+                    self._image_size,
+                    interpolation=TF.InterpolationMode.BICUBIC,
+                    antialias=True,
+                )
+                batch = TF.center_crop(batch, self._image_size).float().div(255)
+                batch = TF.normalize(batch, self._mean.tolist(), self._std.tolist())
+                encoded = self.model.encode_image(batch.to(self.device, dtype))
+                features.append(F.normalize(encoded.float(), dim=-1).cpu())
+        return torch.cat(features)
+
+    # -------------------------------------------------------------- metadata
+    @property
+    def metadata(self) -> OracleMetadata:
+        return self._metadata
+
+    @property
+    def logit_scale(self) -> float:
+        return self._scale
+
+    def _logit_bias(self) -> float:
+        return self._bias
+
+    @property
+    def uses_prefix_sharing(self) -> bool:
+        return self._fast is not None

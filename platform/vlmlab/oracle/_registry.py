@@ -1,0 +1,51 @@
+"""Backends by name: ``create_oracle("conse")``, ``create_oracle("open_clip:RN50")``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vlmlab.oracle._base import LocalOracle
+
+
+def _open_clip(model: str | None, **kwargs: Any) -> LocalOracle:
+    from vlmlab.oracle._open_clip import OpenClipOracle
+
+    return OpenClipOracle(model or "ViT-B-32", **kwargs)
+
+
+def _conse(model: str | None, **kwargs: Any) -> LocalOracle:
+    from vlmlab.oracle._conse import ConseOracle
+
+    if model not in (None, "", "default"):
+        raise ValueError(f"the ConSE backend has one model; got model {model!r} (use 'conse')")
+    return ConseOracle(**kwargs)
+
+
+_BACKENDS: dict[str, tuple[Callable[..., LocalOracle], str]] = {
+    "open_clip": (_open_clip, "real CLIP via open_clip: 'open_clip:<architecture>' + pretrained"),
+    "conse": (_conse, "offline ConSE stand-in (EfficientNet-lite0 + MiniLM-L6), not CLIP"),
+}
+
+
+def list_backends() -> dict[str, str]:
+    """Backend names and what each one is."""
+    return {name: text for name, (_, text) in _BACKENDS.items()}
+
+
+def create_oracle(spec: str, **kwargs: Any) -> LocalOracle:
+    """Build an in-process oracle from ``"<backend>[:<model>]"``.
+
+    Examples: ``"conse"``, ``"open_clip:ViT-B-16"`` with ``pretrained="openai"``,
+    ``"open_clip:RN50"`` with ``pretrained="/path/to/checkpoint.pt"``.
+    Keyword arguments go to the backend's constructor.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(
+            f"oracle spec must be a string like 'conse' or 'open_clip:RN50', got {spec!r}"
+        )
+    backend, _, model = spec.partition(":")
+    entry = _BACKENDS.get(backend.lower())
+    if entry is None:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(_BACKENDS))}")
+    return entry[0](model or None, **kwargs)

@@ -1,0 +1,46 @@
+# vlmlab: every target sets up what it needs; `make install` is idempotent.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: install data demo test lint bench clean
+
+install: $(STAMP) data
+
+# Reinstall only when the package's dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[offline,dev]'
+	@touch $(STAMP)
+
+# Offline image data: Debian's dataset-fashion-mnist. Without apt (or root) vlmlab
+# falls back to torchvision's download, which needs internet once.
+data:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "note: cannot apt-get install dataset-fashion-mnist here; Fashion-MNIST will be downloaded by torchvision (needs internet)"; \
+	fi
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/vlmlab zeroshot --backend conse --dataset fashion-mnist --n 500
+
+test: install
+	$(BIN)/ruff check platform tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check platform tests benchmarks
+	$(BIN)/ruff format --check platform tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/oracle_text_path.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

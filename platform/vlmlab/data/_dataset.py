@@ -1,0 +1,72 @@
+"""The in-memory dataset type every loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vlmlab.oracle import ImageSet
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images (uint8 ``N x H x W x 3``), integer labels and prompt-ready class names.
+
+    ``indices`` records which rows of the full split this is (None: all of it),
+    so image sets made from subsets are named precisely in caches and reports.
+    """
+
+    name: str
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    indices: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(
+                f"{self.name}: images must be uint8 (N, H, W, 3), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: np.ndarray | list[int]) -> ImageDataset:
+        """Rows ``indices`` of this dataset (indices into this dataset, not the split)."""
+        index = np.asarray(indices, dtype=np.int64)
+        if index.ndim != 1:
+            raise ValueError(f"subset indices must be 1-D, got shape {index.shape}")
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise ValueError(
+                f"subset indices out of range for {self.name}/{self.split} of {len(self)} images"
+            )
+        base = self.indices[index] if self.indices is not None else index
+        return ImageDataset(
+            self.name,
+            self.split,
+            self.images[index],
+            self.labels[index],
+            self.class_names,
+            base,
+            self.meta,
+        )
+
+    def image_set(self) -> ImageSet:
+        """The pixels as an oracle image set, named by dataset, split and indices."""
+        meta: dict[str, Any] = {"dataset": self.name, "split": self.split}
+        if self.indices is not None:
+            meta["indices"] = self.indices.tolist()
+        return ImageSet(self.images, meta)

@@ -1,0 +1,98 @@
+"""Deterministic few-shot sampling and forget/memorize class partitions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def sample_per_class(
+    labels: np.ndarray,
+    shots: int,
+    seed: int,
+    *,
+    exclude: np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """``shots`` indices per class, drawn without replacement by ``seed``.
+
+    The same (labels, shots, seed, exclude) always gives the same indices,
+    sorted by class then draw order.
+    """
+    if not isinstance(shots, int | np.integer) or shots < 1:
+        raise ValueError(f"shots must be a positive int, got {shots!r}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    blocked = np.zeros(len(labels), dtype=bool)
+    if exclude is not None:
+        blocked[np.asarray(exclude, dtype=np.int64)] = True
+    chosen = []
+    for c in classes if classes is not None else np.unique(labels):
+        pool = np.flatnonzero((labels == c) & ~blocked)
+        if len(pool) < shots:
+            raise ValueError(
+                f"class {int(c)} has {len(pool)} images available, fewer than {shots} shots"
+            )
+        chosen.append(rng.permutation(pool)[:shots])
+    return np.concatenate(chosen).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    """Indices into a training split: k-shot train and a disjoint k-shot validation."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def few_shot_split(
+    labels: np.ndarray, shots: int, seed: int, *, val_shots: int | None = None
+) -> FewShotSplit:
+    """A k-shot training set and a disjoint k-shot validation set (methods.md's protocol)."""
+    train = sample_per_class(labels, shots, seed)
+    val = sample_per_class(labels, val_shots or shots, seed + 1_000_003, exclude=train)
+    return FewShotSplit(train, val)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A class-balanced subset of about ``size`` indices (for quick test evaluations)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    per_class = max(1, size // len(classes))
+    available = min(int((labels == c).sum()) for c in classes)
+    return np.sort(sample_per_class(labels, min(per_class, available), seed))
+
+
+@dataclass(frozen=True)
+class ClassPartition:
+    """Which classes a forgetting run forgets and which it memorizes."""
+
+    forget: tuple[int, ...]
+    memorize: tuple[int, ...]
+
+    def forget_mask(self, labels: np.ndarray) -> np.ndarray:
+        return np.isin(np.asarray(labels), self.forget)
+
+
+def partition_classes(
+    num_classes: int, *, forget: Sequence[int] | None = None, forget_fraction: float = 0.4
+) -> ClassPartition:
+    """Forget the first ``forget_fraction`` of classes (the paper's 40 %), or ``forget``."""
+    if num_classes < 2:
+        raise ValueError(f"a forget/memorize partition needs at least 2 classes, got {num_classes}")
+    if forget is None:
+        if not 0 < forget_fraction < 1:
+            raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
+        forget = range(max(1, round(num_classes * forget_fraction)))
+    chosen = sorted({int(c) for c in forget})
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"forget classes {bad} out of range for {num_classes} classes")
+    if not chosen or len(chosen) == num_classes:
+        raise ValueError(
+            f"forget must name some but not all of the {num_classes} classes, got {chosen}"
+        )
+    memorize = [c for c in range(num_classes) if c not in set(chosen)]
+    return ClassPartition(tuple(chosen), tuple(memorize))

@@ -1,0 +1,50 @@
+"""Shared fixtures: models are built once per test run (they cost seconds each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A feature cache private to this test run, so no test depends on old entries."""
+    return str(tmp_path_factory.mktemp("vlmlab-cache"))
+
+
+@pytest.fixture(scope="session")
+def clip_factory(cache_dir: str):
+    """Random-init open_clip oracles by architecture, built once each."""
+    from vlmlab.oracle._open_clip import OpenClipOracle
+
+    built: dict[tuple[str, bool], OpenClipOracle] = {}
+
+    def get(arch: str, *, prefix_sharing: bool = True) -> OpenClipOracle:
+        key = (arch, prefix_sharing)
+        if key not in built:
+            built[key] = OpenClipOracle(arch, cache_dir=cache_dir, prefix_sharing=prefix_sharing)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vit_b32(clip_factory):
+    return clip_factory("ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def conse(cache_dir: str):
+    from vlmlab.oracle import create_oracle
+
+    return create_oracle("conse", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from vlmlab.data import load_dataset
+
+    return load_dataset("fashion-mnist", "test")

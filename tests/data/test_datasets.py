@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from vlmlab.data import (
+    FASHION_MNIST_CLASSES,
+    few_shot_split,
+    list_datasets,
+    load_dataset,
+    partition_classes,
+    sample_per_class,
+    stratified_subset,
+)
+from vlmlab.errors import DatasetUnavailableError
+
+
+def test_fashion_mnist_offline(fashion_test):
+    assert fashion_test.images.shape == (10000, 28, 28, 3)
+    assert fashion_test.images.dtype == np.uint8
+    assert fashion_test.class_names == FASHION_MNIST_CLASSES
+    assert np.bincount(fashion_test.labels).tolist() == [1000] * 10
+    # Inverted to dark-on-white: the border is white.
+    assert fashion_test.images[:, 0, 0].mean() > 250
+    raw = load_dataset("fashion-mnist", "test", invert=False)
+    assert np.array_equal(raw.images, 255 - fashion_test.images)
+
+
+def test_registry_and_errors():
+    assert set(list_datasets()) >= {"fashion-mnist", "cifar10", "cifar100", "imagefolder"}
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*fashion-mnist"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        load_dataset("fashion-mnist", "val")
+
+
+def test_cifar_offline_names_the_offline_dataset(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetUnavailableError, match=r"cifar10 .*offline, use the 'fashion-mnist'"):
+        load_dataset("cifar10", "test", root=tmp_path)
+
+
+def test_cifar100_class_names_from_a_local_copy(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    class FakeCifar100:
+        def __init__(self, root, train, download):
+            self.data = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+            self.targets = [0, 1]
+            self.classes = ["apple", "aquarium_fish"]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCifar100)
+    data = load_dataset("cifar100", "train", root=tmp_path)
+    assert data.class_names == ["apple", "aquarium fish"]
+
+
+def test_few_shot_is_deterministic_and_disjoint(fashion_test):
+    labels = fashion_test.labels
+    a = few_shot_split(labels, 16, seed=3)
+    b = few_shot_split(labels, 16, seed=3)
+    c = few_shot_split(labels, 16, seed=4)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert not np.array_equal(a.train, c.train)
+    assert len(a.train) == len(a.val) == 160
+    assert not set(a.train) & set(a.val)
+    assert np.bincount(labels[a.train]).tolist() == [16] * 10
+    with pytest.raises(ValueError, match="shots must be a positive int"):
+        sample_per_class(labels, 0, seed=0)
+    with pytest.raises(ValueError, match="fewer than 5 shots"):
+        sample_per_class(np.array([0, 0, 1, 1, 1, 1, 1]), 5, seed=0)
+
+
+def test_subset_records_split_indices(fashion_test):
+    idx = stratified_subset(fashion_test.labels, 50, seed=0)
+    sub = fashion_test.subset(idx)
+    sub2 = sub.subset([1, 0])
+    assert np.array_equal(sub2.indices, idx[[1, 0]])
+    assert sub2.image_set().meta == {
+        "dataset": "fashion-mnist",
+        "split": "test",
+        "indices": idx[[1, 0]].tolist(),
+    }
+    assert np.array_equal(sub2.images[0], fashion_test.images[idx[1]])
+
+
+def test_partition_defaults_to_first_40_percent():
+    assert partition_classes(10).forget == (0, 1, 2, 3)
+    assert partition_classes(100).forget == tuple(range(40))
+    assert partition_classes(200).forget == tuple(range(80))
+    part = partition_classes(10, forget=[7, 2])
+    assert part.forget == (2, 7) and 2 not in part.memorize and len(part.memorize) == 8
+    assert part.forget_mask(np.array([2, 3, 7])).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match=r"out of range"):
+        partition_classes(10, forget=[10])
+    with pytest.raises(ValueError, match="some but not all"):
+        partition_classes(3, forget=[0, 1, 2])
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for name, color in (("red_apple", (255, 0, 0)), ("green_leaf", (0, 255, 0))):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (60 + 10 * i, 40), color).save(folder / f"{i}.png")
+    (tmp_path / "train" / "green_leaf" / "notes.txt").write_text("not an image")
+    data = load_dataset("imagefolder", "train", root=tmp_path, image_size=32)
+    assert data.class_names == ["green leaf", "red apple"]
+    assert data.images.shape == (6, 32, 32, 3)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.images[0, 16, 16].tolist() == [0, 255, 0]
+    with pytest.raises(FileNotFoundError, match="imagefolder root not found"):
+        load_dataset("imagefolder", "train", root=tmp_path / "missing")
+    with pytest.raises(ValueError, match="needs root"):
+        load_dataset("imagefolder", "train")

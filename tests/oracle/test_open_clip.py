@@ -1,0 +1,148 @@
+"""open_clip backend: the prefix-sharing text path equals encode_text, weights load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from vlmlab.oracle import ImageSet, create_oracle
+from vlmlab.oracle._clip_text import encode_padded
+
+# Class names whose suffixes span 3 to 8+ tokens, so several length groups form.
+NAMES = [
+    "cat",
+    "aquarium fish",
+    "dog",
+    "sweet pepper",
+    "lawn-mower",
+    "a very long and oddly specific hyphenated-class name",
+    "tulip",
+    "willow tree",
+]
+
+
+def _contexts(oracle, population: int, n_context: int, seed: int = 0) -> torch.Tensor:
+    meta = oracle.metadata
+    g = torch.Generator().manual_seed(seed)
+    return meta.embedding_mean + meta.embedding_std * torch.randn(
+        population, n_context, meta.token_dim, generator=g
+    )
+
+
+def _reference(oracle, contexts, names):
+    rows = oracle.padded_token_rows(names, contexts.shape[1])
+    return encode_padded(oracle.tower, contexts, rows, contexts.shape[1])
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50", "ViT-S-32-alt"])
+@pytest.mark.parametrize(
+    ("population", "n_context", "n_classes"), [(1, 1, 1), (3, 4, 8), (5, 16, 5), (2, 8, 3)]
+)
+def test_fast_text_path_equals_encode_text(clip_factory, arch, population, n_context, n_classes):
+    oracle = clip_factory(arch)
+    assert oracle.uses_prefix_sharing
+    names = NAMES[:n_classes]
+    contexts = _contexts(oracle, population, n_context, seed=population * 31 + n_context)
+    fast = oracle._fast.encode(
+        contexts, oracle._fast.plan([oracle._suffix(n) for n in names], n_context)
+    )
+    reference = _reference(oracle, contexts, names)
+    assert fast.shape == reference.shape == (population, n_classes, fast.shape[-1])
+    assert float((fast - reference).abs().max()) <= 1e-4
+
+
+def test_fast_path_with_real_word_contexts_equals_plain_tokenized_prompts(vit_b32):
+    """With the embeddings of "a photo of a" as contexts, CLIP sees ordinary text."""
+    import open_clip
+
+    contexts = vit_b32.phrase_embeddings("a photo of a").unsqueeze(0)
+    assert contexts.shape == (1, 4, 512)
+    fast = vit_b32._fast.encode(
+        contexts, vit_b32._fast.plan([vit_b32._suffix(n) for n in NAMES], 4)
+    )
+    tokens = open_clip.get_tokenizer("ViT-B-32")([f"a photo of a {n}." for n in NAMES])
+    with torch.inference_mode():
+        plain = vit_b32.model.encode_text(tokens)
+    assert float((fast[0] - plain).abs().max()) <= 1e-4
+
+
+def test_chunked_population_equals_single_chunk(vit_b32):
+    names = NAMES[:5]
+    contexts = _contexts(vit_b32, 6, 4, seed=7)
+    plan = vit_b32._fast.plan([vit_b32._suffix(n) for n in names], 4)
+    whole = vit_b32._fast.encode(contexts, plan)
+    old = vit_b32._fast.max_tokens_per_chunk
+    vit_b32._fast.max_tokens_per_chunk = 1  # one candidate per chunk
+    try:
+        chunked = vit_b32._fast.encode(contexts, plan)
+    finally:
+        vit_b32._fast.max_tokens_per_chunk = old
+    assert float((whole - chunked).abs().max()) <= 1e-5
+
+
+def test_logits_equal_between_fast_and_padded_oracles(clip_factory, cache_dir):
+    fast = clip_factory("ViT-B-32")
+    slow = clip_factory("ViT-B-32", prefix_sharing=False)
+    assert not slow.uses_prefix_sharing
+    rng = np.random.default_rng(0)
+    images = ImageSet(rng.integers(0, 256, (6, 40, 48, 3), dtype=np.uint8), {"dataset": "noise"})
+    ref_fast, ref_slow = fast.register_images(images), slow.register_images(images)
+    contexts = _contexts(fast, 3, 4)
+    a = fast.logits(contexts, NAMES[:4], ref_fast)
+    b = slow.logits(contexts, NAMES[:4], ref_slow)
+    assert a.shape == (3, 6, 4)
+    assert float((a - b).abs().max()) <= 1e-3 * fast.logit_scale
+
+
+def test_image_features_cached_on_disk_and_reused(vit_b32, cache_dir, tmp_path):
+    from vlmlab.oracle._open_clip import OpenClipOracle
+
+    rng = np.random.default_rng(1)
+    images = ImageSet(
+        rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+        {"dataset": "noise", "split": "test", "indices": [3, 1, 4, 1, 5]},
+    )
+    ref = vit_b32.register_images(images)
+    from pathlib import Path
+
+    files = list(Path(cache_dir).glob("features/open_clip/*/noise-test-*.npy"))
+    assert len(files) == 1 and not list(Path(cache_dir).glob("**/*.tmp"))
+    stored = np.load(files[0])
+    assert np.allclose(stored, vit_b32.image_features(ref).numpy())
+    # A new oracle on the same weights reads the file instead of encoding again.
+    other = OpenClipOracle("ViT-B-32", cache_dir=cache_dir)
+    other._encode_images = lambda pixels: pytest.fail("features should come from the disk cache")
+    other.register_images(images)
+    assert torch.equal(other.image_features(ref), vit_b32.image_features(ref))
+
+
+def test_loads_a_local_checkpoint_file(vit_b32, tmp_path, cache_dir):
+    path = tmp_path / "finetuned-vit-b-32.pt"
+    state = {k: v.clone() for k, v in vit_b32.model.state_dict().items()}
+    state["text_projection"] = state["text_projection"] * 2.0  # weights unlike random init
+    torch.save(state, path)
+    loaded = create_oracle("open_clip:ViT-B-32", pretrained=str(path), cache_dir=cache_dir)
+    assert loaded.metadata.model.startswith("ViT-B-32/finetuned-vit-b-32-")
+    assert torch.equal(loaded.model.text_projection, state["text_projection"])
+    assert torch.equal(loaded.model.visual.conv1.weight, vit_b32.model.visual.conv1.weight)
+
+
+def test_missing_checkpoint_unknown_model_and_tag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        create_oracle("open_clip:ViT-B-32", pretrained=str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-B-33'.*ViT-B-32"):
+        create_oracle("open_clip:ViT-B-33")
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'not-a-tag'.*openai"):
+        create_oracle("open_clip:ViT-B-32", pretrained="not-a-tag")
+    with pytest.raises(ValueError, match=r"unknown backend 'clip'.*conse.*open_clip"):
+        create_oracle("clip:ViT-B-32")
+
+
+def test_metadata(vit_b32):
+    meta = vit_b32.metadata
+    table = vit_b32.model.token_embedding.weight
+    assert meta.backend == "open_clip" and meta.model == "ViT-B-32/random-init-seed0"
+    assert (meta.token_dim, meta.context_length) == (512, 77)
+    assert torch.allclose(meta.embedding_mean, table.mean(0))
+    assert meta.embedding_std == pytest.approx(float(table.std()))
+    assert vit_b32.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)

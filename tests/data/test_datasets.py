@@ -40,7 +40,9 @@ def test_cifar_offline_names_the_offline_dataset(monkeypatch, tmp_path):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DatasetUnavailableError, match=r"cifar10 .*offline, use the 'fashion-mnist'"):
+    with pytest.raises(
+        DatasetUnavailableError, match=r"cifar10 .*offline, use the 'fashion-mnist'"
+    ):
         load_dataset("cifar10", "test", root=tmp_path)
 
 

@@ -81,6 +81,158 @@ def datasets() -> None:
         typer.echo(f"{name:14s} {text}")
 
 
+def _fail(message: str) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+class _RichProgress:
+    """Draws one progress bar per trial: generation, queries / budget, best validation H."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.budgets: dict[str, int | None] = {}
+
+    def trial_started(self, run_id: str, generations: int, budget: int | None, start: int) -> None:
+        self.budgets[run_id] = budget
+        note = f" (resumed at {start})" if start else ""
+        self.tasks[run_id] = self.progress.add_task(
+            f"{run_id}{note}", total=generations, completed=start, stats=""
+        )
+
+    def generation_done(self, run_id: str, record) -> None:
+        budget = self.budgets.get(run_id)
+        stats = (
+            f"queries {record.queries_used}/{budget if budget is not None else '∞'}  "
+            f"best val H {record.best_val_H:.3f}"
+        )
+        self.progress.update(self.tasks[run_id], completed=record.generation, stats=stats)
+
+    def trial_finished(self, outcome) -> None:
+        pass
+
+
+def _outcome_table(outcomes, where: str):
+    from rich.table import Table
+
+    table = Table(title=f"Black-Box Forgetting — {where} (test split)")
+    for column in ("prompt", "seed", "H", "Err_fgt", "Acc_mem", "queries"):
+        table.add_column(column, justify="left" if column == "prompt" else "right")
+    if outcomes and outcomes[0].zeroshot_test:
+        zs = outcomes[0].zeroshot_test
+        table.add_row("zero-shot", "-", *(f"{zs[k]:.3f}" for k in ("H", "err_fgt", "acc_mem")), "0")
+    for o in outcomes:
+        table.add_row(
+            o.method + (" (earlier run)" if o.skipped else ""),
+            str(o.seed),
+            *(f"{o.test[k]:.3f}" for k in ("H", "err_fgt", "acc_mem")),
+            f"{o.queries_used}/{o.budget or '∞'}",
+        )
+    return table
+
+
+@app.command()
+def run(
+    spec: Annotated[
+        str, typer.Argument(help="experiment spec (YAML), e.g. experiments/quickstart.yaml")
+    ],
+    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a spec field: method.popsize=30")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from checkpoints; skip completed trials")
+    ] = False,
+) -> None:
+    """Run an experiment spec in-process and write its results and artifacts."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vlmlab.errors import VlmlabError
+    from vlmlab.runner import build_oracle, run_experiment
+    from vlmlab.specs import load_spec
+
+    console = Console()
+    try:
+        loaded = load_spec(spec, set_ or [])
+    except (VlmlabError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    try:
+        with console.status(f"loading {loaded.backend.name}..."):
+            oracle = build_oracle(loaded)
+        meta = oracle.metadata
+        console.print(
+            f"[bold]{loaded.name}[/]: {loaded.method.name} on {meta.display_name}, "
+            f"{loaded.data.dataset} {loaded.data.shots}-shot, seeds {loaded.seeds}, "
+            f"budget {loaded.budget.max_queries or 'unlimited'} queries per trial"
+        )
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TextColumn("gen  {task.fields[stats]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            outcomes = run_experiment(
+                loaded, results, resume=resume, oracle=oracle, listener=_RichProgress(progress)
+            )
+    except (VlmlabError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+
+    console.print(_outcome_table(outcomes, f"{meta.display_name} on {loaded.data.dataset}"))
+    finished = [o for o in outcomes if o.test]
+    if finished:
+        import statistics
+
+        h = [o.test["H"] for o in finished]
+        spread = f" ± {statistics.stdev(h):.3f}" if len(h) > 1 else ""
+        console.print(
+            f"H on the test split: zero-shot {finished[0].zeroshot_test['H']:.3f} -> "
+            f"{loaded.method.name} {statistics.mean(h):.3f}{spread} "
+            f"(mean over {len(h)} seed{'s' if len(h) > 1 else ''}; {meta.backend}, {loaded.data.dataset})"
+        )
+    console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
+
+
+@app.command()
+def report(
+    results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
+) -> None:
+    """Print paper-style tables (mean ± std over seeds) and plot H against queries."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlmlab._io import atomic_write_text
+    from vlmlab.results import ResultsStore, forgetting_tables, plot_forgetting
+
+    root = Path(results)
+    if not (root / "runs").is_dir():
+        raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
+    store = ResultsStore(root)
+    runs, steps = store.runs(), store.steps()
+    tables = forgetting_tables(runs)
+    if not tables:
+        raise _fail(f"{results!r} holds no completed runs yet")
+    console = Console()
+    for t in tables:
+        table = Table(title=t.title)
+        for column in t.columns:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in t.rows:
+            table.add_row(*row)
+        console.print(table)
+    report_dir = root / "report"
+    atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
+    figure = plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png")
+    console.print(f"wrote {report_dir / 'report.md'} and {figure}")
+
+
 def main() -> None:
     app()
 

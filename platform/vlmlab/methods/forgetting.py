@@ -1,0 +1,494 @@
+"""Black-Box Forgetting (Kuwana et al., NeurIPS 2024), with its baselines.
+
+CLIP is made to stop recognizing chosen classes (the forget set) while still
+recognizing the rest (the memorize set), through its prompt alone. Each of the
+m context tokens is ``ctx_i = A z_i + p0``: a latent ``z_i`` projected by a
+fixed random matrix ``A`` (entries ~ N(0, sigma_hat), sigma_hat the std of the
+token-embedding table) around ``p0``, the table's mean. CMA-ES searches the
+latents; the oracle only scores prompts.
+
+Variants (``ForgettingConfig.variant``):
+
+- ``"bbf"`` - Latent Context Sharing: ``z_i = [z_s, z_u,i]``, one shared latent
+  and one unique latent per token; m + 1 CMA-ES strategies (shared + each
+  unique) that all receive the same fitness vector, aligned by candidate index.
+- ``"bbt"`` - one CMA-ES over the concatenation of m independent latents.
+- ``"wo_lcs"`` - m independent CMA-ES strategies, nothing shared.
+
+Per generation, :meth:`BlackBoxForgetting.step` makes exactly one oracle call
+for the whole population, on the training mini-batch and the k-shot
+validation split together (P queries). The loss on the batch is
+``CE(memorize samples) + L_forget`` with ``L_forget`` the cross-entropy to the
+uniform distribution on forget samples; the validation split scores every
+candidate's H, and the candidate with the best validation H so far is the
+prompt that is tested. Test metrics: Err_fgt (error on forget classes),
+Acc_mem (accuracy on memorized classes) and their harmonic mean H.
+
+All state (strategies with their random generators, the batch sampler, the
+best prompt, the step) round-trips through ``state_dict`` /
+``load_state_dict``, so a resumed run equals an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from vlmlab.data import ClassPartition, ImageDataset, few_shot_split
+from vlmlab.methods._cma import CmaStrategy
+from vlmlab.oracle import ImageSetRef, Oracle, OracleMetadata
+
+Variant = Literal["bbf", "bbt", "wo_lcs"]
+VARIANTS: tuple[str, ...] = ("bbf", "bbt", "wo_lcs")
+
+
+@dataclass(frozen=True)
+class ForgettingConfig:
+    """Hyperparameters (methods.md, section 1). Defaults: the paper's CIFAR-10 setting."""
+
+    variant: Variant = "bbf"
+    n_context: int = 4
+    """m, context tokens."""
+    shared_dim: int = 20
+    """ds, the shared latent's dimension (LCS)."""
+    unique_dim: int = 5
+    """du, each unique latent's dimension (LCS). BBT and w/o LCS use ds + du per token."""
+    popsize: int = 20
+    sigma: float = 1.0
+    sep_cma: bool = False
+    """Sep-CMA-ES (diagonal covariance) instead of full CMA-ES."""
+    batch_size: int = 160
+    iterations: int = 400
+    projection_std: float | None = None
+    """Std of A's entries; None means sigma_hat, the token-embedding table's std."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("n_context", "shared_dim", "unique_dim", "batch_size", "iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.popsize < 2:
+            raise ValueError(f"popsize must be >= 2, got {self.popsize}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+
+    @property
+    def latent_dim(self) -> int:
+        """d, the latent dimension of one context token (ds + du)."""
+        return self.shared_dim + self.unique_dim
+
+
+# --------------------------------------------------------------------- metrics
+def forgetting_metrics(
+    predictions: np.ndarray, labels: np.ndarray, forget_mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Err_fgt, Acc_mem and H for each row of ``predictions`` (``P x N``)."""
+    predictions = np.atleast_2d(predictions)
+    correct = predictions == labels[None, :]
+    forget, memorize = forget_mask, ~forget_mask
+    err_fgt = 1.0 - correct[:, forget].mean(axis=1) if forget.any() else np.ones(len(predictions))
+    acc_mem = correct[:, memorize].mean(axis=1) if memorize.any() else np.ones(len(predictions))
+    denom = err_fgt + acc_mem
+    harmonic = np.where(denom > 0, 2 * err_fgt * acc_mem / np.where(denom > 0, denom, 1), 0.0)
+    return {"err_fgt": err_fgt, "acc_mem": acc_mem, "H": harmonic}
+
+
+def forgetting_loss(
+    logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-candidate loss ``CE(memorize) + mean over forget samples of -(1/C) sum_c log p_c``.
+
+    ``logits`` is ``P x N x C``; returns ``P`` losses (float64).
+    """
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    loss = torch.zeros(logits.shape[0], dtype=torch.float64)
+    memorize = ~forget_mask
+    if memorize.any():
+        picked = log_probs[:, memorize].gather(
+            -1, labels[memorize].view(1, -1, 1).expand(logits.shape[0], -1, 1)
+        )
+        loss = loss - picked.squeeze(-1).mean(dim=1)
+    if forget_mask.any():
+        loss = loss - log_probs[:, forget_mask].mean(dim=(1, 2))
+    return loss
+
+
+# ---------------------------------------------------------------- the search
+class LatentContextSearch:
+    """Ask/tell over context tokens: CMA-ES strategies + the fixed projection.
+
+    Knows nothing of oracles or data: ``ask`` gives contexts ``P x m x D``,
+    ``tell`` takes their losses.
+    """
+
+    def __init__(self, config: ForgettingConfig, metadata: OracleMetadata, seed: int) -> None:
+        self.config = config
+        seeds = np.random.SeedSequence(seed).spawn(config.n_context + 2)
+        projection_rng = np.random.default_rng(seeds[0])
+        std = config.projection_std if config.projection_std is not None else metadata.embedding_std
+        d, m = config.latent_dim, config.n_context
+        # A: D x d, fixed for the whole run (no bias); p0: the table mean.
+        self.projection = projection_rng.normal(0.0, std, size=(metadata.token_dim, d)).astype(
+            np.float32
+        )
+        self.center = metadata.embedding_mean.numpy().astype(np.float32)
+        common = {"popsize": config.popsize, "sigma": config.sigma, "diagonal": config.sep_cma}
+        if config.variant == "bbf":
+            dims = [config.shared_dim] + [config.unique_dim] * m
+        elif config.variant == "bbt":
+            dims = [d * m]
+        else:
+            dims = [d] * m
+        self.strategies = [
+            CmaStrategy(dim, seed=s, **common) for dim, s in zip(dims, seeds[1:], strict=False)
+        ]
+        self._pending: list[np.ndarray] | None = None
+
+    def latents(self, samples: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-strategy samples -> latents ``P x m x d``."""
+        config = self.config
+        if config.variant == "bbf":
+            shared, uniques = samples[0], samples[1:]
+            return np.stack(
+                [np.concatenate([shared, unique], axis=1) for unique in uniques], axis=1
+            )
+        if config.variant == "bbt":
+            return samples[0].reshape(config.popsize, config.n_context, config.latent_dim)
+        return np.stack(samples, axis=1)
+
+    def to_contexts(self, latents: np.ndarray) -> torch.Tensor:
+        """``ctx_i = A z_i + p0`` for latents ``P x m x d``."""
+        return torch.from_numpy(latents.astype(np.float32) @ self.projection.T + self.center)
+
+    def ask(self) -> torch.Tensor:
+        if self._pending is not None:
+            raise RuntimeError("ask() called twice without tell()")
+        self._pending = [strategy.ask() for strategy in self.strategies]
+        return self.to_contexts(self.latents(self._pending))
+
+    def tell(self, losses: np.ndarray) -> None:
+        if self._pending is None:
+            raise RuntimeError("tell() called before ask()")
+        # One fitness vector for every strategy, aligned by candidate index.
+        for strategy, samples in zip(self.strategies, self._pending, strict=True):
+            strategy.tell(samples, losses)
+        self._pending = None
+
+    def mean_contexts(self) -> torch.Tensor:
+        """The contexts at the strategies' means (``1 x m x D``)."""
+        means = [strategy.mean[None, :] for strategy in self.strategies]
+        config = self.config
+        if config.variant == "bbt":
+            latents = means[0].reshape(1, config.n_context, config.latent_dim)
+        elif config.variant == "bbf":
+            latents = np.stack([np.concatenate([means[0], u], axis=1) for u in means[1:]], axis=1)
+        else:
+            latents = np.stack(means, axis=1)
+        return self.to_contexts(latents)
+
+    def state_dict(self) -> dict:
+        return {
+            "strategies": [strategy.state_bytes() for strategy in self.strategies],
+            "pending": self._pending,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for strategy, blob in zip(self.strategies, state["strategies"], strict=True):
+            strategy.load_state_bytes(blob)
+        self._pending = state["pending"]
+
+
+# -------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class ForgettingTask:
+    """What a forgetting run works on: images registered with the oracle, and labels.
+
+    ``pool`` holds the k-shot training and validation images together, so one
+    oracle call per generation scores both; ``train_index`` and ``val_index``
+    are positions in it.
+    """
+
+    dataset: str
+    class_names: list[str]
+    partition: ClassPartition
+    pool: ImageSetRef
+    train_index: np.ndarray
+    train_labels: np.ndarray
+    val_index: np.ndarray
+    val_labels: np.ndarray
+    test: ImageSetRef
+    test_labels: np.ndarray
+
+
+@dataclass
+class GenerationRecord:
+    """What one generation produced (for the steps table and progress display)."""
+
+    generation: int
+    queries_used: int
+    images_scored: int
+    loss_best: float
+    loss_mean: float
+    val_H: float
+    best_val_H: float
+    best_val_err_fgt: float
+    best_val_acc_mem: float
+    improved: bool
+
+
+@dataclass
+class _Best:
+    contexts: torch.Tensor | None = None
+    val: dict[str, float] = field(
+        default_factory=lambda: {"H": -1.0, "err_fgt": 0.0, "acc_mem": 0.0}
+    )
+    generation: int = -1
+
+
+class BlackBoxForgetting:
+    """Runs a forgetting search over any :class:`~vlmlab.oracle.Oracle`.
+
+    Args:
+        oracle: the black box (in-process or a pool client).
+        task: registered images and labels (see :class:`ForgettingTask`).
+        config: hyperparameters.
+        seed: seeds the projection, every strategy and the batch sampler.
+        max_queries: optimization budget; generations = min(iterations,
+            max_queries // popsize). Set on the oracle's ledger for ``budget_key``.
+        budget_key: ledger key of the optimization queries.
+        eval_key: ledger key of test evaluations (kept apart from the budget).
+    """
+
+    def __init__(
+        self,
+        oracle: Oracle,
+        task: ForgettingTask,
+        config: ForgettingConfig,
+        *,
+        seed: int,
+        max_queries: int | None = None,
+        budget_key: str = "train",
+        eval_key: str = "eval",
+    ) -> None:
+        self.oracle = oracle
+        self.task = task
+        self.config = config
+        self.seed = seed
+        self.budget_key = budget_key
+        self.eval_key = eval_key
+        self.search = LatentContextSearch(config, oracle.metadata, seed)
+        self.generations = config.iterations
+        if max_queries is not None:
+            if max_queries < config.popsize:
+                raise ValueError(
+                    f"max_queries={max_queries} cannot pay for one generation of popsize {config.popsize}"
+                )
+            self.generations = min(self.generations, max_queries // config.popsize)
+            oracle.ledger.set_budget(budget_key, max_queries)
+        self.max_queries = max_queries
+        self.generation = 0
+        # Counted here as well as by the ledger, so they survive a resume in a new process.
+        self.queries_used = 0
+        self.images_scored = 0
+        self._batch_rng = np.random.default_rng(
+            np.random.SeedSequence(seed).spawn(config.n_context + 3)[-1]
+        )
+        self._best = _Best()
+        forget = task.partition.forget
+        self._train_forget = torch.from_numpy(np.isin(task.train_labels, forget))
+        self._train_labels = torch.from_numpy(task.train_labels.astype(np.int64))
+        self._val_forget = np.isin(task.val_labels, forget)
+        self._test_forget = np.isin(task.test_labels, forget)
+
+    # ------------------------------------------------------------------ loop
+    @property
+    def done(self) -> bool:
+        return self.generation >= self.generations
+
+    def _sample_batch(self) -> np.ndarray:
+        n = len(self.task.train_index)
+        if self.config.batch_size >= n:
+            return np.arange(n)
+        return np.sort(self._batch_rng.choice(n, self.config.batch_size, replace=False))
+
+    def step(self) -> GenerationRecord:
+        """One generation: ask, one oracle call (batch + validation), tell."""
+        if self.done:
+            raise RuntimeError(f"all {self.generations} generations have run")
+        task = self.task
+        batch = self._sample_batch()
+        indices = np.concatenate([task.train_index[batch], task.val_index])
+        contexts = self.search.ask()
+        logits = self.oracle.logits(
+            contexts, task.class_names, task.pool, indices=indices, budget_key=self.budget_key
+        )
+        train_logits, val_logits = logits[:, : len(batch)], logits[:, len(batch) :]
+        batch_t = torch.from_numpy(batch)
+        losses = forgetting_loss(
+            train_logits, self._train_labels[batch_t], self._train_forget[batch_t]
+        ).numpy()
+        self.search.tell(losses)
+
+        val = forgetting_metrics(val_logits.argmax(-1).numpy(), task.val_labels, self._val_forget)
+        top = int(np.argmax(val["H"]))  # first best: ties keep the lower index
+        improved = bool(val["H"][top] > self._best.val["H"])
+        if improved:
+            self._best = _Best(
+                contexts=contexts[top : top + 1].clone(),
+                val={key: float(values[top]) for key, values in val.items()},
+                generation=self.generation,
+            )
+        self.generation += 1
+        self.queries_used += len(contexts)
+        self.images_scored += len(contexts) * len(indices)
+        return GenerationRecord(
+            generation=self.generation,
+            queries_used=self.queries_used,
+            images_scored=self.images_scored,
+            loss_best=float(losses.min()),
+            loss_mean=float(losses.mean()),
+            val_H=float(val["H"][top]),
+            best_val_H=self._best.val["H"],
+            best_val_err_fgt=self._best.val["err_fgt"],
+            best_val_acc_mem=self._best.val["acc_mem"],
+            improved=improved,
+        )
+
+    def run(self) -> list[GenerationRecord]:
+        """Run the remaining generations (callers wanting progress call ``step``)."""
+        records = []
+        while not self.done:
+            records.append(self.step())
+        return records
+
+    # ------------------------------------------------------------ evaluation
+    @property
+    def best_contexts(self) -> torch.Tensor:
+        """The best-validation-H prompt so far (``1 x m x D``)."""
+        if self._best.contexts is None:
+            raise RuntimeError("no generation has run yet")
+        return self._best.contexts
+
+    @property
+    def best_val(self) -> dict[str, float]:
+        return dict(self._best.val)
+
+    @property
+    def best_generation(self) -> int:
+        """1-based generation that produced the best prompt (0: none yet)."""
+        return self._best.generation + 1
+
+    def evaluate(self, contexts: torch.Tensor, split: str = "test") -> dict[str, float]:
+        """Err_fgt, Acc_mem and H of one prompt on the test split or validation split."""
+        task = self.task
+        if split == "test":
+            image_set, labels, forget, indices = (
+                task.test,
+                task.test_labels,
+                self._test_forget,
+                None,
+            )
+        elif split == "val":
+            image_set, labels, forget, indices = (
+                task.pool,
+                task.val_labels,
+                self._val_forget,
+                task.val_index,
+            )
+        else:
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        logits = self.oracle.logits(
+            contexts, task.class_names, image_set, indices=indices, budget_key=self.eval_key
+        )
+        metrics = forgetting_metrics(logits[0].argmax(-1).numpy()[None], labels, forget)
+        return {key: float(values[0]) for key, values in metrics.items()}
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "config": asdict(self.config),
+            "seed": self.seed,
+            "generation": self.generation,
+            "queries_used": self.queries_used,
+            "images_scored": self.images_scored,
+            "search": self.search.state_dict(),
+            "batch_rng": self._batch_rng.bit_generator.state,
+            "best": {
+                "contexts": None
+                if self._best.contexts is None
+                else self._best.contexts.numpy().copy(),
+                "val": dict(self._best.val),
+                "generation": self._best.generation,
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != asdict(self.config) or state.get("seed") != self.seed:
+            raise ValueError("checkpoint was written by a run with another config or seed")
+        self.generation = int(state["generation"])
+        self.queries_used = int(state["queries_used"])
+        self.images_scored = int(state["images_scored"])
+        if self.max_queries is not None and self.oracle.ledger.usage(self.budget_key).queries == 0:
+            # A new process: the ledger has not seen this run's earlier queries.
+            self.oracle.ledger.set_budget(self.budget_key, self.max_queries - self.queries_used)
+        self.search.load_state_dict(state["search"])
+        self._batch_rng.bit_generator.state = state["batch_rng"]
+        best = state["best"]
+        contexts = best["contexts"]
+        self._best = _Best(
+            contexts=None if contexts is None else torch.from_numpy(np.array(contexts)),
+            val=dict(best["val"]),
+            generation=int(best["generation"]),
+        )
+
+    def state_bytes(self) -> bytes:
+        return pickle.dumps(self.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        self.load_state_dict(pickle.loads(blob))
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b <= 0 or math.isnan(a + b) else 2 * a * b / (a + b)
+
+
+def make_forgetting_task(
+    oracle: Oracle,
+    train: ImageDataset,
+    test: ImageDataset,
+    *,
+    shots: int,
+    seed: int,
+    partition: ClassPartition,
+    val_shots: int | None = None,
+) -> ForgettingTask:
+    """Sample k-shot train/validation sets from ``train`` and register images with ``oracle``.
+
+    ``test`` is used as given (pass a subset for quick runs).
+    """
+    if train.class_names != test.class_names:
+        raise ValueError("train and test splits disagree on class names")
+    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
+    pool_rows = np.concatenate([split.train, split.val])
+    pool = train.subset(pool_rows)
+    n_train = len(split.train)
+    return ForgettingTask(
+        dataset=train.name,
+        class_names=list(train.class_names),
+        partition=partition,
+        pool=oracle.register_images(pool.image_set()),
+        train_index=np.arange(n_train),
+        train_labels=pool.labels[:n_train],
+        val_index=np.arange(n_train, len(pool)),
+        val_labels=pool.labels[n_train:],
+        test=oracle.register_images(test.image_set()),
+        test_labels=test.labels,
+    )

@@ -1,0 +1,65 @@
+"""Adapted-model artifacts: learned prompts (safetensors) plus a JSON manifest.
+
+An artifact folder holds ``contexts.safetensors`` (the learned soft prompt,
+``1 x m x D``; more tensors, such as a refinement head, may sit beside it) and
+``manifest.json`` (backend, model, dataset, class names, method-specific facts
+such as the forget set, metrics and the spec). The manifest is written last,
+so a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from vlmlab._io import atomic_write_bytes, atomic_write_text
+
+MANIFEST = "manifest.json"
+TENSORS = "contexts.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptArtifact:
+    """A loaded artifact: its tensors and its manifest."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+
+    @property
+    def contexts(self) -> torch.Tensor:
+        return self.tensors["contexts"]
+
+
+def save_prompt_artifact(
+    folder: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+) -> Path:
+    """Write ``tensors`` (must include ``contexts``) and ``manifest`` atomically."""
+    if "contexts" not in tensors:
+        raise ValueError("an artifact needs a 'contexts' tensor")
+    folder = Path(folder)
+    blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(folder / TENSORS, blob)
+    document = {"format_version": FORMAT_VERSION, **manifest}
+    atomic_write_text(
+        folder / MANIFEST, json.dumps(document, indent=2, sort_keys=True, default=str)
+    )
+    return folder
+
+
+def load_prompt_artifact(folder: str | Path) -> PromptArtifact:
+    """Read an artifact folder written by :func:`save_prompt_artifact`."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"not an artifact folder (no {MANIFEST}): {str(folder)!r}")
+    manifest = json.loads(manifest_path.read_text())
+    tensors = load_safetensors((folder / TENSORS).read_bytes())
+    return PromptArtifact(folder, tensors, manifest)

@@ -1,0 +1,271 @@
+"""Experiment specs: pydantic models loaded from YAML, with command-line overrides.
+
+A spec is validated whole before a single query is spent. Every problem is
+reported at once, each with the file, the field path, the bad value and what
+is allowed::
+
+    experiments/quickstart.yaml: 2 problems
+      - method.popsize: got 1; Input should be greater than or equal to 2
+      - data.sots: unknown field; allowed: dataset, root, shots, ...
+
+Overrides use dotted paths and YAML values: ``--set method.popsize=30``,
+``--set seeds=[1,2,3]``, ``--set backend.pretrained=null``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlmlab.errors import VlmlabError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SpecError(VlmlabError, ValueError):
+    """A spec file or override is malformed; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendSpec(_Strict):
+    """Which black box: ``conse`` (offline stand-in) or ``open_clip:<architecture>``."""
+
+    name: str = "conse"
+    pretrained: str | None = None
+    """open_clip: a pretrained tag (e.g. ``openai``) or a local checkpoint path."""
+    device: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @field_validator("name")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        backend = value.partition(":")[0]
+        if backend not in ("conse", "open_clip"):
+            raise ValueError("must be 'conse' or 'open_clip:<architecture>'")
+        if backend == "conse" and value != "conse":
+            raise ValueError("the ConSE backend takes no model: use 'conse'")
+        return value
+
+    def oracle_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.device is not None:
+            kwargs["device"] = self.device
+        if self.name.startswith("open_clip"):
+            kwargs["precision"] = self.precision
+            if self.pretrained is not None:
+                kwargs["pretrained"] = self.pretrained
+        elif self.pretrained is not None:
+            raise SpecError(
+                "backend.pretrained: the ConSE backend has no pretrained weights to choose"
+            )
+        return kwargs
+
+
+class DataSpec(_Strict):
+    """Dataset, few-shot sampling and the forget/memorize partition."""
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    shots: int = Field(16, ge=1)
+    val_shots: int | None = Field(None, ge=1)
+    """Validation shots per class (default: same as ``shots``)."""
+    test_size: int = Field(0, ge=0)
+    """Class-balanced test subset size; 0 means the whole test split."""
+    forget: list[int] | None = None
+    """Classes to forget; default the first ``forget_fraction`` of classes."""
+    forget_fraction: float = Field(0.4, gt=0, lt=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from vlmlab.data import list_datasets
+
+        known = list(list_datasets())
+        if value not in known:
+            raise ValueError(f"unknown dataset; allowed: {', '.join(known)}")
+        return value
+
+    @field_validator("forget")
+    @classmethod
+    def _forget_classes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must name at least one class (or be null for the default 40 %)")
+            if any(c < 0 for c in value) or len(set(value)) != len(value):
+                raise ValueError("must be distinct non-negative class indices")
+        return value
+
+
+class ForgettingMethodSpec(_Strict):
+    """Black-Box Forgetting and its baselines (see ``vlmlab.methods.forgetting``)."""
+
+    name: Literal["bbf", "bbt", "wo_lcs"] = "bbf"
+    n_context: int = Field(4, ge=1, le=64)
+    shared_dim: int = Field(20, ge=1)
+    unique_dim: int = Field(5, ge=1)
+    popsize: int = Field(20, ge=2)
+    sigma: float = Field(1.0, gt=0)
+    sep_cma: bool = False
+    batch_size: int = Field(160, ge=1)
+    iterations: int = Field(400, ge=1)
+    projection_std: float | None = Field(None, gt=0)
+
+    def to_config(self):
+        from vlmlab.methods.forgetting import ForgettingConfig
+
+        return ForgettingConfig(
+            variant=self.name,
+            n_context=self.n_context,
+            shared_dim=self.shared_dim,
+            unique_dim=self.unique_dim,
+            popsize=self.popsize,
+            sigma=self.sigma,
+            sep_cma=self.sep_cma,
+            batch_size=self.batch_size,
+            iterations=self.iterations,
+            projection_std=self.projection_std,
+        )
+
+
+class BudgetSpec(_Strict):
+    max_queries: int | None = Field(None, ge=1)
+    """Optimization queries per run (one query = one candidate on one batch)."""
+
+
+class RunSpec(_Strict):
+    """One experiment: a method on a backend and dataset, over one or more seeds."""
+
+    name: str
+    description: str | None = None
+    task: Literal["forgetting"] = "forgetting"
+    backend: BackendSpec = BackendSpec()
+    data: DataSpec = DataSpec()
+    method: ForgettingMethodSpec = ForgettingMethodSpec()
+    budget: BudgetSpec = BudgetSpec()
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    eval_every: int = Field(10, ge=1)
+    """Test the best prompt so far, and checkpoint, every this many generations."""
+    zeroshot_prompt: str = Field("a photo of a", min_length=1)
+    expected: dict[str, Any] | None = None
+    """The paper's numbers for this setting, as a note; never used in computation."""
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names result files)")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct")
+        if any(seed < 0 for seed in value):
+            raise ValueError("seeds must be non-negative")
+        return value
+
+    @model_validator(mode="after")
+    def _budget_pays_for_a_generation(self) -> RunSpec:
+        budget = self.budget.max_queries
+        if budget is not None and budget < self.method.popsize:
+            raise ValueError(
+                f"budget.max_queries={budget} cannot pay for one generation of "
+                f"method.popsize={self.method.popsize}"
+            )
+        return self
+
+    @property
+    def generations(self) -> int:
+        budget = self.budget.max_queries
+        iterations = self.method.iterations
+        return iterations if budget is None else min(iterations, budget // self.method.popsize)
+
+
+# --------------------------------------------------------------------- loading
+def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise SpecError(f"{source}: malformed override path {dotted!r}")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(
+                f"{source}: cannot set {dotted!r}: {'.'.join(parts[: i + 1])} is not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``path.to.field=value`` overrides (values parsed as YAML)."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path.strip():
+            raise SpecError(f"override {item!r}: expected PATH=VALUE, e.g. method.popsize=30")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise SpecError(f"override {item!r}: value is not valid YAML ({error})") from error
+        _set_path(tree, path.strip(), value, f"override {item!r}")
+    return tree
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(spec)"
+    if error["type"] == "extra_forbidden":
+        owner: Any = model
+        for part in error["loc"][:-1]:
+            field = owner.model_fields.get(str(part)) if isinstance(owner, type) else None
+            owner = field.annotation if field is not None else None
+        allowed = (
+            ", ".join(owner.model_fields)
+            if isinstance(owner, type) and issubclass(owner, BaseModel)
+            else "?"
+        )
+        return f"{location}: unknown field; allowed: {allowed}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{location}: required field is missing"
+    if not error["loc"]:  # a check across fields: the message names them
+        return message
+    return f"{location}: got {error.get('input')!r}; {message}"
+
+
+def validate_spec(tree: Any, source: str) -> RunSpec:
+    """Validate a parsed spec; raise one :class:`SpecError` listing every problem."""
+    if not isinstance(tree, dict):
+        raise SpecError(
+            f"{source}: a spec must be a YAML mapping of fields, got {type(tree).__name__}"
+        )
+    try:
+        return RunSpec.model_validate(tree)
+    except ValidationError as error:
+        problems = [_describe(e, RunSpec) for e in error.errors()]
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise SpecError(f"{source}: {len(problems)} {noun}\n{lines}") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read a YAML spec, apply ``--set`` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file not found: {str(path)!r}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from error
+    if tree is None:
+        tree = {}
+    if isinstance(tree, dict) and overrides:
+        tree = apply_overrides(tree, overrides)
+    return validate_spec(tree, str(path))

@@ -28,8 +28,10 @@ data:
 		echo "note: cannot apt-get install dataset-fashion-mnist here; Fashion-MNIST will be downloaded by torchvision (needs internet)"; \
 	fi
 
+# The main job, offline: Black-Box Forgetting on the ConSE stand-in, then its report.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/vlmlab zeroshot --backend conse --dataset fashion-mnist --n 500
+	HF_HUB_OFFLINE=1 $(BIN)/vlmlab run experiments/quickstart.yaml --results results/quickstart
+	$(BIN)/vlmlab report results/quickstart
 
 test: install
 	$(BIN)/ruff check platform tests benchmarks

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 import platform
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,14 +188,16 @@ def _run_trial(
         seed=seed,
         partition=partition,
     )
+    attempt = uuid.uuid4().hex[:8]
     method = BlackBoxForgetting(
         oracle,
         task,
         spec.method.to_config(),
         seed=seed,
         max_queries=budget,
-        budget_key=run_id,
-        eval_key=f"{run_id}:eval",
+        # A ledger key per attempt: a resumed trial's budget is what its checkpoint left.
+        budget_key=f"{run_id}@{attempt}",
+        eval_key=f"{run_id}@{attempt}:eval",
     )
     started_at, elapsed_before, flushed = _now(), 0.0, 0
     checkpoint = store.checkpoint_path(run_id)

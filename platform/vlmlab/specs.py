@@ -92,6 +92,14 @@ class DataSpec(_Strict):
             raise ValueError(f"unknown dataset; allowed: {', '.join(known)}")
         return value
 
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> DataSpec:
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError(
+                "data.root is required for the imagefolder dataset (root/<split>/<class>/*.jpg)"
+            )
+        return self
+
     @field_validator("forget")
     @classmethod
     def _forget_classes(cls, value: list[int] | None) -> list[int] | None:
@@ -237,6 +245,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"{location}: required field is missing"
     if not error["loc"]:  # a check across fields: the message names them
         return message
+    if isinstance(error.get("input"), dict):  # a check across a section's fields
+        return f"{location}: {message}"
     return f"{location}: got {error.get('input')!r}; {message}"
 
 

@@ -1,0 +1,111 @@
+"""Specs: every shipped spec validates; malformed ones are refused with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from vlmlab.specs import SpecError, apply_overrides, load_spec, validate_spec
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.generations >= 1
+    if spec.backend.name != "conse":
+        assert spec.expected, f"{path.name}: paper configs carry the paper's numbers as `expected:`"
+
+
+def test_quickstart_is_offline_and_within_2000_queries():
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
+    assert spec.backend.name == "conse" and spec.data.dataset == "fashion-mnist"
+    assert spec.data.forget == [0, 1, 2, 3] and spec.data.shots == 16
+    assert spec.budget.max_queries <= 2000
+
+
+MALFORMED = [
+    ({"method": {"popsize": 1}}, "method.popsize: got 1"),
+    (
+        {"method": {"name": "lcs"}},
+        "method.name: got 'lcs'; Input should be 'bbf', 'bbt' or 'wo_lcs'",
+    ),
+    ({"method": {"popsize": "twenty"}}, "method.popsize: got 'twenty'"),
+    ({"method": {"sigma": 0}}, "method.sigma: got 0"),
+    ({"method": {"pop_size": 20}}, "method.pop_size: unknown field; allowed: name, n_context"),
+    ({"data": {"shots": 0}}, "data.shots: got 0"),
+    (
+        {"data": {"dataset": "mnist"}},
+        "data.dataset: got 'mnist'; unknown dataset; allowed: fashion-mnist",
+    ),
+    ({"data": {"forget": [1, 1]}}, "data.forget: got [1, 1]; must be distinct"),
+    ({"data": {"dataset": "imagefolder"}}, "data: data.root is required for the imagefolder dataset"),
+    ({"data": {"forget_fraction": 1.5}}, "data.forget_fraction: got 1.5"),
+    (
+        {"backend": {"name": "clip"}},
+        "backend.name: got 'clip'; must be 'conse' or 'open_clip:<architecture>'",
+    ),
+    ({"backend": {"precision": "fp8"}}, "backend.precision: got 'fp8'"),
+    ({"budget": {"max_queries": -5}}, "budget.max_queries: got -5"),
+    (
+        {"budget": {"max_queries": 10}},
+        "budget.max_queries=10 cannot pay for one generation of method.popsize=20",
+    ),
+    ({"seeds": []}, "seeds: got []"),
+    ({"seeds": [1, 1]}, "seeds: got [1, 1]; seeds must be distinct"),
+    ({"name": "my run"}, "name: got 'my run'; must be letters"),
+    ({"colour": "red"}, "colour: unknown field; allowed: name, description, task"),
+    ({"task": "craft"}, "task: got 'craft'"),
+]
+
+
+@pytest.mark.parametrize(("patch", "message"), MALFORMED, ids=[m for _, m in MALFORMED])
+def test_malformed_spec_names_file_field_value(tmp_path, patch, message):
+    tree = {"name": "t", **patch}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value)
+    assert str(path) in text and message in text, text
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(SpecError) as info:
+        validate_spec(
+            {"name": "t", "method": {"popsize": 1, "sigma": -1}, "data": {"shots": 0}}, "x.yaml"
+        )
+    text = str(info.value)
+    assert "x.yaml: 3 problems" in text
+    assert all(f in text for f in ("method.popsize", "method.sigma", "data.shots"))
+
+
+def test_missing_name_and_non_mapping(tmp_path):
+    with pytest.raises(SpecError, match="name: required field is missing"):
+        validate_spec({}, "x.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+    with pytest.raises(FileNotFoundError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nmethod:\n  popsize: 20\n")
+    spec = load_spec(
+        path, ["method.popsize=30", "seeds=[1,2]", "method.sep_cma=true", "data.forget=null"]
+    )
+    assert spec.method.popsize == 30 and spec.seeds == [1, 2] and spec.method.sep_cma
+    with pytest.raises(SpecError, match=r"method\.popsiz: unknown field"):
+        load_spec(path, ["method.popsiz=30"])
+    with pytest.raises(SpecError, match="expected PATH=VALUE"):
+        apply_overrides({}, ["method.popsize"])
+    with pytest.raises(SpecError, match="name is not a section"):
+        apply_overrides({"name": "s"}, ["name.x=1"])

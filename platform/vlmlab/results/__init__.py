@@ -1,0 +1,19 @@
+"""Result tables (Arrow/Parquet), their atomic writer and readers, reports and plots."""
+
+from __future__ import annotations
+
+from vlmlab.results._report import ReportTable, forgetting_tables, plot_forgetting
+from vlmlab.results._schema import METRIC_COLUMNS, RUNS_SCHEMA, STEPS_SCHEMA
+from vlmlab.results._store import ResultsStore, read_table, write_parquet_atomic
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "RUNS_SCHEMA",
+    "STEPS_SCHEMA",
+    "ReportTable",
+    "ResultsStore",
+    "forgetting_tables",
+    "plot_forgetting",
+    "read_table",
+    "write_parquet_atomic",
+]

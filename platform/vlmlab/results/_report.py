@@ -1,0 +1,111 @@
+"""Paper-style tables and plots from a results folder.
+
+Tables follow the Black-Box Forgetting paper: H, Err_fgt and Acc_mem in
+percent, mean ± std over seeds, with the zero-shot prompt as the first row.
+Every table and figure is titled with its backend, model and dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlmlab._io import atomic_write_bytes
+
+FORGETTING_COLUMNS = (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem"))
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """One table: a title naming backend, model and dataset, and its rows."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|" + "---|" * len(self.columns))
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna().astype(float) * 100
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def forgetting_tables(runs: pd.DataFrame) -> list[ReportTable]:
+    """One table per (dataset, backend, model) of completed forgetting runs."""
+    done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
+    tables = []
+    for (dataset, backend, model), group in done.groupby(["dataset", "backend", "model"], sort=True):
+        columns = ["method", "seeds", *[label for _, label in FORGETTING_COLUMNS], "queries"]
+        rows = [
+            [
+                "zero-shot",
+                str(group.seed.nunique()),
+                *[_mean_std(group[f"zeroshot_test_{key}"].drop_duplicates()) for key, _ in FORGETTING_COLUMNS],
+                "0",
+            ]
+        ]
+        for method, runs_of_method in group.groupby("method", sort=True):
+            rows.append(
+                [
+                    str(method),
+                    str(len(runs_of_method)),
+                    *[_mean_std(runs_of_method[f"test_{key}"]) for key, _ in FORGETTING_COLUMNS],
+                    f"{int(runs_of_method.queries_used.median())}",
+                ]
+            )
+        title = f"Black-Box Forgetting — {backend} {model} on {dataset} (test, %)"
+        tables.append(ReportTable(title, columns, rows))
+    return tables
+
+
+def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path | None:
+    """Validation and test H against queries used, one line per run; PNG at ``path``."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
+    if done.empty:
+        return None
+    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
+    for ax, ((dataset, backend, model), group) in zip(axes[0], groups, strict=True):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (method, of_method) in enumerate(group.groupby("method", sort=True)):
+            color = colors[i % len(colors)]
+            for j, run in enumerate(of_method.itertuples()):
+                mine = steps[steps.run_id == run.run_id].sort_values("step")
+                val = mine[(mine.split == "val") & (mine.metric == "best_H")]
+                test = mine[(mine.split == "test") & (mine.metric == "H")]
+                label = method if j == 0 else None
+                ax.plot(val.queries_used, val.value, color=color, alpha=0.35, lw=1)
+                ax.plot(test.queries_used, test.value, color=color, marker="o", ms=3, lw=1.5, label=label)
+        zeroshot = float(np.nanmean(group.zeroshot_test_H))
+        ax.axhline(zeroshot, color="gray", ls="--", lw=1, label="zero-shot (test)")
+        ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
+        ax.set_xlabel("queries used")
+        ax.set_ylabel("H (faint: best validation H; markers: test H)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Black-Box Forgetting: H against queries")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -171,9 +171,9 @@ def run(
         )
         columns = (
             TextColumn("{task.description}"),
-            BarColumn(bar_width=20),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TextColumn("gen  {task.fields[stats]}"),
+            TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console) as progress:

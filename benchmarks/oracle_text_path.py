@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+
 from vlmlab.oracle._clip_text import encode_padded
 from vlmlab.oracle._open_clip import OpenClipOracle
 

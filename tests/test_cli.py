@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
+
 from vlmlab.cli import app
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from vlmlab.results import ResultsStore
 from vlmlab.runner import run_experiment
 from vlmlab.serving import load_prompt_artifact
@@ -130,3 +131,34 @@ def test_sigkill_leaves_only_complete_parquet_files(tmp_path, cache_dir):
     assert not [
         p for p in results.glob("**/*") if p.name.endswith(".tmp") and not p.name.startswith(".")
     ]
+
+
+def test_cli_run_and_report(conse, tmp_path, cache_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmlab.cli import app
+
+    monkeypatch.setenv("VLMLAB_CACHE_DIR", cache_dir)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SMALL, "seeds": [5, 6]}))
+    results = tmp_path / "results"
+    runner = CliRunner()
+    ran = runner.invoke(
+        app, ["run", str(spec_path), "--results", str(results), "--set", "method.iterations=4"]
+    )
+    assert ran.exit_code == 0, ran.output
+    assert "ConSE" in ran.output and "fashion-mnist" in ran.output and "zero-shot" in ran.output
+    assert "32/96" in ran.output  # 4 generations x popsize 8, of a 96-query budget
+    report = runner.invoke(app, ["report", str(results)])
+    assert report.exit_code == 0, report.output
+    assert (
+        "Black-Box Forgetting" in report.output and "± " in report.output
+    )  # mean ± std over 2 seeds
+    png = results / "report" / "forgetting_H_vs_queries.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| bbf | 2 |" in (results / "report" / "report.md").read_text()
+
+    bad = runner.invoke(app, ["run", str(spec_path), "--set", "method.popsize=1"])
+    assert bad.exit_code == 2 and "method.popsize: got 1" in bad.output
+    missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no results" in missing.output

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from vlmlab.specs import SpecError, apply_overrides, load_spec, validate_spec
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
@@ -41,7 +42,10 @@ MALFORMED = [
         "data.dataset: got 'mnist'; unknown dataset; allowed: fashion-mnist",
     ),
     ({"data": {"forget": [1, 1]}}, "data.forget: got [1, 1]; must be distinct"),
-    ({"data": {"dataset": "imagefolder"}}, "data: data.root is required for the imagefolder dataset"),
+    (
+        {"data": {"dataset": "imagefolder"}},
+        "data: data.root is required for the imagefolder dataset",
+    ),
     ({"data": {"forget_fraction": 1.5}}, "data.forget_fraction: got 1.5"),
     (
         {"backend": {"name": "clip"}},

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from vlmlab.data import (
     FASHION_MNIST_CLASSES,
     few_shot_split,

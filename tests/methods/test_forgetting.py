@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from vlmlab.data import partition_classes, stratified_subset
 from vlmlab.methods.forgetting import (
     BlackBoxForgetting,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from vlmlab.data import stratified_subset
 from vlmlab.methods import zero_shot
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from vlmlab.oracle import ImageSet
 from vlmlab.testing import OracleConformance
 

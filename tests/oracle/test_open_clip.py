@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from vlmlab.oracle import ImageSet, create_oracle
 from vlmlab.oracle._clip_text import encode_padded
 

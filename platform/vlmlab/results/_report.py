@@ -46,13 +46,18 @@ def forgetting_tables(runs: pd.DataFrame) -> list[ReportTable]:
     """One table per (dataset, backend, model) of completed forgetting runs."""
     done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
     tables = []
-    for (dataset, backend, model), group in done.groupby(["dataset", "backend", "model"], sort=True):
+    for (dataset, backend, model), group in done.groupby(
+        ["dataset", "backend", "model"], sort=True
+    ):
         columns = ["method", "seeds", *[label for _, label in FORGETTING_COLUMNS], "queries"]
         rows = [
             [
                 "zero-shot",
                 str(group.seed.nunique()),
-                *[_mean_std(group[f"zeroshot_test_{key}"].drop_duplicates()) for key, _ in FORGETTING_COLUMNS],
+                *[
+                    _mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+                    for key, _ in FORGETTING_COLUMNS
+                ],
                 "0",
             ]
         ]
@@ -94,7 +99,15 @@ def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path
                 test = mine[(mine.split == "test") & (mine.metric == "H")]
                 label = method if j == 0 else None
                 ax.plot(val.queries_used, val.value, color=color, alpha=0.35, lw=1)
-                ax.plot(test.queries_used, test.value, color=color, marker="o", ms=3, lw=1.5, label=label)
+                ax.plot(
+                    test.queries_used,
+                    test.value,
+                    color=color,
+                    marker="o",
+                    ms=3,
+                    lw=1.5,
+                    label=label,
+                )
         zeroshot = float(np.nanmean(group.zeroshot_test_H))
         ax.axhline(zeroshot, color="gray", ls="--", lw=1, label="zero-shot (test)")
         ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)

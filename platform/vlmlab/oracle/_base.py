@@ -20,6 +20,14 @@ import torch
 from vlmlab.oracle._cache import FeatureCache
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
+from vlmlab.oracle._validation import (
+    check_prompt_length,
+    image_set_id,
+    unknown_image_set,
+    validate_class_names,
+    validate_contexts,
+    validate_indices,
+)
 
 
 class LocalOracle(ABC):
@@ -119,11 +127,11 @@ class LocalOracle(ABC):
         indices: Sequence[int] | np.ndarray | None = None,
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
-        contexts = self._validate_contexts(contexts)
+        contexts = validate_contexts(contexts, self.metadata)
         names = self._validate_class_names(class_names, n_context=contexts.shape[1])
         set_id = self._resolve_image_set(image_set)
         features = self._features[set_id]
-        index = self._validate_indices(indices, len(features))
+        index = validate_indices(indices, len(features))
         population = contexts.shape[0]
         n_images = len(features) if index is None else len(index)
 
@@ -147,96 +155,18 @@ class LocalOracle(ABC):
         return scores
 
     # ------------------------------------------------------------ validation
-    def _validate_contexts(self, contexts: torch.Tensor) -> torch.Tensor:
-        if isinstance(contexts, np.ndarray):
-            contexts = torch.from_numpy(contexts)
-        if not isinstance(contexts, torch.Tensor):
-            raise TypeError(
-                f"contexts must be a torch.Tensor or numpy array, got {type(contexts).__name__}"
-            )
-        dim = self.metadata.token_dim
-        if contexts.ndim != 3:
-            raise ValueError(
-                f"contexts must have shape (population, context tokens, {dim}); "
-                f"got shape {tuple(contexts.shape)}"
-            )
-        population, n_context, width = contexts.shape
-        if width != dim:
-            raise ValueError(
-                f"contexts have token dimension {width}, but {self.metadata.display_name} "
-                f"takes token embeddings of dimension {dim}"
-            )
-        if population == 0 or n_context == 0:
-            raise ValueError(
-                f"contexts must hold at least one candidate and one context token; "
-                f"got shape {tuple(contexts.shape)}"
-            )
-        if not contexts.is_floating_point():
-            raise TypeError(f"contexts must be floating point, got dtype {contexts.dtype}")
-        finite = torch.isfinite(contexts)
-        if not bool(finite.all()):
-            bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(
-                f"contexts contain {int((~finite).sum())} NaN/inf values "
-                f"(candidates {bad[:10]}{'...' if len(bad) > 10 else ''})"
-            )
-        return contexts.detach().to(torch.float32).cpu()
-
     def _validate_class_names(self, class_names: Sequence[str], *, n_context: int) -> list[str]:
-        if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-            raise TypeError(
-                f"class_names must be a sequence of strings, got {type(class_names).__name__}"
-            )
-        names = list(class_names)
-        if not names:
-            raise ValueError("class_names is empty: give at least one class name")
-        for i, name in enumerate(names):
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"class_names[{i}] must be a non-empty string, got {name!r}")
-        counts = self._suffix_token_counts(names)
-        longest = max(range(len(names)), key=counts.__getitem__)
-        limit = self.metadata.context_length
-        if 1 + n_context + counts[longest] > limit:
-            raise ValueError(
-                f"prompt too long: 1 start token + {n_context} context tokens + "
-                f"{counts[longest]} tokens of class {names[longest]!r} exceed the text tower's "
-                f"context length {limit}; use at most {limit - 1 - counts[longest]} context tokens"
-            )
+        names = validate_class_names(class_names)
+        check_prompt_length(
+            names, self._suffix_token_counts(names), n_context, self.metadata.context_length
+        )
         return names
 
     def _resolve_image_set(self, image_set: ImageSetRef | str) -> str:
-        set_id = image_set.id if isinstance(image_set, ImageSetRef) else image_set
-        if not isinstance(set_id, str):
-            raise TypeError(
-                f"image_set must be an ImageSetRef or its id string, got {type(image_set).__name__}"
-            )
+        set_id = image_set_id(image_set)
         if set_id not in self._features:
-            known = ", ".join(sorted(self._features)) or "none"
-            raise KeyError(
-                f"unknown image set {set_id!r}: register it with register_images() first "
-                f"(registered: {known})"
-            )
+            raise unknown_image_set(set_id, self._features)
         return set_id
-
-    @staticmethod
-    def _validate_indices(
-        indices: Sequence[int] | np.ndarray | None, size: int
-    ) -> torch.Tensor | None:
-        if indices is None:
-            return None
-        index = torch.as_tensor(np.asarray(indices))
-        if index.ndim != 1 or index.numel() == 0:
-            raise ValueError(
-                f"indices must be a non-empty 1-D sequence, got shape {tuple(index.shape)}"
-            )
-        if index.is_floating_point() or index.dtype == torch.bool:
-            raise TypeError(f"indices must be integers, got dtype {index.dtype}")
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= size:
-            raise ValueError(
-                f"indices out of range for an image set of {size} images: min {low}, max {high}"
-            )
-        return index.long()
 
 
 def embedding_table_stats(table: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,115 @@
+"""Input checks of the Oracle contract, shared by every implementation.
+
+Each raises a built-in exception whose message names what is wrong, and runs
+before a call reserves budget or does any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import torch
+
+from vlmlab.oracle._protocol import ImageSetRef, OracleMetadata
+
+
+def validate_contexts(
+    contexts: torch.Tensor | np.ndarray, metadata: OracleMetadata
+) -> torch.Tensor:
+    """Shape ``P x m x D`` with D the model's, floating point, finite; returns float32 CPU."""
+    if isinstance(contexts, np.ndarray):
+        contexts = torch.from_numpy(contexts)
+    if not isinstance(contexts, torch.Tensor):
+        raise TypeError(
+            f"contexts must be a torch.Tensor or numpy array, got {type(contexts).__name__}"
+        )
+    dim = metadata.token_dim
+    if contexts.ndim != 3:
+        raise ValueError(
+            f"contexts must have shape (population, context tokens, {dim}); got shape {tuple(contexts.shape)}"
+        )
+    population, n_context, width = contexts.shape
+    if width != dim:
+        raise ValueError(
+            f"contexts have token dimension {width}, but {metadata.display_name} "
+            f"takes token embeddings of dimension {dim}"
+        )
+    if population == 0 or n_context == 0:
+        raise ValueError(
+            "contexts must hold at least one candidate and one context token; "
+            f"got shape {tuple(contexts.shape)}"
+        )
+    if not contexts.is_floating_point():
+        raise TypeError(f"contexts must be floating point, got dtype {contexts.dtype}")
+    finite = torch.isfinite(contexts)
+    if not bool(finite.all()):
+        bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"contexts contain {int((~finite).sum())} NaN/inf values "
+            f"(candidates {bad[:10]}{'...' if len(bad) > 10 else ''})"
+        )
+    return contexts.detach().to(torch.float32).cpu()
+
+
+def validate_class_names(class_names: Sequence[str]) -> list[str]:
+    """A non-empty sequence of non-blank strings."""
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise TypeError(
+            f"class_names must be a sequence of strings, got {type(class_names).__name__}"
+        )
+    names = list(class_names)
+    if not names:
+        raise ValueError("class_names is empty: give at least one class name")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class_names[{i}] must be a non-empty string, got {name!r}")
+    return names
+
+
+def check_prompt_length(
+    names: list[str], suffix_counts: list[int], n_context: int, limit: int
+) -> None:
+    """``[SOS] + m contexts + the longest class suffix`` must fit the text tower."""
+    longest = max(range(len(names)), key=suffix_counts.__getitem__)
+    if 1 + n_context + suffix_counts[longest] > limit:
+        raise ValueError(
+            f"prompt too long: 1 start token + {n_context} context tokens + "
+            f"{suffix_counts[longest]} tokens of class {names[longest]!r} exceed the text tower's "
+            f"context length {limit}; use at most {limit - 1 - suffix_counts[longest]} context tokens"
+        )
+
+
+def image_set_id(image_set: ImageSetRef | str) -> str:
+    set_id = image_set.id if isinstance(image_set, ImageSetRef) else image_set
+    if not isinstance(set_id, str):
+        raise TypeError(
+            f"image_set must be an ImageSetRef or its id string, got {type(image_set).__name__}"
+        )
+    return set_id
+
+
+def unknown_image_set(set_id: str, registered: Collection[str]) -> KeyError:
+    known = ", ".join(sorted(registered)) or "none"
+    return KeyError(
+        f"unknown image set {set_id!r}: register it with register_images() first (registered: {known})"
+    )
+
+
+def validate_indices(indices: Sequence[int] | np.ndarray | None, size: int) -> torch.Tensor | None:
+    """None (all images) or a non-empty 1-D integer index within ``size``."""
+    if indices is None:
+        return None
+    index = torch.as_tensor(np.asarray(indices))
+    if index.ndim != 1 or index.numel() == 0:
+        raise ValueError(
+            f"indices must be a non-empty 1-D sequence, got shape {tuple(index.shape)}"
+        )
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise TypeError(f"indices must be integers, got dtype {index.dtype}")
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= size:
+        raise ValueError(
+            f"indices out of range for an image set of {size} images: min {low}, max {high}"
+        )
+    return index.long()

@@ -48,3 +48,41 @@ def fashion_test():
     from vlmlab.data import load_dataset
 
     return load_dataset("fashion-mnist", "test")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run (starting Ray costs 5-20 s here)."""
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import ray
+
+    from vlmlab.distributed import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def conse_pool(ray_session, cache_dir):
+    """The ConSE oracle pool: two replicas sharing the session's feature cache."""
+    from vlmlab.distributed import deploy_oracle_pool
+
+    return deploy_oracle_pool(
+        "conse",
+        backend_kwargs={"cache_dir": cache_dir},
+        num_replicas=2,
+        num_cpus=0.5,
+        app_name="test-pool",
+    )
+
+
+@pytest.fixture(scope="session")
+def fashion_train():
+    from vlmlab.data import load_dataset
+
+    return load_dataset("fashion-mnist", "train")

@@ -101,13 +101,6 @@ def test_bad_configs():
 
 
 @pytest.fixture(scope="module")
-def fashion_train():
-    from vlmlab.data import load_dataset
-
-    return load_dataset("fashion-mnist", "train")
-
-
-@pytest.fixture(scope="module")
 def test_subset(fashion_test):
     return fashion_test.subset(stratified_subset(fashion_test.labels, 500, seed=0))
 

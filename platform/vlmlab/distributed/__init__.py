@@ -1,0 +1,29 @@
+"""The Ray layer: the Serve oracle pool and its client, the ledger actor, sweeps.
+
+Importing this package imports Ray; ``vlmlab.methods`` never does.
+"""
+
+from __future__ import annotations
+
+from vlmlab.distributed._ledger import LEDGER_NAME, RemoteLedger, ledger_actor
+from vlmlab.distributed._pool import (
+    DEFAULT_APP,
+    OracleReplica,
+    PoolOracle,
+    build_app,
+    deploy_oracle_pool,
+)
+from vlmlab.distributed._ray import NAMESPACE, ensure_ray
+
+__all__ = [
+    "DEFAULT_APP",
+    "LEDGER_NAME",
+    "NAMESPACE",
+    "OracleReplica",
+    "PoolOracle",
+    "RemoteLedger",
+    "build_app",
+    "deploy_oracle_pool",
+    "ensure_ray",
+    "ledger_actor",
+]

@@ -1,0 +1,358 @@
+"""The oracle replica pool on Ray Serve, and its client (itself an Oracle).
+
+- :class:`OracleReplica` is the Serve deployment: it builds one backend in
+  ``__init__`` and answers whole populations. Image sets arrive as a
+  reference into Ray's object store; each replica fetches and encodes a set
+  the first time a request names it, then keeps the features (and the on-disk
+  feature cache spares the other replicas on the same machine the encoding).
+- :class:`PoolOracle` is the client. It checks input, reserves the call's
+  queries on the ledger actor, sends the population as one request (several
+  concurrent requests, one per shard, when the population is larger than
+  ``shard_size``), commits when the logits return, and releases and retries on
+  another replica when a replica dies mid-request.
+- :func:`deploy_oracle_pool` deploys from Python; :func:`build_app` is the
+  application builder that ``serve run serve/oracle.yaml`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmlab.distributed._ledger import RemoteLedger
+from vlmlab.distributed._ray import NAMESPACE, ensure_ray
+from vlmlab.oracle import DEFAULT_BUDGET_KEY, ImageSet, ImageSetRef, OracleMetadata
+from vlmlab.oracle._validation import (
+    image_set_id,
+    unknown_image_set,
+    validate_class_names,
+    validate_contexts,
+    validate_indices,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APP = "vlmlab-oracle"
+DEPLOYMENT = "OracleReplica"
+
+
+class OracleReplica:
+    """One replica of the pool: a backend, its image features, whole-population calls."""
+
+    def __init__(
+        self, backend: str = "conse", backend_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        from vlmlab.oracle import create_oracle
+
+        self.backend = backend
+        self.oracle = create_oracle(backend, **(backend_kwargs or {}))
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.oracle.metadata
+        return {
+            "backend": meta.backend,
+            "model": meta.model,
+            "token_dim": meta.token_dim,
+            "context_length": meta.context_length,
+            "embedding_mean": meta.embedding_mean.numpy(),
+            "embedding_std": meta.embedding_std,
+        }
+
+    def phrase_embeddings(self, phrase: str) -> np.ndarray:
+        return self.oracle.phrase_embeddings(phrase).numpy()
+
+    def logits(
+        self,
+        contexts: np.ndarray,
+        class_names: list[str],
+        image_set: dict[str, Any],
+        indices: np.ndarray | None,
+    ) -> np.ndarray:
+        set_id = image_set["id"]
+        if set_id not in self.oracle._features:
+            import ray
+
+            pixels = ray.get(
+                image_set["pixels"][0]
+            )  # the boxed ObjectRef, fetched once per replica
+            self.oracle.register_images(ImageSet(pixels, image_set["meta"]))
+        out = self.oracle.logits(torch.from_numpy(contexts), class_names, set_id, indices=indices)
+        return out.numpy()
+
+    def stats(self) -> dict[str, Any]:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "pid": os.getpid(),
+            "peak_rss_mb": usage.ru_maxrss / 1024,
+            "image_sets": len(self.oracle._features),
+            "queries": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).queries,
+            "torch_threads": torch.get_num_threads(),
+            "busy_seconds": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).wall_seconds,
+        }
+
+
+def _deployment(
+    *,
+    num_replicas: int | str = 1,
+    autoscaling: dict[str, Any] | None = None,
+    max_ongoing_requests: int = 4,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+):
+    from ray import serve
+
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+    }
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = num_replicas
+    return serve.deployment(name=DEPLOYMENT, **options)(OracleReplica)
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder for Serve config files (``serve run serve/oracle.yaml``).
+
+    ``args``: ``backend`` (default ``conse``) and ``backend_kwargs``; replicas and
+    resources come from the config file's ``deployments`` section.
+    """
+    args = dict(args or {})
+    backend = args.pop("backend", "conse")
+    backend_kwargs = args.pop("backend_kwargs", None) or {}
+    if args:
+        raise ValueError(
+            f"unknown oracle app arguments {sorted(args)}; known: backend, backend_kwargs"
+        )
+    return _deployment().bind(backend, backend_kwargs)
+
+
+def deploy_oracle_pool(
+    backend: str = "conse",
+    *,
+    backend_kwargs: dict[str, Any] | None = None,
+    num_replicas: int = 1,
+    autoscaling: dict[str, Any] | None = None,
+    max_ongoing_requests: int = 4,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    app_name: str = DEFAULT_APP,
+    address: str | None = None,
+    shard_size: int = 64,
+) -> PoolOracle:
+    """Deploy (or update) the oracle pool as a Serve app and return a client for it.
+
+    Args:
+        backend: ``"conse"`` or ``"open_clip:<arch>"``; ``backend_kwargs`` go to it.
+        num_replicas: fixed replica count (ignored when ``autoscaling`` is given,
+            a Serve ``autoscaling_config`` such as ``{"min_replicas": 1, "max_replicas": 4}``).
+        max_ongoing_requests: requests one replica works on at once.
+        num_cpus, num_gpus: resources of each replica.
+        address: Ray cluster to join (default: ``$RAY_ADDRESS`` or a local Ray).
+    """
+    from ray import serve
+
+    ensure_ray(address)
+    serve.start(proxy_location="Disabled")
+    app = _deployment(
+        num_replicas=num_replicas,
+        autoscaling=autoscaling,
+        max_ongoing_requests=max_ongoing_requests,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    ).bind(backend, backend_kwargs or {})
+    serve.run(app, name=app_name, route_prefix=None)
+    return PoolOracle(app_name, shard_size=shard_size)
+
+
+class PoolOracle:
+    """An :class:`~vlmlab.oracle.Oracle` served by a replica pool.
+
+    Args:
+        app_name: the Serve application to call.
+        shard_size: populations larger than this go out as several concurrent
+            requests (candidates are independent, so results do not change).
+        retries: how many times a request is retried when its replica dies.
+
+    It pickles as its app name, so Ray workers (trials, actors) can receive it.
+    """
+
+    def __init__(
+        self,
+        app_name: str = DEFAULT_APP,
+        *,
+        shard_size: int = 64,
+        retries: int = 5,
+        ledger: RemoteLedger | None = None,
+    ) -> None:
+        from ray import serve
+
+        ensure_ray()
+        self.app_name = app_name
+        self.shard_size = shard_size
+        self.retries = retries
+        self._handle = serve.get_app_handle(app_name)
+        self._ledger = ledger if ledger is not None else RemoteLedger()
+        described = self._handle.describe.remote().result()
+        self._metadata = OracleMetadata(
+            backend=described["backend"],
+            model=described["model"],
+            token_dim=described["token_dim"],
+            context_length=described["context_length"],
+            embedding_mean=torch.from_numpy(np.array(described["embedding_mean"])),
+            embedding_std=described["embedding_std"],
+        )
+        self._image_sets: dict[str, dict[str, Any]] = {}
+
+    def __reduce__(self):
+        return (_reconnect, (self.app_name, self.shard_size, self.retries))
+
+    # -------------------------------------------------------------- contract
+    @property
+    def metadata(self) -> OracleMetadata:
+        return self._metadata
+
+    @property
+    def ledger(self) -> RemoteLedger:
+        return self._ledger
+
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._call("phrase_embeddings", phrase)))
+
+    def register_images(self, images: ImageSet) -> ImageSetRef:
+        import ray
+
+        if not isinstance(images, ImageSet):
+            raise TypeError(
+                f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
+            )
+        ref = images.ref
+        if ref.id not in self._image_sets:
+            # Pixels go to the object store once; replicas fetch them on first use.
+            self._image_sets[ref.id] = {
+                "id": ref.id,
+                "size": ref.size,
+                "meta": images.meta,
+                "pixels": [ray.put(images.pixels)],  # boxed: Serve must not resolve it
+            }
+        return ref
+
+    def logits(
+        self,
+        contexts: torch.Tensor,
+        class_names: Sequence[str],
+        image_set: ImageSetRef | str,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        budget_key: str = DEFAULT_BUDGET_KEY,
+    ) -> torch.Tensor:
+        contexts = validate_contexts(contexts, self._metadata)
+        names = validate_class_names(class_names)
+        set_id = image_set_id(image_set)
+        if set_id not in self._image_sets:
+            raise unknown_image_set(set_id, self._image_sets)
+        box = self._image_sets[set_id]
+        index = validate_indices(indices, box["size"])
+        index_array = None if index is None else index.numpy()
+        population = contexts.shape[0]
+        n_images = box["size"] if index is None else len(index_array)
+
+        reservation = self._ledger.reserve(budget_key, population)
+        started = time.perf_counter()
+        try:
+            array = contexts.numpy()
+            shards = [array[i : i + self.shard_size] for i in range(0, population, self.shard_size)]
+            outputs = self._fan_out(shards, names, box, index_array)
+        except BaseException:
+            self._ledger.release(reservation)
+            raise
+        self._ledger.commit(
+            reservation,
+            images_scored=population * n_images,
+            prompts_encoded=population * len(names),
+            wall_seconds=time.perf_counter() - started,
+        )
+        return torch.from_numpy(np.concatenate(outputs, axis=0))
+
+    # ------------------------------------------------------------- plumbing
+    def _fan_out(self, shards, names, box, index_array) -> list[np.ndarray]:
+        results: list[np.ndarray | None] = [None] * len(shards)
+        for attempt in range(self.retries + 1):
+            pending = {
+                i: self._handle.logits.remote(shard, names, box, index_array)
+                for i, shard in enumerate(shards)
+                if results[i] is None
+            }
+            failure: BaseException | None = None
+            for i, response in pending.items():
+                try:
+                    results[i] = response.result()
+                except Exception as error:
+                    cause = _user_error(error)
+                    if cause is not None:
+                        raise cause from None
+                    failure = error
+            if failure is None:
+                return results  # type: ignore[return-value]
+            log.warning(
+                "oracle replica failed (%s); retrying (%d/%d)", failure, attempt + 1, self.retries
+            )
+            time.sleep(min(2.0, 0.25 * 2**attempt))
+        raise RuntimeError(
+            f"oracle pool {self.app_name!r}: request failed after {self.retries} retries"
+        ) from failure
+
+    def _call(self, method: str, *args: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return getattr(self._handle, method).remote(*args).result()
+            except Exception as error:
+                cause = _user_error(error)
+                if cause is not None:
+                    raise cause from None
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2.0, 0.25 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def replica_stats(self) -> dict[str, Any]:
+        """Stats of whichever replica answers (pid, peak RSS, image sets)."""
+        return self._call("stats")
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The user-facing exception inside a Ray task error, or None for system failures."""
+    import ray.exceptions
+
+    if isinstance(error, ray.exceptions.RayTaskError):
+        cause = error.cause
+        if isinstance(cause, ValueError | TypeError | KeyError):
+            return cause
+    if isinstance(error, ValueError | TypeError | KeyError) and not isinstance(
+        error, ray.exceptions.RayError
+    ):
+        return error
+    return None
+
+
+def _reconnect(app_name: str, shard_size: int, retries: int) -> PoolOracle:
+    return PoolOracle(app_name, shard_size=shard_size, retries=retries)
+
+
+__all__ = [
+    "DEFAULT_APP",
+    "NAMESPACE",
+    "OracleReplica",
+    "PoolOracle",
+    "build_app",
+    "deploy_oracle_pool",
+]

@@ -1,0 +1,31 @@
+"""Starting or joining Ray: the embedded default is a local Ray started on demand."""
+
+from __future__ import annotations
+
+import os
+
+NAMESPACE = "vlmlab"
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray.
+
+    A local Ray binds to the loopback address and starts no dashboard; it is
+    shut down when this process exits. Calling again once Ray is up does nothing.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray.init(
+        num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )

@@ -146,8 +146,22 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="continue from checkpoints; skip completed trials")
     ] = False,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process", help="no Ray: one process, seeds one after another (debugging)"
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
+    ] = None,
 ) -> None:
-    """Run an experiment spec in-process and write its results and artifacts."""
+    """Run an experiment spec: on the Ray Serve oracle pool (default) or in-process.
+
+    On the pool, the seeds run concurrently as Ray actors sharing the pool; a
+    local Ray is started on demand unless --address or RAY_ADDRESS names a cluster.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -161,13 +175,20 @@ def run(
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     try:
-        with console.status(f"loading {loaded.backend.name}..."):
-            oracle = build_oracle(loaded)
+        if in_process:
+            with console.status(f"loading {loaded.backend.name}..."):
+                oracle = build_oracle(loaded)
+        else:
+            from vlmlab.distributed import deploy_for_spec
+
+            with console.status(f"starting Ray and the {loaded.backend.name} oracle pool..."):
+                oracle = deploy_for_spec(loaded, address=address)
         meta = oracle.metadata
+        where = "in-process" if in_process else f"oracle pool ({loaded.pool.replicas} replica(s))"
         console.print(
             f"[bold]{loaded.name}[/]: {loaded.method.name} on {meta.display_name}, "
             f"{loaded.data.dataset} {loaded.data.shots}-shot, seeds {loaded.seeds}, "
-            f"budget {loaded.budget.max_queries or 'unlimited'} queries per trial"
+            f"budget {loaded.budget.max_queries or 'unlimited'} queries per trial; {where}"
         )
         columns = (
             TextColumn("{task.description}"),
@@ -177,9 +198,17 @@ def run(
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console) as progress:
-            outcomes = run_experiment(
-                loaded, results, resume=resume, oracle=oracle, listener=_RichProgress(progress)
-            )
+            listener = _RichProgress(progress)
+            if in_process:
+                outcomes = run_experiment(
+                    loaded, results, resume=resume, oracle=oracle, listener=listener
+                )
+            else:
+                from vlmlab.distributed import run_experiment_on_pool
+
+                outcomes = run_experiment_on_pool(
+                    loaded, results, resume=resume, address=address, pool=oracle, listener=listener
+                )
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
 

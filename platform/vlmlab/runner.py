@@ -106,6 +106,35 @@ def _load_data(spec: RunSpec) -> _Data:
     return _Data(train, test)
 
 
+def load_data(spec: RunSpec) -> _Data:
+    """The spec's train split and (subset of the) test split."""
+    return _load_data(spec)
+
+
+def run_trial(
+    spec: RunSpec,
+    seed: int,
+    results_dir: str | Path,
+    oracle: Oracle,
+    data: _Data,
+    *,
+    resume: bool = False,
+    listener: ProgressListener | None = None,
+) -> TrialOutcome:
+    """One seed of ``spec`` (what :func:`run_experiment` does per seed; Ray workers call it)."""
+    store = ResultsStore(results_dir)
+    return _run_trial(
+        spec,
+        seed,
+        store,
+        oracle,
+        data,
+        resume=resume,
+        listener=listener or _Silent(),
+        stop_after=None,
+    )
+
+
 def run_experiment(
     spec: RunSpec,
     results_dir: str | Path,

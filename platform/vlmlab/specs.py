@@ -142,6 +142,21 @@ class ForgettingMethodSpec(_Strict):
         )
 
 
+class PoolSpec(_Strict):
+    """The Serve oracle pool a run uses (ignored with ``--in-process``)."""
+
+    replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+    """A Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}; overrides ``replicas``."""
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    shard_size: int = Field(64, ge=1)
+    """Populations larger than this are split across replicas."""
+    max_parallel_trials: int | None = Field(None, ge=1)
+    """Seeds run concurrently as Ray actors; None runs them all at once."""
+
+
 class BudgetSpec(_Strict):
     max_queries: int | None = Field(None, ge=1)
     """Optimization queries per run (one query = one candidate on one batch)."""
@@ -157,6 +172,7 @@ class RunSpec(_Strict):
     data: DataSpec = DataSpec()
     method: ForgettingMethodSpec = ForgettingMethodSpec()
     budget: BudgetSpec = BudgetSpec()
+    pool: PoolSpec = PoolSpec()
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     eval_every: int = Field(10, ge=1)
     """Test the best prompt so far, and checkpoint, every this many generations."""

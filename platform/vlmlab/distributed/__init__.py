@@ -6,6 +6,7 @@ Importing this package imports Ray; ``vlmlab.methods`` never does.
 from __future__ import annotations
 
 from vlmlab.distributed._ledger import LEDGER_NAME, RemoteLedger, ledger_actor
+from vlmlab.distributed._parallel import deploy_for_spec, run_experiment_on_pool
 from vlmlab.distributed._pool import (
     DEFAULT_APP,
     OracleReplica,
@@ -23,7 +24,9 @@ __all__ = [
     "PoolOracle",
     "RemoteLedger",
     "build_app",
+    "deploy_for_spec",
     "deploy_oracle_pool",
     "ensure_ray",
     "ledger_actor",
+    "run_experiment_on_pool",
 ]

@@ -1,0 +1,129 @@
+"""Parallel populations: a spec's seeds run concurrently as Ray actors on one pool.
+
+Each trial is the same loop that runs in-process (``vlmlab.runner.run_trial``)
+with a :class:`PoolOracle` as its oracle, so a seed gives the same numbers
+either way. The driver polls each actor for its latest generation to draw
+progress.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmlab.distributed._pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool
+from vlmlab.distributed._ray import ensure_ray
+from vlmlab.specs import RunSpec
+
+
+class _TrialWorker:
+    """Runs one trial; answers ``latest()`` while it runs (a threaded actor)."""
+
+    def __init__(self) -> None:
+        self._latest: Any = None
+        self._started: tuple | None = None
+
+    # ProgressListener, called from the trial loop inside this actor
+    def trial_started(self, run_id: str, generations: int, budget: int | None, start: int) -> None:
+        self._started = (run_id, generations, budget, start)
+
+    def generation_done(self, run_id: str, record: Any) -> None:
+        self._latest = record
+
+    def trial_finished(self, outcome: Any) -> None:
+        pass
+
+    def latest(self) -> tuple[Any, Any]:
+        return self._started, self._latest
+
+    def run(
+        self,
+        spec_json: str,
+        seed: int,
+        results_dir: str,
+        app_name: str,
+        shard_size: int,
+        resume: bool,
+    ):
+        from vlmlab.runner import load_data, run_trial
+
+        spec = RunSpec.model_validate_json(spec_json)
+        oracle = PoolOracle(app_name, shard_size=shard_size)
+        return run_trial(
+            spec, seed, results_dir, oracle, load_data(spec), resume=resume, listener=self
+        )
+
+
+def deploy_for_spec(
+    spec: RunSpec, *, address: str | None = None, app_name: str = DEFAULT_APP
+) -> PoolOracle:
+    """Deploy the oracle pool that ``spec.backend`` and ``spec.pool`` describe."""
+    pool = spec.pool
+    return deploy_oracle_pool(
+        spec.backend.name,
+        backend_kwargs=spec.backend.oracle_kwargs(),
+        num_replicas=pool.replicas,
+        autoscaling=pool.autoscaling,
+        max_ongoing_requests=pool.max_ongoing_requests,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        app_name=app_name,
+        address=address,
+        shard_size=pool.shard_size,
+    )
+
+
+def run_experiment_on_pool(
+    spec: RunSpec,
+    results_dir: str | Path,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    pool: PoolOracle | None = None,
+    listener: Any = None,
+    poll_seconds: float = 0.25,
+) -> list[Any]:
+    """Run every seed of ``spec`` concurrently (as actors) against one oracle pool.
+
+    Args:
+        pool: an already deployed pool to use (default: deploy the spec's pool).
+        listener: a :class:`vlmlab.runner.ProgressListener` fed from the driver.
+    """
+    import ray
+
+    ensure_ray(address)
+    pool = pool if pool is not None else deploy_for_spec(spec, address=address)
+    results = str(Path(results_dir).resolve())
+    worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
+    limit = spec.pool.max_parallel_trials or len(spec.seeds)
+    queue = list(spec.seeds)
+    running: dict[Any, tuple[int, Any]] = {}
+    outcomes: dict[int, Any] = {}
+    announced: set[int] = set()
+    seen_generation: dict[int, int] = {}
+    spec_json = spec.model_dump_json()
+    while queue or running:
+        while queue and len(running) < limit:
+            seed = queue.pop(0)
+            worker = worker_cls.remote()
+            ref = worker.run.remote(
+                spec_json, seed, results, pool.app_name, pool.shard_size, resume
+            )
+            running[ref] = (seed, worker)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
+        if listener is not None:
+            for seed, worker in running.values():
+                started, latest = ray.get(worker.latest.remote())
+                if started and seed not in announced:
+                    announced.add(seed)
+                    listener.trial_started(*started)
+                if latest is not None and latest.generation != seen_generation.get(seed):
+                    seen_generation[seed] = latest.generation
+                    listener.generation_done(started[0], latest)
+        for ref in done:
+            seed, worker = running.pop(ref)
+            outcomes[seed] = ray.get(ref)  # re-raises a trial's error here
+            if listener is not None:
+                listener.trial_finished(outcomes[seed])
+            ray.kill(worker)
+    return [outcomes[seed] for seed in spec.seeds]

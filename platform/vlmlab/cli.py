@@ -228,6 +228,52 @@ def run(
 
 
 @app.command()
+def sweep(
+    spec: Annotated[str, typer.Argument(help="spec with a `sweep:` section")],
+    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a spec field")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="restore the sweep in --results and finish it")
+    ] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: local Ray)")
+    ] = None,
+) -> None:
+    """Ray Tune sweep with Optuna search and ASHA over the spec's search space, on the oracle pool."""
+    from rich.console import Console
+
+    from vlmlab.errors import VlmlabError
+    from vlmlab.specs import load_spec
+
+    console = Console()
+    try:
+        loaded = load_spec(spec, set_ or [])
+        if loaded.sweep is None:
+            raise _fail(f"{spec}: no `sweep:` section (see experiments/sweep-quickstart.yaml)")
+        from vlmlab.distributed import deploy_for_spec, run_sweep
+        from vlmlab.distributed._progress import sweep_progress
+
+        with console.status("starting Ray and the oracle pool..."):
+            pool = deploy_for_spec(loaded, address=address)
+        console.print(
+            f"[bold]{loaded.name}[/]: sweep of {loaded.sweep.num_samples} trials "
+            f"({loaded.sweep.sampler.upper()} search, {loaded.sweep.scheduler.upper()}) on "
+            f"{pool.metadata.display_name}, {loaded.data.dataset}; optimizing {loaded.sweep.metric}"
+        )
+        with sweep_progress(console, loaded) as callback:
+            grid = run_sweep(
+                loaded, results, resume=resume, address=address, pool=pool, callbacks=[callback]
+            )
+    except (VlmlabError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    best = grid.get_best_result(metric=loaded.sweep.metric, mode=loaded.sweep.mode)
+    console.print(
+        f"best trial: {loaded.sweep.metric}={best.metrics.get(loaded.sweep.metric):.3f} with "
+        f"{ {k: v for k, v in best.config.items()} }; rows in {results}/runs and {results}/steps"
+    )
+
+
+@app.command()
 def report(
     results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
 ) -> None:

@@ -169,6 +169,29 @@ def _metric_columns(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
+class Checkpointer(Protocol):
+    """Where a trial keeps its method state (a file here; Tune's checkpoints in a sweep)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None: ...
+
+
+class FileCheckpointer:
+    """One pickle file, replaced atomically at every save."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        return pickle.loads(self.path.read_bytes())
+
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        atomic_write_bytes(self.path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _run_trial(
     spec: RunSpec,
     seed: int,
@@ -179,8 +202,10 @@ def _run_trial(
     resume: bool,
     listener: ProgressListener,
     stop_after: int | None,
+    run_id: str | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TrialOutcome:
-    run_id = run_id_for(spec, seed)
+    run_id = run_id or run_id_for(spec, seed)
     meta = oracle.metadata
     budget = spec.budget.max_queries
     base_row: dict[str, Any] = {
@@ -229,12 +254,12 @@ def _run_trial(
         eval_key=f"{run_id}@{attempt}:eval",
     )
     started_at, elapsed_before, flushed = _now(), 0.0, 0
-    checkpoint = store.checkpoint_path(run_id)
-    if resume and checkpoint.is_file():
-        state = pickle.loads(checkpoint.read_bytes())
+    checkpointer = checkpointer or FileCheckpointer(store.checkpoint_path(run_id))
+    state = checkpointer.load() if resume else None
+    if state is not None:
         if state.get("version") != CHECKPOINT_VERSION or state.get("config") != base_row["config"]:
             raise ValueError(
-                f"checkpoint {checkpoint} was written by another spec; run without --resume to start over"
+                f"the checkpoint of {run_id} was written by another spec; run without --resume to start over"
             )
         method.load_state_dict(state["method"])
         started_at, elapsed_before, flushed = (
@@ -278,7 +303,15 @@ def _run_trial(
         if record.generation % spec.eval_every == 0 or method.done:
             store.write_steps(run_id, flushed + 1, record.generation, pending)
             pending, flushed = [], record.generation
-            _write_checkpoint(checkpoint, base_row["config"], method, started_at, wall, flushed)
+            checkpointer.save(
+                _checkpoint_state(base_row["config"], method, started_at, wall, flushed),
+                {
+                    "queries_used": record.queries_used,
+                    "generation": record.generation,
+                    "val_H": record.best_val_H,
+                    **_metric_columns("test", test_metrics),
+                },
+            )
 
     if not test_metrics:  # resumed at the very end: nothing ran in this process
         test_metrics = method.evaluate(method.best_contexts, "test")
@@ -347,15 +380,14 @@ def _run_trial(
     return outcome
 
 
-def _write_checkpoint(
-    path: Path,
+def _checkpoint_state(
     config: str,
     method: BlackBoxForgetting,
     started_at: datetime,
     wall: float,
     flushed: int,
-) -> None:
-    state = {
+) -> dict[str, Any]:
+    return {
         "version": CHECKPOINT_VERSION,
         "config": config,
         "method": method.state_dict(),
@@ -363,7 +395,6 @@ def _write_checkpoint(
         "wall_seconds": wall,
         "flushed": flushed,
     }
-    atomic_write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _interrupted(run_id, spec, seed, meta, method, store, resumed_from) -> TrialOutcome:

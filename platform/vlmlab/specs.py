@@ -157,6 +157,59 @@ class PoolSpec(_Strict):
     """Seeds run concurrently as Ray actors; None runs them all at once."""
 
 
+class ParamSpec(_Strict):
+    """One searched hyperparameter."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ParamSpec:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} range needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform range needs low > 0")
+        return self
+
+
+class SweepSpec(_Strict):
+    """A Ray Tune sweep: Optuna search over ``space``, ASHA on queries used."""
+
+    space: dict[str, ParamSpec]
+    """Dotted spec paths (``method.sigma``) to search ranges."""
+    metric: Literal["val_H", "test_H"] = "val_H"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["tpe", "cmaes"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_queries: int = Field(200, ge=1)
+    """ASHA stops no trial before it has spent this many queries."""
+    reduction_factor: int = Field(2, ge=2)
+    max_failures: int = Field(2, ge=0)
+    seed: int = Field(0, ge=0)
+    """Seed of the search (the trials use the spec's first seed)."""
+    trial_cpus: float = Field(0.5, gt=0)
+
+    @field_validator("space")
+    @classmethod
+    def _searchable_paths(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not value:
+            raise ValueError("the search space is empty")
+        for path in value:
+            head = path.split(".")[0]
+            if head not in ("method", "data", "budget") or "." not in path:
+                raise ValueError(
+                    f"{path!r}: search paths look like method.<field> (or data., budget.)"
+                )
+        return value
+
+
 class BudgetSpec(_Strict):
     max_queries: int | None = Field(None, ge=1)
     """Optimization queries per run (one query = one candidate on one batch)."""
@@ -173,6 +226,7 @@ class RunSpec(_Strict):
     method: ForgettingMethodSpec = ForgettingMethodSpec()
     budget: BudgetSpec = BudgetSpec()
     pool: PoolSpec = PoolSpec()
+    sweep: SweepSpec | None = None
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     eval_every: int = Field(10, ge=1)
     """Test the best prompt so far, and checkpoint, every this many generations."""

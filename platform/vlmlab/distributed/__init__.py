@@ -15,6 +15,7 @@ from vlmlab.distributed._pool import (
     deploy_oracle_pool,
 )
 from vlmlab.distributed._ray import NAMESPACE, ensure_ray
+from vlmlab.distributed._sweep import run_sweep
 
 __all__ = [
     "DEFAULT_APP",
@@ -29,4 +30,5 @@ __all__ = [
     "ensure_ray",
     "ledger_actor",
     "run_experiment_on_pool",
+    "run_sweep",
 ]

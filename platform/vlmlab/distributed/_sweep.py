@@ -1,0 +1,253 @@
+"""Sweeps: Ray Tune trials with Optuna search and ASHA, on the shared oracle pool.
+
+``run_sweep`` turns ``spec.sweep`` into a Tuner: ``OptunaSearch`` (TPE, or
+Optuna's CMA-ES sampler) wrapped in a ``ConcurrencyLimiter``, ASHA with
+``queries_used`` as its clock, ``reuse_actors``, ``FailureConfig`` and the
+method's state as each trial's Tune checkpoint. Each trial is the same loop
+as ``vlmlab run`` (``vlmlab.runner``), writing its rows into the results
+folder under the run id ``<spec name>-<trial id>``; Tune's trial ids survive
+``Tuner.restore``, and step files are named by generation range, so a resumed
+sweep has one ``runs`` row per trial and no duplicate steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vlmlab._io import atomic_write_text
+from vlmlab.distributed._parallel import deploy_for_spec
+from vlmlab.distributed._pool import PoolOracle
+from vlmlab.distributed._ray import ensure_ray
+from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
+
+SPEC_FILE = "sweep_spec.json"
+TUNE_DIR = "tune"
+
+
+class TuneCheckpointer:
+    """Method state as Tune checkpoints; every save is also a Tune report (ASHA's clock)."""
+
+    def load(self) -> dict[str, Any] | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return pickle.loads((Path(folder) / "state.pkl").read_bytes())
+
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        from ray import tune
+
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "state.pkl").write_bytes(
+                pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+            )
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def _trial(
+    config: dict[str, Any], *, spec_json: str, results: str, app_name: str, shard_size: int
+) -> None:
+    """One Tune trial: the spec with this trial's hyperparameters, on the pool."""
+    from ray import tune
+
+    from vlmlab.results import ResultsStore
+    from vlmlab.runner import _run_trial, _Silent, load_data
+
+    tree = json.loads(spec_json)
+    tree.pop("sweep", None)
+    apply_overrides(tree, [f"{path}={json.dumps(value)}" for path, value in config.items()])
+    spec = validate_spec(tree, f"sweep trial {config}")
+    trial_id = tune.get_context().get_trial_id()
+    data_key = spec.data.model_dump_json()
+    if data_key not in _DATA_CACHE:  # reused actors keep the loaded data
+        _DATA_CACHE.clear()
+        _DATA_CACHE[data_key] = load_data(spec)
+    _run_trial(
+        spec,
+        spec.seeds[0],
+        ResultsStore(results),
+        PoolOracle(app_name, shard_size=shard_size),
+        _DATA_CACHE[data_key],
+        resume=True,
+        listener=_Silent(),
+        stop_after=None,
+        run_id=f"{spec.name}-{trial_id}",
+        checkpointer=TuneCheckpointer(),
+    )
+
+
+def _optuna_space(spec: RunSpec) -> dict[str, Any]:
+    from optuna import distributions as d
+
+    space = {}
+    assert spec.sweep is not None
+    for path, param in spec.sweep.space.items():
+        if param.type == "choice":
+            space[path] = d.CategoricalDistribution(param.values)
+        elif param.type == "int":
+            space[path] = d.IntDistribution(int(param.low), int(param.high))
+        else:
+            space[path] = d.FloatDistribution(param.low, param.high, log=param.type == "loguniform")
+    return space
+
+
+def _check_space_paths(spec: RunSpec) -> None:
+    """Every searched path must exist in the spec: try each range's low end."""
+    assert spec.sweep is not None
+    tree = json.loads(spec.model_dump_json())
+    tree.pop("sweep")
+    probe = []
+    for path, param in spec.sweep.space.items():
+        value = (
+            param.values[0]
+            if param.type == "choice"
+            else (int(param.low) if param.type == "int" else param.low)
+        )
+        probe.append(f"{path}={json.dumps(value)}")
+    apply_overrides(tree, probe)
+    validate_spec(tree, "sweep.space")
+
+
+def _tuner(spec: RunSpec, results: Path, pool: PoolOracle, *, restore: bool, callbacks: list[Any]):
+    from optuna.samplers import CmaEsSampler, TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sweep = spec.sweep
+    assert sweep is not None
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            spec_json=spec.model_dump_json(),
+            results=str(results),
+            app_name=pool.app_name,
+            shard_size=pool.shard_size,
+        ),
+        {"cpu": sweep.trial_cpus},
+    )
+    storage = str(results / TUNE_DIR)
+    if restore:
+        return tune.Tuner.restore(
+            str(Path(storage) / spec.name), trainable, resume_unfinished=True, resume_errored=True
+        )
+    sampler = (
+        TPESampler(seed=sweep.seed) if sweep.sampler == "tpe" else CmaEsSampler(seed=sweep.seed)
+    )
+    search = ConcurrencyLimiter(
+        OptunaSearch(_optuna_space(spec), metric=sweep.metric, mode=sweep.mode, sampler=sampler),
+        max_concurrent=sweep.max_concurrent,
+    )
+    if sweep.scheduler == "asha":
+        budget = spec.budget.max_queries or spec.method.iterations * spec.method.popsize
+        scheduler = ASHAScheduler(
+            time_attr="queries_used",
+            metric=sweep.metric,
+            mode=sweep.mode,
+            # Past the budget: ASHA must not stop a trial at its last report, before it
+            # writes its final row (the budget itself ends the trial).
+            max_t=budget + 1,
+            grace_period=min(sweep.grace_queries, budget),
+            reduction_factor=sweep.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=sweep.num_samples, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def run_sweep(
+    spec: RunSpec,
+    results_dir: str | Path,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    pool: PoolOracle | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Run (or, with ``resume``, restore and finish) the spec's sweep; returns Tune's ResultGrid.
+
+    Raises:
+        SpecError: the spec has no ``sweep`` section, a searched path does not
+            exist, or ``resume`` finds no sweep (or a different spec) in ``results_dir``.
+    """
+    if spec.sweep is None:
+        raise SpecError(f"{spec.name}: a sweep needs a `sweep:` section (space, num_samples, ...)")
+    _check_space_paths(spec)
+    results = Path(results_dir).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    spec_path = results / SPEC_FILE
+    if resume:
+        if not (results / TUNE_DIR / spec.name).is_dir():
+            raise SpecError(f"nothing to resume: no sweep {spec.name!r} in {str(results)!r}")
+        if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(
+            spec.model_dump_json()
+        ):
+            raise SpecError(f"{results}: holds a sweep of another spec; resume it with that spec")
+    atomic_write_text(spec_path, spec.model_dump_json(indent=2))
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Keeping one checkpoint per trial forces an experiment snapshot at each one; that is
+    # what makes --resume after a killed driver lose little, so Tune's warning is off.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ensure_ray(address)
+    pool = pool if pool is not None else deploy_for_spec(spec, address=address)
+    grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks or []).fit()
+    _close_stopped_trials(spec, results, grid)
+    return grid
+
+
+def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
+    """Trials ASHA stopped (or that failed for good) never finish their row: close it here."""
+    from vlmlab.results import ResultsStore
+
+    store = ResultsStore(results)
+    runs = store.runs()
+    for result in grid:
+        trial_id = Path(result.path).name.split("_")[1] if result.path else None
+        metrics = result.metrics or {}
+        run_id = f"{spec.name}-{metrics.get('trial_id', trial_id)}"
+        rows = runs[runs.run_id == run_id]
+        if rows.empty or rows.iloc[0].status != "running":
+            continue
+        row = rows.iloc[0].to_dict()
+        row.update(
+            status="error" if result.error else "stopped",
+            finished_at=datetime.now(UTC),
+            queries_used=int(metrics.get("queries_used", 0)),
+            generations=int(metrics.get("generation", 0)),
+            val_H=metrics.get("val_H"),
+            test_H=metrics.get("test_H"),
+            test_err_fgt=metrics.get("test_err_fgt"),
+            test_acc_mem=metrics.get("test_acc_mem"),
+        )
+        store.write_run({k: (None if _missing(v) else v) for k, v in row.items()})
+
+
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or (not isinstance(value, str | list | dict) and bool(pd.isna(value)))

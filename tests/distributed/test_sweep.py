@@ -1,0 +1,128 @@
+"""`vlmlab sweep`: Tune + Optuna + ASHA on the pool; a killed driver resumes cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from vlmlab.specs import validate_spec
+
+pytestmark = pytest.mark.slow
+
+SWEEP = {
+    "name": "tiny-sweep",
+    "backend": {"name": "conse"},
+    "data": {"dataset": "fashion-mnist", "shots": 2, "test_size": 100, "forget": [0, 1, 2, 3]},
+    "method": {"name": "bbf", "popsize": 8, "iterations": 12, "batch_size": 20},
+    "budget": {"max_queries": 96},
+    "seeds": [2],
+    "eval_every": 3,
+    "pool": {"num_cpus": 0.5},
+    "sweep": {
+        "num_samples": 6,
+        "max_concurrent": 2,
+        "grace_queries": 48,
+        "trial_cpus": 0.5,
+        "space": {
+            "method.sigma": {"type": "loguniform", "low": 0.3, "high": 3.0},
+            "method.n_context": {"type": "choice", "values": [2, 4]},
+        },
+    },
+}
+
+
+def _check_tables(results, expected_trials: int) -> pd.DataFrame:
+    runs = pd.read_parquet(results / "runs")
+    assert len(runs) == expected_trials and runs.run_id.is_unique
+    assert set(runs.status) <= {"completed", "stopped"}, runs.status.tolist()
+    assert (runs.status == "completed").any()
+    steps = pd.read_parquet(results / "steps")
+    assert steps.groupby(["run_id", "step", "split", "metric"]).size().max() == 1
+    assert set(steps.run_id) == set(runs.run_id)
+    for row in runs.itertuples():
+        mine = steps[steps.run_id == row.run_id]
+        assert mine.step.max() * 8 == row.queries_used  # rows stop where the trial stopped
+    return runs
+
+
+def test_sweep_of_six_trials(conse_pool, tmp_path):
+    from vlmlab.distributed import run_sweep
+
+    spec = validate_spec(SWEEP, "test")
+    grid = run_sweep(spec, tmp_path, pool=conse_pool)
+    assert len(grid) == 6 and not grid.errors
+    runs = _check_tables(tmp_path, 6)
+    completed = runs[runs.status == "completed"]
+    assert (completed.queries_used == 96).all() and completed.zeroshot_test_H.notna().all()
+    configs = {(r.config) for r in runs.itertuples()}
+    assert len(configs) == 6  # every trial ran its own hyperparameters
+
+
+def test_sweep_bad_space_is_refused(conse_pool, tmp_path):
+    from vlmlab.distributed import run_sweep
+    from vlmlab.specs import SpecError
+
+    bad = {
+        **SWEEP,
+        "sweep": {
+            **SWEEP["sweep"],
+            "space": {"method.sigmaa": {"type": "uniform", "low": 0.1, "high": 1}},
+        },
+    }
+    with pytest.raises(SpecError, match=r"method\.sigmaa: unknown field"):
+        run_sweep(validate_spec(bad, "test"), tmp_path, pool=conse_pool)
+    with pytest.raises(SpecError, match="nothing to resume"):
+        run_sweep(validate_spec(SWEEP, "test"), tmp_path / "empty", pool=conse_pool, resume=True)
+
+
+def test_killed_driver_resumes_to_one_row_per_trial(ray_session, conse_pool, tmp_path, cache_dir):
+    spec = {
+        **SWEEP,
+        "name": "killed-sweep",
+        "method": {**SWEEP["method"], "iterations": 24},
+        "budget": {"max_queries": 192},
+    }
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "VLMLAB_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "vlmlab.cli",
+        "sweep",
+        str(spec_path),
+        "--results",
+        str(results),
+        "--address",
+        address,
+    ]
+    driver = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if len(list((results / "steps").glob("*.parquet"))) >= 6:
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the sweep finished before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    runs_before = (
+        pd.read_parquet(results / "runs") if list((results / "runs").glob("*.parquet")) else None
+    )
+    assert runs_before is None or (runs_before.status != "completed").any()
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _check_tables(results, 6)

@@ -10,8 +10,9 @@ NAMESPACE = "vlmlab"
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray.
 
-    A local Ray binds to the loopback address and starts no dashboard; it is
-    shut down when this process exits. Calling again once Ray is up does nothing.
+    A local Ray starts no dashboard and is shut down when this process exits
+    (Ray binds its services to this machine's own address; nothing leaves the
+    machine). Calling again once Ray is up does nothing.
     """
     import ray
 
@@ -26,6 +27,5 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1),
         include_dashboard=False,
         namespace=NAMESPACE,
-        _node_ip_address="127.0.0.1",
         log_to_driver=False,
     )

@@ -102,7 +102,16 @@ def test_sigkill_leaves_only_complete_parquet_files(tmp_path, cache_dir):
     spec_path.write_text(yaml.safe_dump(spec))
     results = tmp_path / "results"
     env = {**os.environ, "VLMLAB_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "vlmlab.cli", "run", str(spec_path), "--results", str(results)]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmlab.cli",
+        "run",
+        str(spec_path),
+        "--results",
+        str(results),
+        "--in-process",
+    ]
     for extra_delay in (0.0, 0.35, 0.8):
         process = subprocess.Popen(
             [*command, "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -30,6 +30,7 @@ import torch
 from vlmlab.distributed._ledger import RemoteLedger
 from vlmlab.distributed._ray import NAMESPACE, ensure_ray
 from vlmlab.oracle import DEFAULT_BUDGET_KEY, ImageSet, ImageSetRef, OracleMetadata
+from vlmlab.oracle._ledger import metered
 from vlmlab.oracle._validation import (
     image_set_id,
     unknown_image_set,
@@ -284,21 +285,16 @@ class PoolOracle:
         population = contexts.shape[0]
         n_images = box["size"] if index is None else len(index_array)
 
-        reservation = self._ledger.reserve(budget_key, population)
-        started = time.perf_counter()
-        try:
+        with metered(
+            self._ledger,
+            budget_key,
+            queries=population,
+            images_scored=population * n_images,
+            prompts_encoded=population * len(names),
+        ):
             array = contexts.numpy()
             shards = [array[i : i + self.shard_size] for i in range(0, population, self.shard_size)]
             outputs = self._fan_out(shards, names, box, index_array)
-        except BaseException:
-            self._ledger.release(reservation)
-            raise
-        self._ledger.commit(
-            reservation,
-            images_scored=population * n_images,
-            prompts_encoded=population * len(names),
-            wall_seconds=time.perf_counter() - started,
-        )
         return torch.from_numpy(np.concatenate(outputs, axis=0))
 
     # ------------------------------------------------------------- plumbing

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from vlmlab.oracle._cache import FeatureCache
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger
+from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, metered
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._validation import (
     check_prompt_length,
@@ -53,6 +52,7 @@ class LocalOracle(ABC):
         self._ledger = ledger if ledger is not None else QueryLedger()
         self._cache = FeatureCache(cache_dir) if disk_cache else None
         self._features: dict[str, torch.Tensor] = {}
+        self._suffix_cache: dict[str, list[int]] = {}
         self._register_lock = threading.Lock()
 
     # ----------------------------------------------------------------- hooks
@@ -66,15 +66,39 @@ class LocalOracle(ABC):
         """Multiplier of the cosine similarities."""
 
     @abstractmethod
-    def phrase_embeddings(self, phrase: str) -> torch.Tensor: ...
+    def _token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without start/end tokens, never truncated."""
+
+    @property
+    @abstractmethod
+    def _end_token(self) -> int:
+        """The id that ends a prompt ([EOS] for CLIP, [SEP] for BERT)."""
+
+    @abstractmethod
+    def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        """Rows of the token-embedding table for ``ids`` (float32, CPU)."""
+
+    def _suffix(self, name: str) -> list[int]:
+        """What follows the contexts for one class: ``<name tokens> . <end>`` (memoized)."""
+        suffix = self._suffix_cache.get(name)
+        if suffix is None:
+            suffix = [*self._token_ids(f"{name}."), self._end_token]
+            self._suffix_cache[name] = suffix
+        return suffix
+
+    def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
+        return [len(self._suffix(name)) for name in class_names]
+
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        ids = self._token_ids(phrase)
+        if not ids:
+            raise ValueError(f"phrase {phrase!r} has no tokens")
+        with torch.inference_mode():
+            return self._embed_tokens(ids).float().cpu().clone()
 
     @abstractmethod
     def _encode_images(self, pixels: np.ndarray) -> torch.Tensor:
         """Unit-norm image features ``N x E`` (float32, CPU) of uint8 pixels."""
-
-    @abstractmethod
-    def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
-        """Tokens each class adds after the contexts (end token included)."""
 
     @abstractmethod
     def _encode_population(
@@ -135,23 +159,20 @@ class LocalOracle(ABC):
         population = contexts.shape[0]
         n_images = len(features) if index is None else len(index)
 
-        reservation = self._ledger.reserve(budget_key, population)
-        started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                text = self._encode_population(contexts, names)
-                image = features if index is None else features[index]
-                scores = torch.einsum("ne,pce->pnc", image, text) * self.logit_scale
-                scores = scores + self._logit_bias()
-        except BaseException:
-            self._ledger.release(reservation)
-            raise
-        self._ledger.commit(
-            reservation,
-            images_scored=population * n_images,
-            prompts_encoded=population * len(names),
-            wall_seconds=time.perf_counter() - started,
-        )
+        with (
+            metered(
+                self._ledger,
+                budget_key,
+                queries=population,
+                images_scored=population * n_images,
+                prompts_encoded=population * len(names),
+            ),
+            torch.inference_mode(),
+        ):
+            text = self._encode_population(contexts, names)
+            image = features if index is None else features[index]
+            scores = torch.einsum("ne,pce->pnc", image, text) * self.logit_scale
+            scores = scores + self._logit_bias()
         return scores
 
     # ------------------------------------------------------------ validation

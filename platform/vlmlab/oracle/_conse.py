@@ -98,29 +98,18 @@ class ConseOracle(LocalOracle):
         )
         self._cls = int(self.tokenizer.cls_token_id)
         self._sep = int(self.tokenizer.sep_token_id)
-        self._suffix_cache: dict[str, list[int]] = {}
         self._class_embeddings: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ text
     def _token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _suffix(self, name: str) -> list[int]:
-        suffix = self._suffix_cache.get(name)
-        if suffix is None:
-            suffix = [*self._token_ids(f"{name}."), self._sep]
-            self._suffix_cache[name] = suffix
-        return suffix
+    @property
+    def _end_token(self) -> int:
+        return self._sep
 
-    def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
-        return [len(self._suffix(name)) for name in class_names]
-
-    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
-        ids = self._token_ids(phrase)
-        if not ids:
-            raise ValueError(f"phrase {phrase!r} has no tokens")
-        with torch.inference_mode():
-            return self.word_embeddings(torch.tensor(ids, device=self.device)).float().cpu().clone()
+    def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        return self.word_embeddings(torch.tensor(ids, device=self.device))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Plain-text sentence embeddings (unit norm), as sentence-transformers computes them."""

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from vlmlab.errors import BudgetExceededError
 
@@ -140,3 +144,28 @@ class QueryLedger:
     def keys(self) -> list[str]:
         with self._lock:
             return sorted(self._accounts)
+
+
+@contextmanager
+def metered(
+    ledger: Any, key: str, *, queries: int, images_scored: int, prompts_encoded: int
+) -> Iterator[None]:
+    """Reserve before the block, commit after it, release if it raises.
+
+    ``ledger`` is a :class:`QueryLedger` or anything with its reserve / commit /
+    release methods (the Ray ledger actor's proxy). A refused reservation raises
+    before the block runs, so a refused call does no work.
+    """
+    reservation = ledger.reserve(key, queries)
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        ledger.release(reservation)
+        raise
+    ledger.commit(
+        reservation,
+        images_scored=images_scored,
+        prompts_encoded=prompts_encoded,
+        wall_seconds=time.perf_counter() - started,
+    )

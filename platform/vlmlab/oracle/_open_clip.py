@@ -136,7 +136,6 @@ class OpenClipOracle(LocalOracle):
         self._image_size = size if isinstance(size, int) else int(size[0])
         self._mean = torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self._std = torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
-        self._suffix_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ text
     def _special_tokens(self) -> tuple[int, int]:
@@ -156,23 +155,13 @@ class OpenClipOracle(LocalOracle):
             raise NotImplementedError(f"tokenizer {type(self.tokenizer).__name__} has no encode()")
         return list(encode(text))
 
-    def _suffix(self, name: str) -> list[int]:
-        suffix = self._suffix_cache.get(name)
-        if suffix is None:
-            suffix = [*self._token_ids(f"{name}."), self._end]
-            self._suffix_cache[name] = suffix
-        return suffix
+    @property
+    def _end_token(self) -> int:
+        return self._end
 
-    def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
-        return [len(self._suffix(name)) for name in class_names]
-
-    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
-        ids = self._token_ids(phrase)
-        if not ids:
-            raise ValueError(f"phrase {phrase!r} has no tokens")
-        with torch.inference_mode():
-            table = self.tower.token_embedding.weight
-            return table[torch.tensor(ids, device=table.device)].float().cpu().clone()
+    def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        table = self.tower.token_embedding.weight
+        return table[torch.tensor(ids, device=table.device)]
 
     def padded_token_rows(self, class_names: Sequence[str], n_context: int) -> torch.Tensor:
         """``[SOS] X*m <class> . [EOS] 0...`` rows, as open_clip's tokenizer pads them."""

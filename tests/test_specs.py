@@ -113,3 +113,16 @@ def test_overrides(tmp_path):
         apply_overrides({}, ["method.popsize"])
     with pytest.raises(SpecError, match="name is not a section"):
         apply_overrides({"name": "s"}, ["name.x=1"])
+
+
+def test_variants_expand_to_one_spec_per_method():
+    spec = validate_spec(
+        {"name": "v", "variants": [{"name": "bbf"}, {"name": "bbt", "sigma": 0.5}]}, "x.yaml"
+    )
+    bbf, bbt = spec.expand_variants()
+    assert (bbf.method.name, bbt.method.name, bbt.method.sigma) == ("bbf", "bbt", 0.5)
+    assert bbf.name == bbt.name == "v" and bbf.variants is None
+    same = validate_spec({"name": "v", "variants": [{"sigma": 0.5}, {"sigma": 2.0}]}, "x.yaml")
+    assert [s.name for s in same.expand_variants()] == ["v-v0", "v-v1"]
+    with pytest.raises(SpecError, match=r"variants\[1\]\.popsize: got 1"):
+        validate_spec({"name": "v", "variants": [{"name": "bbt"}, {"popsize": 1}]}, "x.yaml")

@@ -227,6 +227,9 @@ class RunSpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     pool: PoolSpec = PoolSpec()
     sweep: SweepSpec | None = None
+    variants: list[dict[str, Any]] | None = None
+    """Method variants run side by side: each entry overrides fields of ``method``
+    (e.g. ``[{name: bbf}, {name: bbt}, {name: wo_lcs}]``); every variant runs every seed."""
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     eval_every: int = Field(10, ge=1)
     """Test the best prompt so far, and checkpoint, every this many generations."""
@@ -259,6 +262,46 @@ class RunSpec(_Strict):
                 f"method.popsize={self.method.popsize}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _variants_are_methods(self) -> RunSpec:
+        for i, overrides in enumerate(self.variants or []):
+            if not isinstance(overrides, dict) or not overrides:
+                raise ValueError(f"variants[{i}] must be a non-empty mapping of method fields")
+            try:
+                ForgettingMethodSpec.model_validate({**self.method.model_dump(), **overrides})
+            except ValidationError as error:
+                first = error.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise ValueError(
+                    f"variants[{i}].{field}: got {first.get('input')!r}; {first['msg']}"
+                ) from None
+        return self
+
+    def expand_variants(self) -> list[RunSpec]:
+        """One spec per method variant (just this spec when there are none).
+
+        Each keeps the experiment name, so run ids read ``<name>-<method>-s<seed>``;
+        variants sharing a method name get ``<name>-v<i>`` instead.
+        """
+        if not self.variants:
+            return [self]
+        methods = [
+            ForgettingMethodSpec.model_validate({**self.method.model_dump(), **overrides})
+            for overrides in self.variants
+        ]
+        names = [m.name for m in methods]
+        unique = len(set(names)) == len(names)
+        return [
+            self.model_copy(
+                update={
+                    "method": method,
+                    "variants": None,
+                    "name": self.name if unique else f"{self.name}-v{i}",
+                }
+            )
+            for i, method in enumerate(methods)
+        ]
 
     @property
     def generations(self) -> int:

@@ -132,3 +132,37 @@ def test_replica_killed_mid_run_changes_nothing(
     assert conse_pool.ledger.usage("killed").queries == 240  # exact: nothing counted twice or lost
     assert torch.equal(victim.best_contexts, reference.best_contexts)
     assert victim.best_val == reference.best_val
+
+
+def test_seeds_and_variants_run_concurrently_on_the_pool(conse_pool, conse, tmp_path):
+    from vlmlab.distributed import run_experiment_on_pool
+    from vlmlab.runner import run_experiment
+    from vlmlab.specs import validate_spec
+
+    tree = {
+        "name": "par",
+        "data": {"dataset": "fashion-mnist", "shots": 2, "test_size": 60, "forget": [0, 1, 2, 3]},
+        "method": {"popsize": 8, "iterations": 6, "batch_size": 20},
+        "budget": {"max_queries": 48},
+        "seeds": [7, 8],
+        "variants": [{"name": "bbf"}, {"name": "wo_lcs"}],
+        "eval_every": 3,
+    }
+    spec = validate_spec(tree, "test")
+    pooled = run_experiment_on_pool(spec, tmp_path / "pool", pool=conse_pool)
+    assert [(o.method, o.seed) for o in pooled] == [
+        ("bbf", 7),
+        ("bbf", 8),
+        ("wo_lcs", 7),
+        ("wo_lcs", 8),
+    ]
+    local = run_experiment(spec, tmp_path / "local", oracle=conse)
+    for a, b in zip(pooled, local, strict=True):
+        assert (
+            a.run_id == b.run_id and a.test == b.test and a.val == b.val
+        )  # same seed, same numbers
+    import pandas as pd
+
+    runs = pd.read_parquet(tmp_path / "pool" / "runs")
+    assert sorted(runs.run_id) == ["par-bbf-s7", "par-bbf-s8", "par-wo_lcs-s7", "par-wo_lcs-s8"]
+    assert (runs.status == "completed").all() and (runs.queries_used == 48).all()

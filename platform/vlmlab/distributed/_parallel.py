@@ -83,7 +83,7 @@ def run_experiment_on_pool(
     listener: Any = None,
     poll_seconds: float = 0.25,
 ) -> list[Any]:
-    """Run every seed of ``spec`` concurrently (as actors) against one oracle pool.
+    """Run every (variant, seed) trial of ``spec`` concurrently, as actors, on one oracle pool.
 
     Args:
         pool: an already deployed pool to use (default: deploy the spec's pool).
@@ -95,35 +95,40 @@ def run_experiment_on_pool(
     pool = pool if pool is not None else deploy_for_spec(spec, address=address)
     results = str(Path(results_dir).resolve())
     worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
-    limit = spec.pool.max_parallel_trials or len(spec.seeds)
-    queue = list(spec.seeds)
+    trials = [
+        (variant.model_dump_json(), seed)
+        for variant in spec.expand_variants()
+        for seed in spec.seeds
+    ]
+    limit = spec.pool.max_parallel_trials or len(trials)
+    queue = list(range(len(trials)))
     running: dict[Any, tuple[int, Any]] = {}
     outcomes: dict[int, Any] = {}
     announced: set[int] = set()
     seen_generation: dict[int, int] = {}
-    spec_json = spec.model_dump_json()
     while queue or running:
         while queue and len(running) < limit:
-            seed = queue.pop(0)
+            index = queue.pop(0)
+            spec_json, seed = trials[index]
             worker = worker_cls.remote()
             ref = worker.run.remote(
                 spec_json, seed, results, pool.app_name, pool.shard_size, resume
             )
-            running[ref] = (seed, worker)
+            running[ref] = (index, worker)
         done, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         if listener is not None:
-            for seed, worker in running.values():
+            for index, worker in running.values():
                 started, latest = ray.get(worker.latest.remote())
-                if started and seed not in announced:
-                    announced.add(seed)
+                if started and index not in announced:
+                    announced.add(index)
                     listener.trial_started(*started)
-                if latest is not None and latest.generation != seen_generation.get(seed):
-                    seen_generation[seed] = latest.generation
+                if latest is not None and latest.generation != seen_generation.get(index):
+                    seen_generation[index] = latest.generation
                     listener.generation_done(started[0], latest)
         for ref in done:
-            seed, worker = running.pop(ref)
-            outcomes[seed] = ray.get(ref)  # re-raises a trial's error here
+            index, worker = running.pop(ref)
+            outcomes[index] = ray.get(ref)  # re-raises a trial's error here
             if listener is not None:
-                listener.trial_finished(outcomes[seed])
+                listener.trial_finished(outcomes[index])
             ray.kill(worker)
-    return [outcomes[seed] for seed in spec.seeds]
+    return [outcomes[i] for i in range(len(trials))]

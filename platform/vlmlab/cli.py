@@ -217,13 +217,14 @@ def run(
     if finished:
         import statistics
 
-        h = [o.test["H"] for o in finished]
-        spread = f" ± {statistics.stdev(h):.3f}" if len(h) > 1 else ""
-        console.print(
-            f"H on the test split: zero-shot {finished[0].zeroshot_test['H']:.3f} -> "
-            f"{loaded.method.name} {statistics.mean(h):.3f}{spread} "
-            f"(mean over {len(h)} seed{'s' if len(h) > 1 else ''}; {meta.backend}, {loaded.data.dataset})"
-        )
+        zero_shot = finished[0].zeroshot_test["H"]
+        for method in dict.fromkeys(o.method for o in finished):
+            h = [o.test["H"] for o in finished if o.method == method]
+            spread = f" ± {statistics.stdev(h):.3f}" if len(h) > 1 else ""
+            console.print(
+                f"H on the test split: zero-shot {zero_shot:.3f} -> {method} {statistics.mean(h):.3f}{spread} "
+                f"(mean over {len(h)} seed{'s' if len(h) > 1 else ''}; {meta.backend}, {loaded.data.dataset})"
+            )
     console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
 
 

@@ -144,7 +144,7 @@ def run_experiment(
     listener: ProgressListener | None = None,
     stop_after: int | None = None,
 ) -> list[TrialOutcome]:
-    """Run every seed of ``spec`` and write results under ``results_dir``.
+    """Run every (variant, seed) trial of ``spec``, one after another, into ``results_dir``.
 
     Args:
         resume: continue trials from their checkpoints and skip completed ones;
@@ -159,8 +159,16 @@ def run_experiment(
     listener = listener or _Silent()
     return [
         _run_trial(
-            spec, seed, store, oracle, data, resume=resume, listener=listener, stop_after=stop_after
+            variant,
+            seed,
+            store,
+            oracle,
+            data,
+            resume=resume,
+            listener=listener,
+            stop_after=stop_after,
         )
+        for variant in spec.expand_variants()
         for seed in spec.seeds
     ]
 

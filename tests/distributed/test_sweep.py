@@ -119,7 +119,8 @@ def test_killed_driver_resumes_to_one_row_per_trial(ray_session, conse_pool, tmp
     runs_before = (
         pd.read_parquet(results / "runs") if list((results / "runs").glob("*.parquet")) else None
     )
-    assert runs_before is None or (runs_before.status != "completed").any()
+    # The kill landed mid-sweep: some trial has not written its final row yet.
+    assert runs_before is None or len(runs_before) < 6 or (runs_before.status != "completed").any()
 
     resumed = subprocess.run(
         [*command, "--resume"], env=env, capture_output=True, text=True, timeout=600

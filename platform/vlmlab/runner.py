@@ -96,7 +96,8 @@ class _Data:
     test: ImageDataset
 
 
-def _load_data(spec: RunSpec) -> _Data:
+def load_data(spec: RunSpec) -> _Data:
+    """The spec's train split and (subset of the) test split."""
     options = {"root": spec.data.root} if spec.data.root else {}
     train = load_dataset(spec.data.dataset, "train", **options)
     test = load_dataset(spec.data.dataset, "test", **options)
@@ -104,11 +105,6 @@ def _load_data(spec: RunSpec) -> _Data:
         # The same test subset for every seed: seeds vary the shots and the search only.
         test = test.subset(stratified_subset(test.labels, spec.data.test_size, seed=0))
     return _Data(train, test)
-
-
-def load_data(spec: RunSpec) -> _Data:
-    """The spec's train split and (subset of the) test split."""
-    return _load_data(spec)
 
 
 def run_trial(
@@ -155,7 +151,7 @@ def run_experiment(
     """
     store = ResultsStore(results_dir)
     oracle = oracle if oracle is not None else build_oracle(spec)
-    data = _load_data(spec)
+    data = load_data(spec)
     listener = listener or _Silent()
     return [
         _run_trial(

@@ -31,7 +31,6 @@ best prompt, the step) round-trips through ``state_dict`` /
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -454,10 +453,6 @@ class BlackBoxForgetting:
 
     def load_state_bytes(self, blob: bytes) -> None:
         self.load_state_dict(pickle.loads(blob))
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b <= 0 or math.isnan(a + b) else 2 * a * b / (a + b)
 
 
 def make_forgetting_task(

@@ -49,15 +49,23 @@ class OracleReplica:
     """One replica of the pool: a backend, its image features, whole-population calls."""
 
     def __init__(
-        self, backend: str = "conse", backend_kwargs: dict[str, Any] | None = None
+        self,
+        backend: str = "conse",
+        backend_kwargs: dict[str, Any] | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         from vlmlab.oracle import create_oracle
 
         self.backend = backend
         self.oracle = create_oracle(backend, **(backend_kwargs or {}))
         # Every call computes on this one thread: torch's OpenMP team stays warm on it.
+        # torch_threads pins its thread count (default: Ray's, from the replica's CPUs);
+        # floats can depend on it, so matching a client's count makes results equal bit for bit.
         self._compute = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="oracle"
+            max_workers=1,
+            thread_name_prefix="oracle",
+            initializer=torch.set_num_threads if torch_threads else None,
+            initargs=(torch_threads,) if torch_threads else (),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -142,7 +150,7 @@ def _deployment(
 def build_app(args: dict[str, Any]):
     """Application builder for Serve config files (``serve run serve/oracle.yaml``).
 
-    ``args``: ``backend`` (default ``conse``) and ``backend_kwargs``; replicas and
+    ``args``: ``backend`` (default ``conse``), ``backend_kwargs`` and ``torch_threads``; replicas and
     resources come from the config file's ``deployments`` section.
     """
     args = dict(args or {})
@@ -167,6 +175,7 @@ def deploy_oracle_pool(
     app_name: str = DEFAULT_APP,
     address: str | None = None,
     shard_size: int = 64,
+    torch_threads: int | None = None,
 ) -> PoolOracle:
     """Deploy (or update) the oracle pool as a Serve app and return a client for it.
 
@@ -177,6 +186,7 @@ def deploy_oracle_pool(
         max_ongoing_requests: requests one replica works on at once.
         num_cpus, num_gpus: resources of each replica.
         address: Ray cluster to join (default: ``$RAY_ADDRESS`` or a local Ray).
+        torch_threads: torch threads of each replica (default: its CPUs).
     """
     from ray import serve
 
@@ -188,7 +198,7 @@ def deploy_oracle_pool(
         max_ongoing_requests=max_ongoing_requests,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-    ).bind(backend, backend_kwargs or {})
+    ).bind(backend, backend_kwargs or {}, torch_threads)
     serve.run(app, name=app_name, route_prefix=None)
     return PoolOracle(app_name, shard_size=shard_size)
 

@@ -230,7 +230,7 @@ def _run_trial(
         previous = store.runs()
         done = previous[(previous.run_id == run_id) & (previous.status == "completed")]
         if len(done):
-            return _outcome_from_row(done.iloc[0].to_dict(), store)
+            return _outcome_from_row(done.iloc[0].to_dict())
     else:
         store.clear_run(run_id)
 
@@ -281,7 +281,18 @@ def _run_trial(
     test_metrics: dict[str, float] = {}
     while not method.done:
         if stop_after is not None and method.generation >= stop_after:
-            return _interrupted(run_id, spec, seed, meta, method, store, resumed_from)
+            return _outcome(
+                run_id,
+                spec,
+                seed,
+                meta,
+                method,
+                store,
+                resumed_from,
+                test={},
+                zeroshot_test={},
+                extra={"interrupted": True},
+            )
         record = method.step()
         wall = elapsed_before + time.perf_counter() - clock
         common = {
@@ -346,21 +357,16 @@ def _run_trial(
             "spec": spec.model_dump(mode="json"),
         },
     )
-    outcome = TrialOutcome(
-        run_id=run_id,
-        seed=seed,
-        method=spec.method.name,
-        backend=meta.backend,
-        model=meta.model,
-        dataset=spec.data.dataset,
+    outcome = _outcome(
+        run_id,
+        spec,
+        seed,
+        meta,
+        method,
+        store,
+        resumed_from,
         test=test_metrics,
-        val=method.best_val,
         zeroshot_test=zeroshot_test,
-        queries_used=method.queries_used,
-        budget=budget,
-        generations=method.generation,
-        artifact=artifact,
-        resumed_from=resumed_from,
     )
     store.write_run(
         {
@@ -401,7 +407,19 @@ def _checkpoint_state(
     }
 
 
-def _interrupted(run_id, spec, seed, meta, method, store, resumed_from) -> TrialOutcome:
+def _outcome(
+    run_id: str,
+    spec: RunSpec,
+    seed: int,
+    meta: Any,
+    method: BlackBoxForgetting,
+    store: ResultsStore,
+    resumed_from: int,
+    *,
+    test: dict[str, float],
+    zeroshot_test: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> TrialOutcome:
     return TrialOutcome(
         run_id=run_id,
         seed=seed,
@@ -409,19 +427,19 @@ def _interrupted(run_id, spec, seed, meta, method, store, resumed_from) -> Trial
         backend=meta.backend,
         model=meta.model,
         dataset=spec.data.dataset,
-        test={},
+        test=test,
         val=method.best_val,
-        zeroshot_test={},
+        zeroshot_test=zeroshot_test,
         queries_used=method.queries_used,
         budget=spec.budget.max_queries,
         generations=method.generation,
         artifact=store.artifact_dir(run_id),
         resumed_from=resumed_from,
-        extra={"interrupted": True},
+        extra=extra or {},
     )
 
 
-def _outcome_from_row(row: dict[str, Any], store: ResultsStore) -> TrialOutcome:
+def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
     def pick(prefix: str) -> dict[str, float]:
         return {
             key.removeprefix(prefix): float(value)

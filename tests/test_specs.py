@@ -31,7 +31,7 @@ MALFORMED = [
     ({"method": {"popsize": 1}}, "method.popsize: got 1"),
     (
         {"method": {"name": "lcs"}},
-        "method.name: got 'lcs'; Input should be 'bbf', 'bbt' or 'wo_lcs'",
+        "method.name: got 'lcs'; allowed for task forgetting: bbf, bbt, wo_lcs",
     ),
     ({"method": {"popsize": "twenty"}}, "method.popsize: got 'twenty'"),
     ({"method": {"sigma": 0}}, "method.sigma: got 0"),
@@ -55,13 +55,55 @@ MALFORMED = [
     ({"budget": {"max_queries": -5}}, "budget.max_queries: got -5"),
     (
         {"budget": {"max_queries": 10}},
-        "budget.max_queries=10 cannot pay for one generation of method.popsize=20",
+        "budget.max_queries: 10 queries (16-shot) cannot pay for one generation (20 queries at method.popsize=20)",
     ),
     ({"seeds": []}, "seeds: got []"),
     ({"seeds": [1, 1]}, "seeds: got [1, 1]; seeds must be distinct"),
     ({"name": "my run"}, "name: got 'my run'; must be letters"),
     ({"colour": "red"}, "colour: unknown field; allowed: name, description, task"),
-    ({"task": "craft"}, "task: got 'craft'"),
+    ({"task": "devsafety"}, "task: got 'devsafety'"),
+    (
+        {"task": "craft", "method": {"name": "bbf"}},
+        "method.name: 'bbf' is not a craft method; allowed: craft, prompt_only, refine_only, no_consistency",
+    ),
+    (
+        {"task": "craft", "method": {"name": "craft", "sigmaa": 1}},
+        "method.sigmaa: unknown field; allowed: name, init_phrase",
+    ),
+    ({"task": "craft", "method": {"popsize": 1}}, "method.popsize: got 1"),
+    ({"task": "craft", "method": {"lr": 0}}, "method.lr: got 0"),
+    ({"data": {"shots": [1, 1]}}, "shots must be a positive integer or a list of distinct ones"),
+    ({"data": {"shots": [0, 2]}}, "shots must be a positive integer or a list of distinct ones"),
+    (
+        {"task": "craft", "data": {"shots": [1, 2]}, "budget": {"by_shots": {1: 2000}}},
+        "budget.by_shots: no budget for shots [2]",
+    ),
+    (
+        {"task": "craft", "budget": {"by_shots": {16: 30}}},
+        "budget.by_shots: 30 queries (16-shot) cannot pay for one generation (41 queries",
+    ),
+    (
+        {"budget": {"max_queries": 100, "by_shots": {16: 100}}},
+        "set max_queries or by_shots, not both",
+    ),
+    (
+        {
+            "task": "craft",
+            "sweep": {
+                "space": {"method.sigma": {"type": "uniform", "low": 0.1, "high": 1}},
+                "metric": "val_H",
+            },
+        },
+        "sweep.metric: 'val_H' is not measured by the craft task; allowed: val_acc, test_acc",
+    ),
+    (
+        {
+            "task": "craft",
+            "data": {"shots": [1, 2]},
+            "sweep": {"space": {"method.sigma": {"type": "uniform", "low": 0.1, "high": 1}}},
+        },
+        "data.shots: a sweep tunes one shot count",
+    ),
 ]
 
 
@@ -119,10 +161,10 @@ def test_variants_expand_to_one_spec_per_method():
     spec = validate_spec(
         {"name": "v", "variants": [{"name": "bbf"}, {"name": "bbt", "sigma": 0.5}]}, "x.yaml"
     )
-    bbf, bbt = spec.expand_variants()
+    bbf, bbt = spec.expand_trials()
     assert (bbf.method.name, bbt.method.name, bbt.method.sigma) == ("bbf", "bbt", 0.5)
     assert bbf.name == bbt.name == "v" and bbf.variants is None
     same = validate_spec({"name": "v", "variants": [{"sigma": 0.5}, {"sigma": 2.0}]}, "x.yaml")
-    assert [s.name for s in same.expand_variants()] == ["v-v0", "v-v1"]
+    assert [s.name for s in same.expand_trials()] == ["v-v0", "v-v1"]
     with pytest.raises(SpecError, match=r"variants\[1\]\.popsize: got 1"):
         validate_spec({"name": "v", "variants": [{"name": "bbt"}, {"popsize": 1}]}, "x.yaml")

@@ -89,7 +89,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 class _RichProgress:
-    """Draws one progress bar per trial: generation, queries / budget, best validation H."""
+    """Draws one progress bar per trial: generation, queries / budget, the task's headline."""
 
     def __init__(self, progress) -> None:
         self.progress = progress
@@ -103,35 +103,78 @@ class _RichProgress:
             f"{run_id}{note}", total=generations, completed=start, stats=""
         )
 
-    def generation_done(self, run_id: str, record) -> None:
+    def generation_done(self, run_id: str, progress) -> None:
         budget = self.budgets.get(run_id)
         stats = (
-            f"queries {record.queries_used}/{budget if budget is not None else '∞'}  "
-            f"best val H {record.best_val_H:.3f}"
+            f"queries {progress.queries_used}/{budget if budget is not None else '∞'}  "
+            f"{progress.summary}"
         )
-        self.progress.update(self.tasks[run_id], completed=record.generation, stats=stats)
+        self.progress.update(self.tasks[run_id], completed=progress.generation, stats=stats)
 
     def trial_finished(self, outcome) -> None:
         pass
 
 
-def _outcome_table(outcomes, where: str):
+_TASK_TABLES = {
+    "forgetting": (
+        "Black-Box Forgetting",
+        (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem")),
+    ),
+    "craft": ("CraFT", (("acc", "accuracy"),)),
+}
+
+
+def _shots(ladder: list[int]) -> str:
+    return f"{ladder[0]}-shot" if len(ladder) == 1 else f"{ladder}-shot ladder"
+
+
+def _budgets(spec) -> str:
+    budgets = {k: spec.query_budget(k) for k in spec.data.shot_ladder}
+    if len(set(budgets.values())) == 1:
+        return str(next(iter(budgets.values())) or "unlimited")
+    return ", ".join(f"{b} ({k}-shot)" for k, b in budgets.items())
+
+
+def _outcome_table(outcomes, task: str, where: str):
     from rich.table import Table
 
-    table = Table(title=f"Black-Box Forgetting — {where} (test split)")
-    for column in ("prompt", "seed", "H", "Err_fgt", "Acc_mem", "queries"):
+    title, metrics = _TASK_TABLES[task]
+    table = Table(title=f"{title} — {where} (test split)")
+    for column in ("prompt", "shots", "seed", *(label for _, label in metrics), "queries"):
         table.add_column(column, justify="left" if column == "prompt" else "right")
-    if outcomes and outcomes[0].zeroshot_test:
-        zs = outcomes[0].zeroshot_test
-        table.add_row("zero-shot", "-", *(f"{zs[k]:.3f}" for k in ("H", "err_fgt", "acc_mem")), "0")
+    # The hand-written prompt on the test split: the same for every shot count and seed.
+    zero_shot = next((o.zeroshot_test for o in outcomes if o.zeroshot_test), None)
+    if zero_shot:
+        table.add_row("zero-shot", "-", "-", *(f"{zero_shot[k]:.3f}" for k, _ in metrics), "0")
     for o in outcomes:
         table.add_row(
             o.method + (" (earlier run)" if o.skipped else ""),
+            str(o.shots),
             str(o.seed),
-            *(f"{o.test[k]:.3f}" for k in ("H", "err_fgt", "acc_mem")),
+            *(f"{o.test[k]:.3f}" if k in o.test else "-" for k, _ in metrics),
             f"{o.queries_used}/{o.budget or '∞'}",
         )
     return table
+
+
+def _headline(outcomes, task: str, backend: str, dataset: str) -> list[str]:
+    """One line per (method, shots): the headline metric, zero-shot -> mean ± std over seeds."""
+    import statistics
+
+    key, label = _TASK_TABLES[task][1][0]
+    lines = []
+    finished = [o for o in outcomes if o.test]
+    for method, shots in dict.fromkeys((o.method, o.shots) for o in finished):
+        group = [o for o in finished if o.method == method and o.shots == shots]
+        values = [o.test[key] for o in group]
+        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+        zero_shot = statistics.mean(o.zeroshot_test[key] for o in group)
+        lines.append(
+            f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.3f} -> {method} "
+            f"{statistics.mean(values):.3f}{spread} (mean over {len(values)} "
+            f"seed{'s' if len(values) > 1 else ''}; {backend}, {dataset})"
+        )
+    return lines
 
 
 @app.command()
@@ -187,8 +230,8 @@ def run(
         where = "in-process" if in_process else f"oracle pool ({loaded.pool.replicas} replica(s))"
         console.print(
             f"[bold]{loaded.name}[/]: {loaded.method.name} on {meta.display_name}, "
-            f"{loaded.data.dataset} {loaded.data.shots}-shot, seeds {loaded.seeds}, "
-            f"budget {loaded.budget.max_queries or 'unlimited'} queries per trial; {where}"
+            f"{loaded.data.dataset} {_shots(loaded.data.shot_ladder)}, seeds {loaded.seeds}, "
+            f"budget {_budgets(loaded)} queries per trial; {where}"
         )
         columns = (
             TextColumn("{task.description}"),
@@ -212,19 +255,10 @@ def run(
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
 
-    console.print(_outcome_table(outcomes, f"{meta.display_name} on {loaded.data.dataset}"))
-    finished = [o for o in outcomes if o.test]
-    if finished:
-        import statistics
-
-        zero_shot = finished[0].zeroshot_test["H"]
-        for method in dict.fromkeys(o.method for o in finished):
-            h = [o.test["H"] for o in finished if o.method == method]
-            spread = f" ± {statistics.stdev(h):.3f}" if len(h) > 1 else ""
-            console.print(
-                f"H on the test split: zero-shot {zero_shot:.3f} -> {method} {statistics.mean(h):.3f}{spread} "
-                f"(mean over {len(h)} seed{'s' if len(h) > 1 else ''}; {meta.backend}, {loaded.data.dataset})"
-            )
+    where = f"{meta.display_name} on {loaded.data.dataset}"
+    console.print(_outcome_table(outcomes, loaded.task, where))
+    for line in _headline(outcomes, loaded.task, meta.backend, loaded.data.dataset):
+        console.print(line)
     console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
 
 
@@ -278,21 +312,31 @@ def sweep(
 def report(
     results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
 ) -> None:
-    """Print paper-style tables (mean ± std over seeds) and plot H against queries."""
+    """Print paper-style tables (mean ± std over seeds) and plot them.
+
+    Forgetting: H, Err_fgt and Acc_mem by method, and H against queries.
+    CraFT: test accuracy by shots (K) and method, and accuracy against K.
+    """
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
     from vlmlab._io import atomic_write_text
-    from vlmlab.results import ResultsStore, forgetting_tables, plot_forgetting
+    from vlmlab.results import (
+        ResultsStore,
+        craft_tables,
+        forgetting_tables,
+        plot_craft,
+        plot_forgetting,
+    )
 
     root = Path(results)
     if not (root / "runs").is_dir():
         raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
     store = ResultsStore(root)
     runs, steps = store.runs(), store.steps()
-    tables = forgetting_tables(runs)
+    tables = forgetting_tables(runs) + craft_tables(runs)
     if not tables:
         raise _fail(f"{results!r} holds no completed runs yet")
     console = Console()
@@ -305,8 +349,12 @@ def report(
         console.print(table)
     report_dir = root / "report"
     atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
-    figure = plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png")
-    console.print(f"wrote {report_dir / 'report.md'} and {figure}")
+    figures = [
+        plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png"),
+        plot_craft(runs, report_dir / "craft_accuracy_vs_shots.png"),
+    ]
+    written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
+    console.print(f"wrote {written}")
 
 
 def main() -> None:

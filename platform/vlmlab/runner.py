@@ -19,16 +19,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
+import pandas as pd
 
 import vlmlab
 from vlmlab._io import atomic_write_bytes
-from vlmlab.data import ImageDataset, load_dataset, partition_classes, stratified_subset
-from vlmlab.methods.forgetting import BlackBoxForgetting, GenerationRecord, make_forgetting_task
+from vlmlab.data import ImageDataset, load_dataset, stratified_subset
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore
 from vlmlab.serving import save_prompt_artifact
 from vlmlab.specs import RunSpec
+from vlmlab.tasks import StepProgress, TaskTrial, make_trial
 
 CHECKPOINT_VERSION = 1
 
@@ -52,6 +52,8 @@ class TrialOutcome:
     artifact: Path
     resumed_from: int = 0
     skipped: bool = False
+    task: str = "forgetting"
+    shots: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,7 +64,7 @@ class ProgressListener(Protocol):
         self, run_id: str, generations: int, budget: int | None, start: int
     ) -> None: ...
 
-    def generation_done(self, run_id: str, record: GenerationRecord) -> None: ...
+    def generation_done(self, run_id: str, progress: StepProgress) -> None: ...
 
     def trial_finished(self, outcome: TrialOutcome) -> None: ...
 
@@ -71,7 +73,7 @@ class _Silent:
     def trial_started(self, run_id: str, generations: int, budget: int | None, start: int) -> None:
         pass
 
-    def generation_done(self, run_id: str, record: GenerationRecord) -> None:
+    def generation_done(self, run_id: str, progress: StepProgress) -> None:
         pass
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
@@ -87,6 +89,9 @@ def _now() -> datetime:
 
 
 def run_id_for(spec: RunSpec, seed: int) -> str:
+    """``<name>-<method>-s<seed>``; CraFT runs name their shot count: ``...-k<K>-s<seed>``."""
+    if spec.task == "craft":
+        return f"{spec.name}-{spec.method.name}-k{spec.shots}-s{seed}"
     return f"{spec.name}-{spec.method.name}-s{seed}"
 
 
@@ -140,7 +145,7 @@ def run_experiment(
     listener: ProgressListener | None = None,
     stop_after: int | None = None,
 ) -> list[TrialOutcome]:
-    """Run every (variant, seed) trial of ``spec``, one after another, into ``results_dir``.
+    """Run every (variant, shots, seed) trial of ``spec``, one after another, into ``results_dir``.
 
     Args:
         resume: continue trials from their checkpoints and skip completed ones;
@@ -164,7 +169,7 @@ def run_experiment(
             listener=listener,
             stop_after=stop_after,
         )
-        for variant in spec.expand_variants()
+        for variant in spec.expand_trials()
         for seed in spec.seeds
     ]
 
@@ -211,7 +216,7 @@ def _run_trial(
 ) -> TrialOutcome:
     run_id = run_id or run_id_for(spec, seed)
     meta = oracle.metadata
-    budget = spec.budget.max_queries
+    budget = spec.query_budget()
     base_row: dict[str, Any] = {
         "run_id": run_id,
         "experiment": spec.name,
@@ -220,6 +225,7 @@ def _run_trial(
         "backend": meta.backend,
         "model": meta.model,
         "dataset": spec.data.dataset,
+        "shots": spec.shots,
         "seed": seed,
         "config": spec.model_dump_json(),
         "budget": budget,
@@ -234,25 +240,13 @@ def _run_trial(
     else:
         store.clear_run(run_id)
 
-    partition = partition_classes(
-        data.train.num_classes, forget=spec.data.forget, forget_fraction=spec.data.forget_fraction
-    )
-    task = make_forgetting_task(
+    attempt = uuid.uuid4().hex[:8]
+    trial = make_trial(
+        spec,
+        seed,
         oracle,
         data.train,
         data.test,
-        shots=spec.data.shots,
-        val_shots=spec.data.val_shots,
-        seed=seed,
-        partition=partition,
-    )
-    attempt = uuid.uuid4().hex[:8]
-    method = BlackBoxForgetting(
-        oracle,
-        task,
-        spec.method.to_config(),
-        seed=seed,
-        max_queries=budget,
         # A ledger key per attempt: a resumed trial's budget is what its checkpoint left.
         budget_key=f"{run_id}@{attempt}",
         eval_key=f"{run_id}@{attempt}:eval",
@@ -265,108 +259,108 @@ def _run_trial(
             raise ValueError(
                 f"the checkpoint of {run_id} was written by another spec; run without --resume to start over"
             )
-        method.load_state_dict(state["method"])
+        trial.load_state_dict(state["method"])
         started_at, elapsed_before, flushed = (
             state["started_at"],
             state["wall_seconds"],
             state["flushed"],
         )
 
-    resumed_from = method.generation
+    resumed_from = trial.generation
     store.write_run({**base_row, "status": "running", "started_at": started_at})
-    listener.trial_started(run_id, method.generations, budget, resumed_from)
+    listener.trial_started(run_id, trial.generations, budget, resumed_from)
+
+    def outcome(evaluations: dict[str, dict[str, float]], **extra: Any) -> TrialOutcome:
+        return TrialOutcome(
+            run_id=run_id,
+            seed=seed,
+            method=spec.method.name,
+            backend=meta.backend,
+            model=meta.model,
+            dataset=spec.data.dataset,
+            test=evaluations.get("test", {}),
+            val=trial.final_val(evaluations) if evaluations else {},
+            zeroshot_test=evaluations.get("zeroshot_test", {}),
+            queries_used=trial.queries_used,
+            budget=budget,
+            generations=trial.generation,
+            artifact=store.artifact_dir(run_id),
+            resumed_from=resumed_from,
+            task=spec.task,
+            shots=spec.shots,
+            extra=extra,
+        )
 
     clock = time.perf_counter()
     pending: list[dict[str, Any]] = []
-    test_metrics: dict[str, float] = {}
-    while not method.done:
-        if stop_after is not None and method.generation >= stop_after:
-            return _outcome(
-                run_id,
-                spec,
-                seed,
-                meta,
-                method,
-                store,
-                resumed_from,
-                test={},
-                zeroshot_test={},
-                extra={"interrupted": True},
-            )
-        record = method.step()
+    evaluations: dict[str, dict[str, float]] = {}
+    while not trial.done:
+        if stop_after is not None and trial.generation >= stop_after:
+            return outcome({}, interrupted=True)
+        progress, values = trial.step()
         wall = elapsed_before + time.perf_counter() - clock
         common = {
             "run_id": run_id,
-            "step": record.generation,
-            "queries_used": record.queries_used,
-            "images_scored": record.images_scored,
+            "step": progress.generation,
+            "queries_used": progress.queries_used,
+            "images_scored": trial.images_scored,
             "wall_seconds": wall,
         }
-        values = [
-            ("train", "loss_best", record.loss_best),
-            ("train", "loss_mean", record.loss_mean),
-            ("val", "H", record.val_H),
-            ("val", "best_H", record.best_val_H),
-            ("val", "best_err_fgt", record.best_val_err_fgt),
-            ("val", "best_acc_mem", record.best_val_acc_mem),
-        ]
-        if record.generation % spec.eval_every == 0 or method.done:
-            test_metrics = method.evaluate(method.best_contexts, "test")
-            values += [("test", name, value) for name, value in test_metrics.items()]
+        checkpoint_due = progress.generation % spec.eval_every == 0 or trial.done
+        if checkpoint_due:
+            evaluations = trial.evaluate()
+            values += [
+                (split, name, value)
+                for split, metrics in evaluations.items()
+                for name, value in metrics.items()
+            ]
         pending += [{**common, "split": s, "metric": m, "value": v} for s, m, v in values]
-        listener.generation_done(run_id, record)
-        if record.generation % spec.eval_every == 0 or method.done:
-            store.write_steps(run_id, flushed + 1, record.generation, pending)
-            pending, flushed = [], record.generation
+        listener.generation_done(run_id, progress)
+        if checkpoint_due:
+            store.write_steps(run_id, flushed + 1, progress.generation, pending)
+            pending, flushed = [], progress.generation
             checkpointer.save(
-                _checkpoint_state(base_row["config"], method, started_at, wall, flushed),
+                _checkpoint_state(base_row["config"], trial, started_at, wall, flushed),
                 {
-                    "queries_used": record.queries_used,
-                    "generation": record.generation,
-                    "val_H": record.best_val_H,
-                    **_metric_columns("test", test_metrics),
+                    "queries_used": progress.queries_used,
+                    "generation": progress.generation,
+                    **trial.tune_metrics(),
+                    **_flat(evaluations),
                 },
             )
 
-    if not test_metrics:  # resumed at the very end: nothing ran in this process
-        test_metrics = method.evaluate(method.best_contexts, "test")
-    zs_contexts = oracle.phrase_embeddings(spec.zeroshot_prompt).unsqueeze(0)
-    zeroshot_test = method.evaluate(zs_contexts, "test")
-    zeroshot_val = method.evaluate(zs_contexts, "val")
+    if not evaluations:  # resumed at the very end: nothing ran in this process
+        evaluations = trial.evaluate()
+    zero_shot = trial.zero_shot(spec.zeroshot_prompt)
+    evaluations = {
+        **evaluations,
+        "zeroshot_test": zero_shot["test"],
+        "zeroshot_val": zero_shot["val"],
+    }
     wall = elapsed_before + time.perf_counter() - clock
-    artifact = store.artifact_dir(run_id)
+    final = outcome(evaluations)
+    metrics = {
+        **_metric_columns("test", final.test),
+        **_metric_columns("val", final.val),
+        **_metric_columns("zeroshot_test", zero_shot["test"]),
+        **_metric_columns("zeroshot_val", zero_shot["val"]),
+    }
+    tensors, facts = trial.artifact()
     save_prompt_artifact(
-        artifact,
-        {"contexts": method.best_contexts},
+        final.artifact,
+        tensors,
         {
-            "kind": "forgetting",
+            **facts,
             "run_id": run_id,
             "backend": meta.backend,
             "model": meta.model,
             "dataset": spec.data.dataset,
-            "class_names": task.class_names,
-            "forget": list(task.partition.forget),
-            "memorize": list(task.partition.memorize),
+            "shots": spec.shots,
             "method": spec.method.name,
             "seed": seed,
-            "metrics": {
-                **_metric_columns("test", test_metrics),
-                **_metric_columns("val", method.best_val),
-                **_metric_columns("zeroshot_test", zeroshot_test),
-            },
+            "metrics": metrics,
             "spec": spec.model_dump(mode="json"),
         },
-    )
-    outcome = _outcome(
-        run_id,
-        spec,
-        seed,
-        meta,
-        method,
-        store,
-        resumed_from,
-        test=test_metrics,
-        zeroshot_test=zeroshot_test,
     )
     store.write_run(
         {
@@ -374,25 +368,30 @@ def _run_trial(
             "status": "completed",
             "started_at": started_at,
             "finished_at": _now(),
-            "queries_used": method.queries_used,
-            "images_scored": method.images_scored,
+            "queries_used": trial.queries_used,
+            "images_scored": trial.images_scored,
             "wall_seconds": wall,
-            "generations": method.generation,
-            "best_generation": method.best_generation,
-            "artifact": str(artifact),
-            **_metric_columns("test", test_metrics),
-            **_metric_columns("val", method.best_val),
-            **_metric_columns("zeroshot_test", zeroshot_test),
-            **_metric_columns("zeroshot_val", zeroshot_val),
+            "generations": trial.generation,
+            "best_generation": trial.best_generation,
+            "artifact": str(final.artifact),
+            **metrics,
         }
     )
-    listener.trial_finished(outcome)
-    return outcome
+    listener.trial_finished(final)
+    return final
+
+
+def _flat(evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {
+        f"{split}_{name}": value
+        for split, metrics in evaluations.items()
+        for name, value in metrics.items()
+    }
 
 
 def _checkpoint_state(
     config: str,
-    method: BlackBoxForgetting,
+    trial: TaskTrial,
     started_at: datetime,
     wall: float,
     flushed: int,
@@ -400,43 +399,11 @@ def _checkpoint_state(
     return {
         "version": CHECKPOINT_VERSION,
         "config": config,
-        "method": method.state_dict(),
+        "method": trial.state_dict(),
         "started_at": started_at,
         "wall_seconds": wall,
         "flushed": flushed,
     }
-
-
-def _outcome(
-    run_id: str,
-    spec: RunSpec,
-    seed: int,
-    meta: Any,
-    method: BlackBoxForgetting,
-    store: ResultsStore,
-    resumed_from: int,
-    *,
-    test: dict[str, float],
-    zeroshot_test: dict[str, float],
-    extra: dict[str, Any] | None = None,
-) -> TrialOutcome:
-    return TrialOutcome(
-        run_id=run_id,
-        seed=seed,
-        method=spec.method.name,
-        backend=meta.backend,
-        model=meta.model,
-        dataset=spec.data.dataset,
-        test=test,
-        val=method.best_val,
-        zeroshot_test=zeroshot_test,
-        queries_used=method.queries_used,
-        budget=spec.budget.max_queries,
-        generations=method.generation,
-        artifact=store.artifact_dir(run_id),
-        resumed_from=resumed_from,
-        extra=extra or {},
-    )
 
 
 def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
@@ -444,7 +411,7 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         return {
             key.removeprefix(prefix): float(value)
             for key, value in row.items()
-            if key.startswith(prefix) and value is not None and not np.isnan(value)
+            if key.startswith(prefix) and not _missing(value)
         }
 
     return TrialOutcome(
@@ -458,8 +425,14 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         val=pick("val_"),
         zeroshot_test=pick("zeroshot_test_"),
         queries_used=int(row["queries_used"]),
-        budget=None if row["budget"] is None or np.isnan(row["budget"]) else int(row["budget"]),
+        budget=None if _missing(row["budget"]) else int(row["budget"]),
         generations=int(row["generations"]),
         artifact=Path(row["artifact"]),
         skipped=True,
+        task=row["task"],
+        shots=None if _missing(row.get("shots")) else int(row["shots"]),
     )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or bool(pd.isna(value))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,7 +73,8 @@ class DataSpec(_Strict):
 
     dataset: str = "fashion-mnist"
     root: str | None = None
-    shots: int = Field(16, ge=1)
+    shots: int | list[int] = 16
+    """Shots per class; a list runs a few-shot ladder (every K, every seed)."""
     val_shots: int | None = Field(None, ge=1)
     """Validation shots per class (default: same as ``shots``)."""
     test_size: int = Field(0, ge=0)
@@ -99,6 +100,18 @@ class DataSpec(_Strict):
                 "data.root is required for the imagefolder dataset (root/<split>/<class>/*.jpg)"
             )
         return self
+
+    @field_validator("shots")
+    @classmethod
+    def _shot_counts(cls, value: int | list[int]) -> int | list[int]:
+        ladder = [value] if isinstance(value, int) else value
+        if not ladder or any(k < 1 for k in ladder) or len(set(ladder)) != len(ladder):
+            raise ValueError("shots must be a positive integer or a list of distinct ones")
+        return value
+
+    @property
+    def shot_ladder(self) -> list[int]:
+        return [self.shots] if isinstance(self.shots, int) else list(self.shots)
 
     @field_validator("forget")
     @classmethod
@@ -142,6 +155,57 @@ class ForgettingMethodSpec(_Strict):
         )
 
 
+class CraftMethodSpec(_Strict):
+    """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's."""
+
+    name: Literal["craft", "prompt_only", "refine_only", "no_consistency"] = "craft"
+    init_phrase: str = Field("a photo of a", min_length=1)
+    latent_dim: int = Field(512, ge=1)
+    projection_std: float = Field(0.2, gt=0)
+    popsize: int = Field(40, ge=2)
+    sigma: float = Field(1.0, gt=0)
+    bounds: float | None = Field(5.0, gt=0)
+    hidden: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    consistency_weight: float = Field(0.1, ge=0)
+    consistency_cutoff: int = Field(1, ge=1)
+    refine_batch: int = Field(256, ge=1)
+
+    def to_config(self, budget: int):
+        from vlmlab.methods.craft import CraftConfig
+
+        return CraftConfig(
+            mode=self.name,
+            budget=budget,
+            **self.model_dump(exclude={"name"}),
+        )
+
+
+METHOD_SPECS: dict[str, type[BaseModel]] = {
+    "forgetting": ForgettingMethodSpec,
+    "craft": CraftMethodSpec,
+}
+"""The method spec of each task; its ``name`` field tells the variants apart."""
+
+_METHOD_OWNER = {
+    name: spec_cls
+    for spec_cls in METHOD_SPECS.values()
+    for name in spec_cls.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
+}
+
+MethodSpec = Annotated[ForgettingMethodSpec | CraftMethodSpec, Field(discriminator="name")]
+
+SWEEP_METRICS = {"forgetting": ("val_H", "test_H"), "craft": ("val_acc", "test_acc")}
+
+CRAFT_BUDGET_BY_SHOTS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
+"""CraFT's query budgets by shots (methods.md): 2,000 for 1 shot, 4,000 for 2-4, 8,000 for 8+."""
+
+
+def craft_budget(shots: int) -> int:
+    """The paper's budget for ``shots``, extended to any K by the same steps."""
+    return 2000 if shots <= 1 else 4000 if shots <= 4 else 8000
+
+
 class PoolSpec(_Strict):
     """The Serve oracle pool a run uses (ignored with ``--in-process``)."""
 
@@ -182,7 +246,8 @@ class SweepSpec(_Strict):
 
     space: dict[str, ParamSpec]
     """Dotted spec paths (``method.sigma``) to search ranges."""
-    metric: Literal["val_H", "test_H"] = "val_H"
+    metric: Literal["val_H", "test_H", "val_acc", "test_acc"] = "val_H"
+    """Default: the task's validation metric (val_H for forgetting, val_acc for CraFT)."""
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
@@ -213,6 +278,22 @@ class SweepSpec(_Strict):
 class BudgetSpec(_Strict):
     max_queries: int | None = Field(None, ge=1)
     """Optimization queries per run (one query = one candidate on one batch)."""
+    by_shots: dict[int, int] | None = None
+    """Queries per run by shot count, for a ladder (e.g. {1: 2000, 2: 4000, 16: 8000}).
+    CraFT defaults to the paper's budgets by shots when neither field is set."""
+
+    @field_validator("by_shots")
+    @classmethod
+    def _positive(cls, value: dict[int, int] | None) -> dict[int, int] | None:
+        if value is not None and (not value or any(k < 1 or q < 1 for k, q in value.items())):
+            raise ValueError("must map shot counts >= 1 to query budgets >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> BudgetSpec:
+        if self.max_queries is not None and self.by_shots is not None:
+            raise ValueError("set max_queries or by_shots, not both")
+        return self
 
 
 class RunSpec(_Strict):
@@ -220,10 +301,12 @@ class RunSpec(_Strict):
 
     name: str
     description: str | None = None
-    task: Literal["forgetting"] = "forgetting"
+    task: Literal["forgetting", "craft"] = "forgetting"
     backend: BackendSpec = BackendSpec()
     data: DataSpec = DataSpec()
-    method: ForgettingMethodSpec = ForgettingMethodSpec()
+    method: MethodSpec = ForgettingMethodSpec()
+    """The task's method: bbf / bbt / wo_lcs (forgetting); craft / prompt_only /
+    refine_only / no_consistency (craft). ``name`` defaults to the task's main method."""
     budget: BudgetSpec = BudgetSpec()
     pool: PoolSpec = PoolSpec()
     sweep: SweepSpec | None = None
@@ -236,6 +319,47 @@ class RunSpec(_Strict):
     zeroshot_prompt: str = Field("a photo of a", min_length=1)
     expected: dict[str, Any] | None = None
     """The paper's numbers for this setting, as a note; never used in computation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """The method name and sweep metric default to the task's (bbf / val_H, craft / val_acc)."""
+        if not isinstance(data, dict) or data.get("task", "forgetting") not in METHOD_SPECS:
+            return data
+        task = data.get("task", "forgetting")
+        data = dict(data)
+        method = data.get("method")
+        default_name = METHOD_SPECS[task].model_fields["name"].default
+        if method is None:
+            data["method"] = {"name": default_name}
+        elif isinstance(method, dict) and "name" not in method:
+            data["method"] = {"name": default_name, **method}
+        sweep = data.get("sweep")
+        if isinstance(sweep, dict) and "metric" not in sweep:
+            data["sweep"] = {**sweep, "metric": SWEEP_METRICS[task][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _method_fits_task(self) -> RunSpec:
+        expected = METHOD_SPECS[self.task]
+        if not isinstance(self.method, expected):
+            allowed = ", ".join(expected.model_fields["name"].annotation.__args__)  # type: ignore[union-attr]
+            raise ValueError(
+                f"method.name: {self.method.name!r} is not a {self.task} method; allowed: {allowed}"
+            )
+        if self.sweep is not None and self.sweep.metric not in SWEEP_METRICS[self.task]:
+            raise ValueError(
+                f"sweep.metric: {self.sweep.metric!r} is not measured by the {self.task} task; "
+                f"allowed: {', '.join(SWEEP_METRICS[self.task])}"
+            )
+        if self.sweep is not None and len(self.data.shot_ladder) > 1:
+            raise ValueError("data.shots: a sweep tunes one shot count; give one K, not a ladder")
+        by_shots = self.budget.by_shots
+        if by_shots is not None:
+            missing = [k for k in self.data.shot_ladder if k not in by_shots]
+            if missing:
+                raise ValueError(f"budget.by_shots: no budget for shots {missing}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -255,21 +379,28 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _budget_pays_for_a_generation(self) -> RunSpec:
-        budget = self.budget.max_queries
-        if budget is not None and budget < self.method.popsize:
-            raise ValueError(
-                f"budget.max_queries={budget} cannot pay for one generation of "
-                f"method.popsize={self.method.popsize}"
-            )
+        if not isinstance(self.method, METHOD_SPECS[self.task]):
+            return self  # reported by _method_fits_task
+        # CraFT scores the ES mean with its population: P + 1 queries a generation.
+        per_generation = self.method.popsize + (1 if self.task == "craft" else 0)
+        for shots in self.data.shot_ladder:
+            budget = self.query_budget(shots)
+            if budget is not None and budget < per_generation:
+                field = "budget.max_queries" if self.budget.max_queries else "budget.by_shots"
+                raise ValueError(
+                    f"{field}: {budget} queries ({shots}-shot) cannot pay for one generation "
+                    f"({per_generation} queries at method.popsize={self.method.popsize})"
+                )
         return self
 
     @model_validator(mode="after")
     def _variants_are_methods(self) -> RunSpec:
+        method_cls = METHOD_SPECS[self.task]
         for i, overrides in enumerate(self.variants or []):
             if not isinstance(overrides, dict) or not overrides:
                 raise ValueError(f"variants[{i}] must be a non-empty mapping of method fields")
             try:
-                ForgettingMethodSpec.model_validate({**self.method.model_dump(), **overrides})
+                method_cls.model_validate({**self.method.model_dump(), **overrides})
             except ValidationError as error:
                 first = error.errors()[0]
                 field = ".".join(str(p) for p in first["loc"])
@@ -278,17 +409,17 @@ class RunSpec(_Strict):
                 ) from None
         return self
 
-    def expand_variants(self) -> list[RunSpec]:
-        """One spec per method variant (just this spec when there are none).
+    def expand_trials(self) -> list[RunSpec]:
+        """One spec per (method variant, shot count): each has one method and one K.
 
-        Each keeps the experiment name, so run ids read ``<name>-<method>-s<seed>``;
-        variants sharing a method name get ``<name>-v<i>`` instead.
+        Each keeps the experiment name, so run ids read ``<name>-<method>-s<seed>``
+        (CraFT: ``<name>-<method>-k<K>-s<seed>``); variants sharing a method name
+        get ``<name>-v<i>`` instead. Every expanded spec carries its budget.
         """
-        if not self.variants:
-            return [self]
+        method_cls = METHOD_SPECS[self.task]
         methods = [
-            ForgettingMethodSpec.model_validate({**self.method.model_dump(), **overrides})
-            for overrides in self.variants
+            method_cls.model_validate({**self.method.model_dump(), **overrides})
+            for overrides in (self.variants or [{}])
         ]
         names = [m.name for m in methods]
         unique = len(set(names)) == len(names)
@@ -298,14 +429,36 @@ class RunSpec(_Strict):
                     "method": method,
                     "variants": None,
                     "name": self.name if unique else f"{self.name}-v{i}",
+                    "data": self.data.model_copy(update={"shots": shots}),
+                    "budget": BudgetSpec(max_queries=self.query_budget(shots)),
                 }
             )
             for i, method in enumerate(methods)
+            for shots in self.data.shot_ladder
         ]
 
     @property
+    def shots(self) -> int:
+        """The one shot count of an expanded spec."""
+        if not isinstance(self.data.shots, int):
+            raise ValueError(f"{self.name}: a shot ladder {self.data.shots}; expand_trials() first")
+        return self.data.shots
+
+    def query_budget(self, shots: int | None = None) -> int | None:
+        """Optimization queries of one trial at ``shots`` (default: this spec's one K)."""
+        shots = self.shots if shots is None else shots
+        if self.budget.max_queries is not None:
+            return self.budget.max_queries
+        if self.budget.by_shots is not None:
+            return self.budget.by_shots.get(shots)
+        return craft_budget(shots) if self.task == "craft" else None
+
+    @property
     def generations(self) -> int:
-        budget = self.budget.max_queries
+        """Generations of one expanded trial (the budget's cut, or the iteration count)."""
+        budget = self.query_budget()
+        if isinstance(self.method, CraftMethodSpec):
+            return (budget or 0) // (self.method.popsize + 1)
         iterations = self.method.iterations
         return iterations if budget is None else min(iterations, budget // self.method.popsize)
 
@@ -340,11 +493,26 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(spec)"
+def _describe(error: dict[str, Any], model: type[BaseModel], task: Any = "forgetting") -> str:
+    loc = tuple(error["loc"])
+    method_owner = None
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in _METHOD_OWNER:
+        # Errors inside the method carry pydantic's union tag (the method name): drop it.
+        method_owner, loc = _METHOD_OWNER[str(loc[1])], ("method", *loc[2:])
+    if error["type"] == "union_tag_invalid":
+        owner = METHOD_SPECS.get(str(task))
+        names = owner.model_fields["name"].annotation.__args__ if owner else tuple(_METHOD_OWNER)  # type: ignore[union-attr]
+        return (
+            f"method.name: got {error.get('input', {}).get('name')!r}; "
+            f"allowed for task {task}: {', '.join(names)}"
+        )
+    location = ".".join(str(part) for part in loc) or "(spec)"
     if error["type"] == "extra_forbidden":
         owner: Any = model
-        for part in error["loc"][:-1]:
+        for part in loc[:-1]:
+            if part == "method" and method_owner is not None:
+                owner = method_owner
+                continue
             field = owner.model_fields.get(str(part)) if isinstance(owner, type) else None
             owner = field.annotation if field is not None else None
         allowed = (
@@ -356,7 +524,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{location}: required field is missing"
-    if not error["loc"]:  # a check across fields: the message names them
+    if not loc:  # a check across fields: the message names them
         return message
     if isinstance(error.get("input"), dict):  # a check across a section's fields
         return f"{location}: {message}"
@@ -372,7 +540,8 @@ def validate_spec(tree: Any, source: str) -> RunSpec:
     try:
         return RunSpec.model_validate(tree)
     except ValidationError as error:
-        problems = [_describe(e, RunSpec) for e in error.errors()]
+        task = tree.get("task", "forgetting")
+        problems = [_describe(e, RunSpec, task) for e in error.errors()]
         lines = "\n".join(f"  - {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
         raise SpecError(f"{source}: {len(problems)} {noun}\n{lines}") from None

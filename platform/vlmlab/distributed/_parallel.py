@@ -83,7 +83,7 @@ def run_experiment_on_pool(
     listener: Any = None,
     poll_seconds: float = 0.25,
 ) -> list[Any]:
-    """Run every (variant, seed) trial of ``spec`` concurrently, as actors, on one oracle pool.
+    """Run every (variant, shots, seed) trial of ``spec`` concurrently, as actors, on one oracle pool.
 
     Args:
         pool: an already deployed pool to use (default: deploy the spec's pool).
@@ -96,9 +96,7 @@ def run_experiment_on_pool(
     results = str(Path(results_dir).resolve())
     worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
     trials = [
-        (variant.model_dump_json(), seed)
-        for variant in spec.expand_variants()
-        for seed in spec.seeds
+        (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]
     limit = spec.pool.max_parallel_trials or len(trials)
     queue = list(range(len(trials)))

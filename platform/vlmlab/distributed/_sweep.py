@@ -24,6 +24,7 @@ from vlmlab._io import atomic_write_text
 from vlmlab.distributed._parallel import deploy_for_spec
 from vlmlab.distributed._pool import PoolOracle
 from vlmlab.distributed._ray import ensure_ray
+from vlmlab.results._schema import METRIC_COLUMNS
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
 
 SPEC_FILE = "sweep_spec.json"
@@ -151,7 +152,7 @@ def _tuner(spec: RunSpec, results: Path, pool: PoolOracle, *, restore: bool, cal
         max_concurrent=sweep.max_concurrent,
     )
     if sweep.scheduler == "asha":
-        budget = spec.budget.max_queries or spec.method.iterations * spec.method.popsize
+        budget = spec.query_budget() or spec.method.iterations * spec.method.popsize
         scheduler = ASHAScheduler(
             time_attr="queries_used",
             metric=sweep.metric,
@@ -239,10 +240,8 @@ def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
             finished_at=datetime.now(UTC),
             queries_used=int(metrics.get("queries_used", 0)),
             generations=int(metrics.get("generation", 0)),
-            val_H=metrics.get("val_H"),
-            test_H=metrics.get("test_H"),
-            test_err_fgt=metrics.get("test_err_fgt"),
-            test_acc_mem=metrics.get("test_acc_mem"),
+            # The last report's metrics (a stopped trial's latest evaluation).
+            **{column: metrics.get(column) for column in METRIC_COLUMNS if column in metrics},
         )
         store.write_run({k: (None if _missing(v) else v) for k, v in row.items()})
 

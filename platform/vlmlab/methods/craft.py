@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmlab.data import ImageDataset, few_shot_split
 from vlmlab.methods._cma import CmaStrategy
 from vlmlab.oracle import ImageSetRef, Oracle
 
@@ -78,6 +79,9 @@ class CraftConfig:
             raise ValueError("consistency_weight must be >= 0 and consistency_cutoff >= 1")
 
 
+HEAD_PREFIX = "refinement."
+
+
 class RefinementHead(nn.Module):
     """``logits + MLP(logits)``: a residual correction of the black box's outputs."""
 
@@ -90,6 +94,21 @@ class RefinementHead(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.mlp(logits)
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RefinementHead:
+        """Rebuild a trained head from an artifact's ``refinement.*`` tensors."""
+        weights = {
+            name.removeprefix(HEAD_PREFIX): value
+            for name, value in tensors.items()
+            if name.startswith(HEAD_PREFIX)
+        }
+        if "mlp.0.weight" not in weights:
+            raise ValueError("no refinement head in these tensors (a prompt-only artifact?)")
+        hidden, n_classes = weights["mlp.0.weight"].shape
+        head = cls(n_classes, hidden)
+        head.load_state_dict(weights)
+        return head.eval().requires_grad_(False)
+
 
 def _kl(target_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(target) || softmax(other)), mean over samples (last dim: classes)."""
@@ -100,13 +119,55 @@ def _kl(target_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor
 
 @dataclass(frozen=True)
 class CraftTask:
-    """Registered k-shot training images and the test set, with labels."""
+    """Registered k-shot training images, an optional k-shot validation set and the test set.
+
+    Validation images never train anything: they score a run for sweeps (tuning on
+    the test split would leak), at evaluation queries outside the budget.
+    """
 
     class_names: list[str]
     train: ImageSetRef
     train_labels: np.ndarray
     test: ImageSetRef
     test_labels: np.ndarray
+    val: ImageSetRef | None = None
+    val_labels: np.ndarray | None = None
+
+    def split(self, name: str) -> tuple[ImageSetRef, np.ndarray]:
+        if name == "test":
+            return self.test, self.test_labels
+        if name == "val" and self.val is not None and self.val_labels is not None:
+            return self.val, self.val_labels
+        if name == "train":
+            return self.train, self.train_labels
+        raise ValueError(
+            f"no {name!r} split in this task (train, test{', val' if self.val else ''})"
+        )
+
+
+def make_craft_task(
+    oracle: Oracle,
+    train: ImageDataset,
+    test: ImageDataset,
+    *,
+    shots: int,
+    seed: int,
+    val_shots: int | None = None,
+) -> CraftTask:
+    """Sample k-shot train and validation sets from ``train``; register every split."""
+    if train.class_names != test.class_names:
+        raise ValueError("train and test splits disagree on class names")
+    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
+    train_set, val_set = train.subset(split.train), train.subset(split.val)
+    return CraftTask(
+        class_names=list(train.class_names),
+        train=oracle.register_images(train_set.image_set()),
+        train_labels=train_set.labels,
+        test=oracle.register_images(test.image_set()),
+        test_labels=test.labels,
+        val=oracle.register_images(val_set.image_set()),
+        val_labels=val_set.labels,
+    )
 
 
 class Craft:
@@ -154,6 +215,7 @@ class Craft:
         oracle.ledger.set_budget(budget_key, config.budget)
         self.generation = 0
         self.queries_used = 0
+        self.images_scored = 0
         self._fixed_logits: torch.Tensor | None = None  # refine_only: the one query's logits
 
     # ---------------------------------------------------------------- prompts
@@ -188,13 +250,15 @@ class Craft:
             if self._fixed_logits is None:
                 self._fixed_logits = self._query(self.p0.unsqueeze(0))
                 self.queries_used += 1
-            views = self._fixed_logits
+                self.images_scored += len(self.labels)
+            views, mean_logits = self._fixed_logits, self._fixed_logits[0]
         else:
             latents = self.strategy.ask()
             population = torch.cat([self.contexts(latents), self.mean_contexts()])
             logits = self._query(population)
             self.queries_used += len(population)
-            candidates, views = logits[:-1], logits
+            self.images_scored += len(population) * len(self.labels)
+            candidates, views, mean_logits = logits[:-1], logits, logits[-1]
             ce = (
                 F.cross_entropy(
                     candidates.reshape(-1, candidates.shape[-1]),
@@ -213,6 +277,9 @@ class Craft:
             record["fitness_best"] = float(fitness.min())
         if config.mode != "prompt_only":
             record["refine_loss"] = self._refine_epoch(views, weight)
+        # The mean's logits came with this call: its training accuracy costs no query.
+        predictions = self.predict_logits(mean_logits).argmax(-1)
+        record["train_acc"] = float((predictions == self.labels).float().mean())
         self.generation += 1
         record["queries_used"] = self.queries_used
         return record
@@ -243,7 +310,7 @@ class Craft:
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         return total / len(order)
 
     def run(self) -> None:
@@ -257,14 +324,31 @@ class Craft:
         with torch.no_grad():
             return self.head(logits)
 
-    def evaluate(self) -> float:
-        """Test accuracy of the ES mean prompt (refined unless prompt-only): one query."""
-        task = self.task
+    def evaluate(self, split: str = "test") -> float:
+        """Accuracy of the ES mean prompt (refined unless prompt-only): one evaluation query."""
+        images, labels = self.task.split(split)
         logits = self.oracle.logits(
-            self.mean_contexts(), task.class_names, task.test, budget_key=self.eval_key
+            self.mean_contexts(), self.task.class_names, images, budget_key=self.eval_key
         )[0]
         predictions = self.predict_logits(logits).argmax(-1).numpy()
-        return float((predictions == task.test_labels).mean())
+        return float((predictions == labels).mean())
+
+    def zero_shot(self, split: str = "test", phrase: str | None = None) -> float:
+        """Accuracy of a hand-written prompt (default: the initial phrase), unrefined."""
+        images, labels = self.task.split(split)
+        contexts = self.p0 if phrase is None else self.oracle.phrase_embeddings(phrase)
+        logits = self.oracle.logits(
+            contexts.unsqueeze(0), self.task.class_names, images, budget_key=self.eval_key
+        )[0]
+        return float((logits.argmax(-1).numpy() == labels).mean())
+
+    # --------------------------------------------------------------- artifact
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """The refinement head's weights, named for an artifact (``refinement.*``)."""
+        return {
+            f"{HEAD_PREFIX}{name}": value.detach().clone()
+            for name, value in self.head.state_dict().items()
+        }
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -273,6 +357,7 @@ class Craft:
             "seed": self.seed,
             "generation": self.generation,
             "queries_used": self.queries_used,
+            "images_scored": self.images_scored,
             "strategy": self.strategy.state_bytes(),
             "head": copy.deepcopy(self.head.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -285,6 +370,7 @@ class Craft:
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = state["generation"]
         self.queries_used = state["queries_used"]
+        self.images_scored = state["images_scored"]
         self.strategy.load_state_bytes(state["strategy"])
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from vlmlab.results._report import ReportTable, forgetting_tables, plot_forgetting
+from vlmlab.results._report import (
+    ReportTable,
+    craft_tables,
+    forgetting_tables,
+    plot_craft,
+    plot_forgetting,
+)
 from vlmlab.results._schema import METRIC_COLUMNS, RUNS_SCHEMA, STEPS_SCHEMA
 from vlmlab.results._store import ResultsStore, read_table, write_parquet_atomic
 
@@ -12,7 +18,9 @@ __all__ = [
     "STEPS_SCHEMA",
     "ReportTable",
     "ResultsStore",
+    "craft_tables",
     "forgetting_tables",
+    "plot_craft",
     "plot_forgetting",
     "read_table",
     "write_parquet_atomic",

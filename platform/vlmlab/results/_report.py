@@ -1,8 +1,10 @@
 """Paper-style tables and plots from a results folder.
 
-Tables follow the Black-Box Forgetting paper: H, Err_fgt and Acc_mem in
-percent, mean ± std over seeds, with the zero-shot prompt as the first row.
-Every table and figure is titled with its backend, model and dataset.
+Forgetting tables follow the Black-Box Forgetting paper: H, Err_fgt and
+Acc_mem in percent, mean ± std over seeds, with the zero-shot prompt as the
+first row. CraFT tables follow CraFT's few-shot figure: test accuracy in
+percent by shots (columns) and method (rows), zero-shot first. Every table and
+figure is titled with its backend, model and dataset.
 """
 
 from __future__ import annotations
@@ -73,6 +75,82 @@ def forgetting_tables(runs: pd.DataFrame) -> list[ReportTable]:
         title = f"Black-Box Forgetting — {backend} {model} on {dataset} (test, %)"
         tables.append(ReportTable(title, columns, rows))
     return tables
+
+
+def craft_tables(runs: pd.DataFrame) -> list[ReportTable]:
+    """One table per (dataset, backend, model) of completed CraFT runs: accuracy by K × method."""
+    done = runs[(runs.task == "craft") & (runs.status == "completed")]
+    tables = []
+    for (dataset, backend, model), group in done.groupby(
+        ["dataset", "backend", "model"], sort=True
+    ):
+        ladder = sorted(int(k) for k in group.shots.dropna().unique())
+        columns = ["method", *[f"{k}-shot" for k in ladder], "seeds", "queries"]
+        by_shots = {k: group[group.shots == k] for k in ladder}
+        # The zero-shot prompt's test accuracy does not depend on K: one value per run.
+        rows = [
+            [
+                "zero-shot",
+                *[_mean_std(by_shots[k].zeroshot_test_acc.drop_duplicates()) for k in ladder],
+                str(group.seed.nunique()),
+                "0",
+            ]
+        ]
+        for method, of_method in group.groupby("method", sort=True):
+            cells = [_mean_std(of_method[of_method.shots == k].test_acc) for k in ladder]
+            queries = "/".join(
+                str(int(of_method[of_method.shots == k].queries_used.median()))
+                if (of_method.shots == k).any()
+                else "-"
+                for k in ladder
+            )
+            rows.append([str(method), *cells, str(of_method.seed.nunique()), queries])
+        title = f"CraFT — {backend} {model} on {dataset} (test accuracy, %, by shots)"
+        tables.append(ReportTable(title, columns, rows))
+    return tables
+
+
+def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Test accuracy against shots, one line per method (mean over seeds); PNG at ``path``."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = runs[(runs.task == "craft") & (runs.status == "completed")]
+    if done.empty:
+        return None
+    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups), 4.2), squeeze=False)
+    for ax, ((dataset, backend, model), group) in zip(axes[0], groups, strict=True):
+        for method, of_method in group.groupby("method", sort=True):
+            curve = of_method.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
+            ax.errorbar(
+                curve.index,
+                curve["mean"] * 100,
+                yerr=curve["std"].fillna(0) * 100,
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=str(method),
+            )
+        zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
+        ax.axhline(zero_shot, color="gray", ls="--", lw=1, label="zero-shot")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("CraFT: accuracy by shots")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path | None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORGETTING_METRICS = ("H", "err_fgt", "acc_mem")
+CRAFT_METRICS = ("acc",)
 
 METRIC_COLUMNS: tuple[str, ...] = tuple(
     f"{prefix}{split}_{metric}"
     for prefix in ("", "zeroshot_")
     for split in ("test", "val")
-    for metric in FORGETTING_METRICS
+    for metric in (*FORGETTING_METRICS, *CRAFT_METRICS)
 )
 
 RUNS_SCHEMA = pa.schema(
@@ -31,6 +32,7 @@ RUNS_SCHEMA = pa.schema(
         ("backend", pa.string()),
         ("model", pa.string()),
         ("dataset", pa.string()),
+        ("shots", pa.int64()),
         ("seed", pa.int64()),
         ("config", pa.string()),
         ("status", pa.string()),

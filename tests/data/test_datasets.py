@@ -121,3 +121,72 @@ def test_imagefolder(tmp_path):
         load_dataset("imagefolder", "train", root=tmp_path / "missing")
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("imagefolder", "train")
+
+
+class _FakeFood:
+    """A torchvision-shaped dataset: labels in ``_labels``; decoding is counted."""
+
+    def __init__(self, root, split="train", download=False):
+        self.classes = ["apple_pie", "baby_back_ribs", "beignets"]
+        self.split, self.decoded = split, 0
+        self._labels = [i % 3 for i in range(30 if split == "train" else 12)]
+
+    def __len__(self):
+        return len(self._labels)
+
+    def __getitem__(self, row):
+        from PIL import Image
+
+        self.decoded += 1
+        shade = 40 * self._labels[row] + row
+        return Image.new("RGB", (64 + row, 48), (shade, shade, shade)), self._labels[row]
+
+
+def test_coop_datasets_decode_only_the_rows_used(monkeypatch, tmp_path):
+    from vlmlab.data import _torchvision
+
+    built = []
+
+    def fake(source, root, arguments):
+        assert source.cls_name == "Food101"
+        built.append(_FakeFood(root, **arguments))
+        return built[-1]
+
+    monkeypatch.setattr(_torchvision, "build_torchvision_dataset", fake)
+    train = load_dataset("food101", "train", root=tmp_path)
+    assert built[-1].split == "train" and built[-1].decoded == 0  # labels read, nothing decoded
+    assert train.images.shape == (30, 224, 224, 3) and train.class_names[0] == "apple pie"
+    shots = train.subset(sample_per_class(train.labels, 2, seed=0))
+    assert built[-1].decoded == 6 and shots.images.shape == (6, 224, 224, 3)
+    assert shots.images.dtype == np.uint8 and np.bincount(shots.labels).tolist() == [2, 2, 2]
+    test = load_dataset("food101", "test", root=tmp_path)
+    assert built[-1].split == "test" and len(test) == 12
+    assert np.asarray(test.image_set().pixels).shape == (12, 224, 224, 3)
+
+
+def test_datasets_without_a_split_get_a_fixed_holdout(monkeypatch, tmp_path):
+    from vlmlab.data import _torchvision
+
+    monkeypatch.setattr(
+        _torchvision, "build_torchvision_dataset", lambda s, r, a: _FakeFood(r, split="train")
+    )
+    train = load_dataset("eurosat", "train", root=tmp_path)
+    test = load_dataset("eurosat", "test", root=tmp_path)
+    assert len(train) == 18 and len(test) == 12  # 40 % of each class of 10 is held out
+    assert not set(train.labels.tolist()) - {0, 1, 2}
+    assert np.bincount(test.labels).tolist() == [4, 4, 4]
+    again = load_dataset("eurosat", "test", root=tmp_path)
+    assert np.array_equal(np.asarray(again.images), np.asarray(test.images))
+
+
+def test_coop_dataset_unavailable_says_what_to_do(monkeypatch, tmp_path):
+    from vlmlab.data import _torchvision
+
+    def offline(source, root, arguments):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(_torchvision, "build_torchvision_dataset", offline)
+    with pytest.raises(DatasetUnavailableError, match=r"stanford_cars.*give data.root"):
+        load_dataset("stanford_cars", "test", root=tmp_path)
+    with pytest.raises(DatasetUnavailableError, match=r"dtd.*download it once.*fashion-mnist"):
+        load_dataset("dtd", "train", root=tmp_path)

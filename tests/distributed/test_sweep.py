@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,47 @@ def test_sweep_of_six_trials(conse_pool, tmp_path):
     assert (completed.queries_used == 96).all() and completed.zeroshot_test_H.notna().all()
     configs = {(r.config) for r in runs.itertuples()}
     assert len(configs) == 6  # every trial ran its own hyperparameters
+
+
+def test_craft_sweep_scores_trials_on_validation_accuracy(conse_pool, tmp_path):
+    from vlmlab.distributed import run_sweep
+
+    tree = {
+        "name": "craft-sweep",
+        "task": "craft",
+        "backend": {"name": "conse"},
+        "data": {"dataset": "fashion-mnist", "shots": 2, "test_size": 100},
+        "method": {"popsize": 8},
+        "budget": {"max_queries": 36},  # 4 generations of 8 candidates + the mean
+        "seeds": [3],
+        "eval_every": 2,
+        "pool": {"num_cpus": 0.5},
+        "sweep": {
+            "num_samples": 3,
+            "max_concurrent": 2,
+            "scheduler": "fifo",
+            "trial_cpus": 0.5,
+            "space": {
+                "method.sigma": {"type": "loguniform", "low": 0.05, "high": 2.0},
+                "method.consistency_weight": {"type": "loguniform", "low": 0.001, "high": 1.0},
+                "method.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            },
+        },
+    }
+    spec = validate_spec(tree, "test")
+    assert spec.sweep.metric == "val_acc"  # the task's validation metric by default
+    grid = run_sweep(spec, tmp_path, pool=conse_pool)
+    assert len(grid) == 3 and not grid.errors
+    assert all("val_acc" in result.metrics for result in grid)
+    runs = pd.read_parquet(tmp_path / "runs")
+    assert len(runs) == 3 and (runs.status == "completed").all()
+    assert (runs.task == "craft").all() and (runs.queries_used == 36).all()
+    assert runs.val_acc.between(0, 1).all() and runs.test_acc.between(0, 1).all()
+    searched = {
+        (m["sigma"], m["consistency_weight"], m["lr"])
+        for m in (json.loads(c)["method"] for c in runs.config)
+    }
+    assert len(searched) == 3  # every trial ran its own hyperparameters
 
 
 def test_sweep_bad_space_is_refused(conse_pool, tmp_path):

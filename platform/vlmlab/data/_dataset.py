@@ -14,13 +14,16 @@ from vlmlab.oracle import ImageSet
 class ImageDataset:
     """Images (uint8 ``N x H x W x 3``), integer labels and prompt-ready class names.
 
+    ``images`` is a NumPy array, or for large torchvision sets a lazy array that
+    decodes only the rows a subset or image set takes.
+
     ``indices`` records which rows of the full split this is (None: all of it),
     so image sets made from subsets are named precisely in caches and reports.
     """
 
     name: str
     split: str
-    images: np.ndarray
+    images: Any
     labels: np.ndarray
     class_names: list[str]
     indices: np.ndarray | None = None
@@ -69,4 +72,4 @@ class ImageDataset:
         meta: dict[str, Any] = {"dataset": self.name, "split": self.split}
         if self.indices is not None:
             meta["indices"] = self.indices.tolist()
-        return ImageSet(self.images, meta)
+        return ImageSet(np.asarray(self.images), meta)  # lazy images decode here

@@ -163,6 +163,8 @@ def load_imagefolder(
     """
     from PIL import Image
 
+    from vlmlab.data._torchvision import square_crop
+
     if root is None:
         raise ValueError("imagefolder needs root=<folder with one sub-folder per class>")
     base = Path(root).expanduser()
@@ -179,19 +181,11 @@ def load_imagefolder(
                 continue
             try:
                 with Image.open(path) as image:
-                    rgb = image.convert("RGB")
+                    images.append(square_crop(image, image_size))
             except OSError as error:
                 raise ValueError(
                     f"imagefolder: cannot read image {str(path)!r}: {error}"
                 ) from error
-            scale = image_size / min(rgb.size)
-            size = (
-                max(image_size, round(rgb.width * scale)),
-                max(image_size, round(rgb.height * scale)),
-            )
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-            left, top = (rgb.width - image_size) // 2, (rgb.height - image_size) // 2
-            images.append(np.asarray(rgb.crop((left, top, left + image_size, top + image_size))))
             labels.append(label)
     if not images:
         raise ValueError(f"imagefolder {str(folder)!r} holds no images ({sorted(_IMAGE_SUFFIXES)})")
@@ -214,6 +208,25 @@ _LOADERS: dict[str, tuple[Callable[..., ImageDataset], str]] = {
     "cifar100": (load_cifar100, "CIFAR-100 via torchvision (needs internet once)"),
     "imagefolder": (load_imagefolder, "your own images: root/<class>/*.jpg"),
 }
+
+
+def _coop_loader(name: str) -> Callable[..., ImageDataset]:
+    def load(split: str = "test", **options: Any) -> ImageDataset:
+        from vlmlab.data._torchvision import load_coop_dataset
+
+        return load_coop_dataset(name, split, **options)
+
+    return load
+
+
+def _register_coop() -> None:
+    from vlmlab.data._torchvision import COOP_SOURCES
+
+    for name, source in COOP_SOURCES.items():
+        _LOADERS[name] = (_coop_loader(name), f"{source.description} via torchvision (CoOp set)")
+
+
+_register_coop()
 
 
 def list_datasets() -> dict[str, str]:

@@ -1,0 +1,181 @@
+"""The CoOp few-shot datasets that torchvision provides, loaded lazily.
+
+CraFT's paper evaluates on the 11 CoOp datasets. torchvision downloads (or
+reads, given ``root``) nine of them; Flowers102 (torchvision has no class
+names) and UCF101 (a video set in torchvision; CoOp uses middle frames) come
+through ``imagefolder``. These splits are large (Food101 alone is ~100k
+photos), so images are decoded only for the rows a run uses: the k-shot
+sample and the test subset. Labels come from the dataset's index, unread.
+
+Datasets without an official train/test split (Caltech101, SUN397, EuroSAT)
+are split here deterministically: 40 % of each class, chosen by a fixed seed,
+is the test split. This is not CoOp's split files; for exact protocol, lay
+CoOp's split out as folders and use ``imagefolder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmlab.data._dataset import ImageDataset
+from vlmlab.errors import DatasetUnavailableError
+
+IMAGE_SIZE = 224
+HOLDOUT_TEST_FRACTION = 0.4
+
+
+@dataclass(frozen=True)
+class TorchvisionSource:
+    """How to build one torchvision dataset and read its labels and class names."""
+
+    cls_name: str
+    splits: dict[str, dict[str, Any]] | None
+    """Our split -> constructor arguments; None: no official split (held out here)."""
+    description: str
+    downloadable: bool = True
+
+
+COOP_SOURCES: dict[str, TorchvisionSource] = {
+    "caltech101": TorchvisionSource("Caltech101", None, "Caltech101, 101 objects + background"),
+    "oxford_pets": TorchvisionSource(
+        "OxfordIIITPet",
+        {"train": {"split": "trainval"}, "test": {"split": "test"}},
+        "Oxford-IIIT Pets, 37 breeds",
+    ),
+    "stanford_cars": TorchvisionSource(
+        "StanfordCars",
+        {"train": {"split": "train"}, "test": {"split": "test"}},
+        "Stanford Cars, 196 models (torchvision cannot download it: give root)",
+        downloadable=False,
+    ),
+    "food101": TorchvisionSource(
+        "Food101", {"train": {"split": "train"}, "test": {"split": "test"}}, "Food-101"
+    ),
+    "fgvc_aircraft": TorchvisionSource(
+        "FGVCAircraft",
+        {"train": {"split": "trainval"}, "test": {"split": "test"}},
+        "FGVC Aircraft, 100 variants",
+    ),
+    "sun397": TorchvisionSource("SUN397", None, "SUN397 scenes"),
+    "dtd": TorchvisionSource(
+        "DTD", {"train": {"split": "train"}, "test": {"split": "test"}}, "DTD textures, 47"
+    ),
+    "eurosat": TorchvisionSource("EuroSAT", None, "EuroSAT satellite images, 10 land uses"),
+    "imagenet": TorchvisionSource(
+        "ImageNet",
+        {"train": {"split": "train"}, "test": {"split": "val"}},
+        "ImageNet-1k (give root with torchvision's ImageNet archives)",
+        downloadable=False,
+    ),
+}
+
+
+class LazyImages:
+    """``N x S x S x 3`` uint8 images decoded on indexing; indexing returns a NumPy array."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, decode: Callable[[int], np.ndarray], rows: np.ndarray, size: int) -> None:
+        self._decode, self._rows, self._size = decode, np.asarray(rows, dtype=np.int64), size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self._rows), self._size, self._size, 3)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows = np.atleast_1d(self._rows[index])
+        if rows.size == 0:
+            return np.zeros((0, self._size, self._size, 3), dtype=np.uint8)
+        return np.stack([self._decode(int(row)) for row in rows])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self[np.arange(len(self))]
+        return array if dtype is None else array.astype(dtype)
+
+
+def square_crop(image: Any, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop: one shape for every photo."""
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    scale = size / min(rgb.size)
+    rgb = rgb.resize(
+        (max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left, top = (rgb.width - size) // 2, (rgb.height - size) // 2
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _labels_of(dataset: Any) -> np.ndarray:
+    for attribute in ("_labels", "targets", "y"):
+        if hasattr(dataset, attribute):
+            return np.asarray(getattr(dataset, attribute), dtype=np.int64)
+    if hasattr(dataset, "_samples"):
+        return np.asarray([label for _, label in dataset._samples], dtype=np.int64)
+    raise TypeError(f"{type(dataset).__name__}: cannot read labels without decoding images")
+
+
+def _class_names_of(dataset: Any) -> list[str]:
+    names = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+    if names is None:
+        raise TypeError(f"{type(dataset).__name__} carries no class names")
+    # ImageNet lists synonyms per class: the first one prompts best.
+    return [(n[0] if isinstance(n, tuple) else n).replace("_", " ") for n in names]
+
+
+def holdout_rows(labels: np.ndarray, split: str, seed: int = 0) -> np.ndarray:
+    """A fixed per-class split: ``HOLDOUT_TEST_FRACTION`` of each class is the test split."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_test = round(len(rows) * HOLDOUT_TEST_FRACTION)
+        chosen.append(rows[:n_test] if split == "test" else rows[n_test:])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def build_torchvision_dataset(source: TorchvisionSource, root: Path, arguments: dict[str, Any]):
+    """The torchvision dataset object (a seam: tests put a small fake here)."""
+    from torchvision import datasets
+
+    cls = getattr(datasets, source.cls_name)
+    if source.downloadable:
+        arguments = {**arguments, "download": True}
+    return cls(str(root), **arguments)
+
+
+def load_coop_dataset(
+    name: str, split: str = "test", *, root: str | Path | None = None, image_size: int = IMAGE_SIZE
+) -> ImageDataset:
+    """One CoOp dataset split from torchvision, decoded lazily at ``image_size``."""
+    from vlmlab.data._loaders import OFFLINE_DATASET, SPLITS, data_root
+
+    if split not in SPLITS:
+        raise ValueError(f"{name}: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    source = COOP_SOURCES[name]
+    folder = Path(root) if root is not None else data_root()
+    arguments = source.splits[split] if source.splits is not None else {}
+    try:
+        dataset = build_torchvision_dataset(source, folder, arguments)
+    except Exception as error:
+        how = "download it once (needs internet)" if source.downloadable else "give data.root"
+        raise DatasetUnavailableError(
+            f"{name} could not be loaded from {folder} ({error}); {how}. Offline, use "
+            f"'{OFFLINE_DATASET}' or your own photos through 'imagefolder'"
+        ) from error
+    labels = _labels_of(dataset)
+    rows = np.arange(len(labels)) if source.splits is not None else holdout_rows(labels, split)
+    images = LazyImages(lambda row: square_crop(dataset[row][0], image_size), rows, image_size)
+    return ImageDataset(
+        name, split, images, labels[rows], _class_names_of(dataset), meta={"root": str(folder)}
+    )

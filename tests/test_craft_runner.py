@@ -125,3 +125,21 @@ def test_resume_equals_uninterrupted(conse, tmp_path):
         return table.sort_values(["step", "split", "metric"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(steps(tmp_path / "straight"), steps(tmp_path / "cut"))
+
+
+def test_the_papers_backend_runs_craft(clip_factory, tmp_path):
+    """open_clip RN50 (random init here: no weights offline) through the same runner."""
+    tree = {
+        **LADDER,
+        "backend": {"name": "open_clip:RN50"},
+        "data": {"dataset": "fashion-mnist", "shots": 1, "test_size": 20},
+        "method": {"name": "craft", "popsize": 4},
+        "budget": {"max_queries": 10},  # 2 generations of 4 candidates + the mean
+        "variants": None,
+    }
+    (outcome,) = run_experiment(validate_spec(tree, "test"), tmp_path, oracle=clip_factory("RN50"))
+    assert outcome.backend == "open_clip" and outcome.model.startswith("RN50")
+    assert outcome.queries_used == 10 and 0 <= outcome.test["acc"] <= 1
+    artifact = load_prompt_artifact(outcome.artifact)
+    assert artifact.contexts.shape == (1, 4, 512)  # RN50's text width
+    assert RefinementHead.from_tensors(artifact.tensors).mlp[0].in_features == 10

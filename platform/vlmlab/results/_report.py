@@ -110,21 +110,51 @@ def craft_tables(runs: pd.DataFrame) -> list[ReportTable]:
     return tables
 
 
-def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
-    """Test accuracy against shots, one line per method (mean over seeds); PNG at ``path``."""
-    import io
-
+def _panels(done: pd.DataFrame, width: float):
+    """One subplot per (dataset, backend, model) group of ``done``: (figure, [(axis, key, rows)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
+    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), 4.2), squeeze=False)
+    return fig, [(ax, key, rows) for ax, (key, rows) in zip(axes[0], groups, strict=True)]
+
+
+def _finish_panel(
+    ax, key: tuple, zero_shot: float, zero_shot_label: str, xlabel: str, ylabel: str
+) -> None:
+    dataset, backend, model = key
+    ax.axhline(zero_shot, color="gray", ls="--", lw=1, label=zero_shot_label)
+    ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save_figure(fig, title: str, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Test accuracy against shots, one line per method (mean over seeds); PNG at ``path``."""
     done = runs[(runs.task == "craft") & (runs.status == "completed")]
     if done.empty:
         return None
-    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups), 4.2), squeeze=False)
-    for ax, ((dataset, backend, model), group) in zip(axes[0], groups, strict=True):
+    fig, panels = _panels(done, width=6.0)
+    for ax, key, group in panels:
         for method, of_method in group.groupby("method", sort=True):
             curve = of_method.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
             ax.errorbar(
@@ -136,39 +166,22 @@ def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
                 capsize=3,
                 label=str(method),
             )
-        zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
-        ax.axhline(zero_shot, color="gray", ls="--", lw=1, label="zero-shot")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
-        ax.set_xlabel("shots per class")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("CraFT: accuracy by shots")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+        zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
+        _finish_panel(ax, key, zero_shot, "zero-shot", "shots per class", "test accuracy (%)")
+    return _save_figure(fig, "CraFT: accuracy by shots", path)
 
 
 def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path | None:
     """Validation and test H against queries used, one line per run; PNG at ``path``."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
     if done.empty:
         return None
-    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
-    for ax, ((dataset, backend, model), group) in zip(axes[0], groups, strict=True):
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, panels = _panels(done, width=6.5)
+    import matplotlib.pyplot as plt  # after _panels chose the headless backend
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, group in panels:
         for i, (method, of_method) in enumerate(group.groupby("method", sort=True)):
             color = colors[i % len(colors)]
             for j, run in enumerate(of_method.itertuples()):
@@ -186,17 +199,12 @@ def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path
                     lw=1.5,
                     label=label,
                 )
-        zeroshot = float(np.nanmean(group.zeroshot_test_H))
-        ax.axhline(zeroshot, color="gray", ls="--", lw=1, label="zero-shot (test)")
-        ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
-        ax.set_xlabel("queries used")
-        ax.set_ylabel("H (faint: best validation H; markers: test H)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Black-Box Forgetting: H against queries")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+        _finish_panel(
+            ax,
+            key,
+            float(np.nanmean(group.zeroshot_test_H)),
+            "zero-shot (test)",
+            "queries used",
+            "H (faint: best validation H; markers: test H)",
+        )
+    return _save_figure(fig, "Black-Box Forgetting: H against queries", path)

@@ -35,10 +35,6 @@ Row = tuple[str, str, float]
 class TaskTrial(Protocol):
     """One method on one task, driven by the runner."""
 
-    task_name: str
-    metric_names: tuple[str, ...]
-    """Final metrics, in table order (``H, err_fgt, acc_mem``; ``acc``)."""
-
     @property
     def generation(self) -> int: ...
 
@@ -112,9 +108,6 @@ class _Delegating:
 
 class ForgettingTrial(_Delegating):
     """Black-Box Forgetting: the best-validation-H prompt is the result."""
-
-    task_name = "forgetting"
-    metric_names = ("H", "err_fgt", "acc_mem")
 
     def __init__(
         self,
@@ -195,9 +188,6 @@ class ForgettingTrial(_Delegating):
 
 class CraftTrial(_Delegating):
     """CraFT: the ES mean prompt and the refinement head at the final step are the result."""
-
-    task_name = "craft"
-    metric_names = ("acc",)
 
     def __init__(
         self,

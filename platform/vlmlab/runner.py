@@ -19,13 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import pandas as pd
-
 import vlmlab
 from vlmlab._io import atomic_write_bytes
 from vlmlab.data import ImageDataset, load_dataset, stratified_subset
 from vlmlab.oracle import Oracle, create_oracle
-from vlmlab.results import ResultsStore
+from vlmlab.results import ResultsStore, is_missing
 from vlmlab.serving import save_prompt_artifact
 from vlmlab.specs import RunSpec
 from vlmlab.tasks import StepProgress, TaskTrial, make_trial
@@ -411,7 +409,7 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         return {
             key.removeprefix(prefix): float(value)
             for key, value in row.items()
-            if key.startswith(prefix) and not _missing(value)
+            if key.startswith(prefix) and not is_missing(value)
         }
 
     return TrialOutcome(
@@ -425,14 +423,10 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         val=pick("val_"),
         zeroshot_test=pick("zeroshot_test_"),
         queries_used=int(row["queries_used"]),
-        budget=None if _missing(row["budget"]) else int(row["budget"]),
+        budget=None if is_missing(row["budget"]) else int(row["budget"]),
         generations=int(row["generations"]),
         artifact=Path(row["artifact"]),
         skipped=True,
         task=row["task"],
-        shots=None if _missing(row.get("shots")) else int(row["shots"]),
+        shots=None if is_missing(row.get("shots")) else int(row["shots"]),
     )
-
-
-def _missing(value: Any) -> bool:
-    return value is None or bool(pd.isna(value))

@@ -24,7 +24,7 @@ from vlmlab._io import atomic_write_text
 from vlmlab.distributed._parallel import deploy_for_spec
 from vlmlab.distributed._pool import PoolOracle
 from vlmlab.distributed._ray import ensure_ray
-from vlmlab.results._schema import METRIC_COLUMNS
+from vlmlab.results import METRIC_COLUMNS, is_missing
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
 
 SPEC_FILE = "sweep_spec.json"
@@ -243,10 +243,4 @@ def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
             # The last report's metrics (a stopped trial's latest evaluation).
             **{column: metrics.get(column) for column in METRIC_COLUMNS if column in metrics},
         )
-        store.write_run({k: (None if _missing(v) else v) for k, v in row.items()})
-
-
-def _missing(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or (not isinstance(value, str | list | dict) and bool(pd.isna(value)))
+        store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})

@@ -10,7 +10,7 @@ from vlmlab.results._report import (
     plot_forgetting,
 )
 from vlmlab.results._schema import METRIC_COLUMNS, RUNS_SCHEMA, STEPS_SCHEMA
-from vlmlab.results._store import ResultsStore, read_table, write_parquet_atomic
+from vlmlab.results._store import ResultsStore, is_missing, read_table, write_parquet_atomic
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -20,6 +20,7 @@ __all__ = [
     "ResultsStore",
     "craft_tables",
     "forgetting_tables",
+    "is_missing",
     "plot_craft",
     "plot_forgetting",
     "read_table",

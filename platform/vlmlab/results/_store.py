@@ -96,3 +96,8 @@ def read_table(folder: Path, schema: pa.Schema) -> pd.DataFrame:
         return schema.empty_table().to_pandas()
     tables = [pq.read_table(path, schema=schema) for path in files]
     return pa.concat_tables(tables).to_pandas()
+
+
+def is_missing(value: Any) -> bool:
+    """A null cell as pandas reads it back (None, NaN, NA, NaT); lists and strings never are."""
+    return value is None or (not isinstance(value, str | list | dict) and bool(pd.isna(value)))

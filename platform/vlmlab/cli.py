@@ -121,6 +121,15 @@ _TASK_TABLES = {
         (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem")),
     ),
     "craft": ("CraFT", (("acc", "accuracy"),)),
+    "devsafety": (
+        "Model Developmental Safety",
+        (
+            ("target_gain", "target gain"),
+            ("devsafety", "DevSafety(acc)"),
+            ("target_acc", "target acc"),
+            ("protected_acc", "protected acc"),
+        ),
+    ),
 }
 
 
@@ -129,6 +138,8 @@ def _shots(ladder: list[int]) -> str:
 
 
 def _budgets(spec) -> str:
+    if spec.white_box:
+        return "no oracle"
     budgets = {k: spec.query_budget(k) for k in spec.data.shot_ladder}
     if len(set(budgets.values())) == 1:
         return str(next(iter(budgets.values())) or "unlimited")
@@ -140,11 +151,13 @@ def _outcome_table(outcomes, task: str, where: str):
 
     title, metrics = _TASK_TABLES[task]
     table = Table(title=f"{title} — {where} (test split)")
-    for column in ("prompt", "shots", "seed", *(label for _, label in metrics), "queries"):
+    # A white-box task spends no queries: its last column counts epochs.
+    spent = "epochs" if task == "devsafety" else "queries"
+    for column in ("prompt", "shots", "seed", *(label for _, label in metrics), spent):
         table.add_column(column, justify="left" if column == "prompt" else "right")
     # The hand-written prompt on the test split: the same for every shot count and seed.
     zero_shot = next((o.zeroshot_test for o in outcomes if o.zeroshot_test), None)
-    if zero_shot:
+    if zero_shot and task != "devsafety":  # devsafety's reference (w_old) differs by seed
         table.add_row("zero-shot", "-", "-", *(f"{zero_shot[k]:.3f}" for k, _ in metrics), "0")
     for o in outcomes:
         table.add_row(
@@ -152,7 +165,7 @@ def _outcome_table(outcomes, task: str, where: str):
             str(o.shots),
             str(o.seed),
             *(f"{o.test[k]:.3f}" if k in o.test else "-" for k, _ in metrics),
-            f"{o.queries_used}/{o.budget or '∞'}",
+            str(o.generations) if spent == "epochs" else f"{o.queries_used}/{o.budget or '∞'}",
         )
     return table
 
@@ -161,6 +174,8 @@ def _headline(outcomes, task: str, backend: str, dataset: str) -> list[str]:
     """One line per (method, shots): the headline metric, zero-shot -> mean ± std over seeds."""
     import statistics
 
+    if task == "devsafety":
+        return _devsafety_headline(outcomes, backend, dataset)
     key, label = _TASK_TABLES[task][1][0]
     lines = []
     finished = [o for o in outcomes if o.test]
@@ -173,6 +188,26 @@ def _headline(outcomes, task: str, backend: str, dataset: str) -> list[str]:
             f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.3f} -> {method} "
             f"{statistics.mean(values):.3f}{spread} (mean over {len(values)} "
             f"seed{'s' if len(values) > 1 else ''}; {backend}, {dataset})"
+        )
+    return lines
+
+
+def _devsafety_headline(outcomes, backend: str, dataset: str) -> list[str]:
+    """Per method: target accuracy w_old -> adapted, DevSafety(acc) and the safety ratio."""
+    import statistics
+
+    lines = []
+    finished = [o for o in outcomes if o.test]
+    for method in dict.fromkeys(o.method for o in finished):
+        group = [o for o in finished if o.method == method]
+        old = statistics.mean(o.zeroshot_test["target_acc"] for o in group)
+        new = statistics.mean(o.test["target_acc"] for o in group)
+        safety = [o.test["devsafety"] for o in group]
+        safe = sum(value >= 0 for value in safety)
+        lines.append(
+            f"{method}: target accuracy {old:.3f} -> {new:.3f}, DevSafety(acc) mean "
+            f"{statistics.mean(safety):+.3f} (worst {min(safety):+.3f}), safe (>= 0) in "
+            f"{safe}/{len(group)} seeds (test split; {backend}, {dataset})"
         )
     return lines
 
@@ -218,18 +253,23 @@ def run(
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     try:
+        oracle = None
         if in_process:
             with console.status(f"loading {loaded.backend.name}..."):
                 oracle = build_oracle(loaded)
+            where = "in-process"
+        elif loaded.white_box:  # trains the model: each trial builds its backend on an actor
+            pool = loaded.pool
+            where = f"Ray actors ({pool.num_cpus:g} CPU, {pool.num_gpus:g} GPU each)"
         else:
             from vlmlab.distributed import deploy_for_spec
 
             with console.status(f"starting Ray and the {loaded.backend.name} oracle pool..."):
                 oracle = deploy_for_spec(loaded, address=address)
-        meta = oracle.metadata
-        where = "in-process" if in_process else f"oracle pool ({loaded.pool.replicas} replica(s))"
+            where = f"oracle pool ({loaded.pool.replicas} replica(s))"
+        shown = oracle.metadata.display_name if oracle is not None else loaded.backend.name
         console.print(
-            f"[bold]{loaded.name}[/]: {loaded.method.name} on {meta.display_name}, "
+            f"[bold]{loaded.name}[/]: {loaded.method.name} on {shown}, "
             f"{loaded.data.dataset} {_shots(loaded.data.shot_ladder)}, seeds {loaded.seeds}, "
             f"budget {_budgets(loaded)} queries per trial; {where}"
         )
@@ -255,9 +295,10 @@ def run(
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
 
-    where = f"{meta.display_name} on {loaded.data.dataset}"
+    first = outcomes[0]
+    where = f"{first.backend} {first.model} on {loaded.data.dataset}"
     console.print(_outcome_table(outcomes, loaded.task, where))
-    for line in _headline(outcomes, loaded.task, meta.backend, loaded.data.dataset):
+    for line in _headline(outcomes, loaded.task, first.backend, loaded.data.dataset):
         console.print(line)
     console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
 
@@ -288,12 +329,15 @@ def sweep(
         from vlmlab.distributed import deploy_for_spec, run_sweep
         from vlmlab.distributed._progress import sweep_progress
 
-        with console.status("starting Ray and the oracle pool..."):
-            pool = deploy_for_spec(loaded, address=address)
+        pool = None
+        if not loaded.white_box:  # white-box trials build their own backend
+            with console.status("starting Ray and the oracle pool..."):
+                pool = deploy_for_spec(loaded, address=address)
+        shown = pool.metadata.display_name if pool is not None else loaded.backend.name
         console.print(
             f"[bold]{loaded.name}[/]: sweep of {loaded.sweep.num_samples} trials "
             f"({loaded.sweep.sampler.upper()} search, {loaded.sweep.scheduler.upper()}) on "
-            f"{pool.metadata.display_name}, {loaded.data.dataset}; optimizing {loaded.sweep.metric}"
+            f"{shown}, {loaded.data.dataset}; optimizing {loaded.sweep.metric}"
         )
         with sweep_progress(console, loaded) as callback:
             grid = run_sweep(
@@ -311,11 +355,16 @@ def sweep(
 @app.command()
 def report(
     results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
+    tolerance: Annotated[
+        float,
+        typer.Option(help="devsafety: DevSafety(acc) slack counted as safe in the last column"),
+    ] = 0.01,
 ) -> None:
     """Print paper-style tables (mean ± std over seeds) and plot them.
 
     Forgetting: H, Err_fgt and Acc_mem by method, and H against queries.
     CraFT: test accuracy by shots (K) and method, and accuracy against K.
+    Devsafety: target gain, DevSafety(acc) and the safety ratio over seeds, by method.
     """
     from pathlib import Path
 
@@ -326,6 +375,7 @@ def report(
     from vlmlab.results import (
         ResultsStore,
         craft_tables,
+        devsafety_tables,
         forgetting_tables,
         plot_craft,
         plot_forgetting,
@@ -336,7 +386,7 @@ def report(
         raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
     store = ResultsStore(root)
     runs, steps = store.runs(), store.steps()
-    tables = forgetting_tables(runs) + craft_tables(runs)
+    tables = forgetting_tables(runs) + craft_tables(runs) + devsafety_tables(runs, tolerance)
     if not tables:
         raise _fail(f"{results!r} holds no completed runs yet")
     console = Console()

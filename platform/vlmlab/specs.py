@@ -82,6 +82,9 @@ class DataSpec(_Strict):
     forget: list[int] | None = None
     """Classes to forget; default the first ``forget_fraction`` of classes."""
     forget_fraction: float = Field(0.4, gt=0, lt=1)
+    target: list[int] | None = None
+    """devsafety: the target classes to improve; default the weakest class on the
+    validation images (every other class is protected)."""
 
     @field_validator("dataset")
     @classmethod
@@ -112,6 +115,17 @@ class DataSpec(_Strict):
     @property
     def shot_ladder(self) -> list[int]:
         return [self.shots] if isinstance(self.shots, int) else list(self.shots)
+
+    @field_validator("target")
+    @classmethod
+    def _target_classes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (
+            not value or any(c < 0 for c in value) or len(set(value)) != len(value)
+        ):
+            raise ValueError(
+                "must be distinct non-negative class indices (or null for the weakest)"
+            )
+        return value
 
     @field_validator("forget")
     @classmethod
@@ -181,9 +195,47 @@ class CraftMethodSpec(_Strict):
         )
 
 
+class DevSafetyMethodSpec(_Strict):
+    """Model Developmental Safety and its baselines (see ``vlmlab.methods.devsafety``).
+
+    A white-box task: ``data.shots`` is the training images per class (target
+    and control set), ``data.val_shots`` the held-out validation images per class.
+    """
+
+    name: Literal["constrained", "finetune", "weighted"] = "constrained"
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    tower_lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    rank: int = Field(32, ge=1)
+    trainable: Literal["target_heads", "heads", "projection", "all"] = "all"
+    beta: float = Field(300.0, ge=0)
+    gamma: float = Field(0.8, gt=0, le=1)
+    tau: float = Field(0.05, ge=0)
+    weight: float = Field(1.0, ge=0)
+    base_epochs: int = Field(0, ge=0)
+    base_lr: float = Field(1e-3, gt=0)
+    prompt: str = "a photo of a {}."
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if "{}" not in value:
+            raise ValueError("must contain '{}' where the class name goes")
+        return value
+
+    def to_config(self):
+        from vlmlab.methods.devsafety import DevSafetyConfig
+
+        return DevSafetyConfig(mode=self.name, **self.model_dump(exclude={"name"}))
+
+
 METHOD_SPECS: dict[str, type[BaseModel]] = {
     "forgetting": ForgettingMethodSpec,
     "craft": CraftMethodSpec,
+    "devsafety": DevSafetyMethodSpec,
 }
 """The method spec of each task; its ``name`` field tells the variants apart."""
 
@@ -193,9 +245,18 @@ _METHOD_OWNER = {
     for name in spec_cls.model_fields["name"].annotation.__args__  # type: ignore[union-attr]
 }
 
-MethodSpec = Annotated[ForgettingMethodSpec | CraftMethodSpec, Field(discriminator="name")]
+MethodSpec = Annotated[
+    ForgettingMethodSpec | CraftMethodSpec | DevSafetyMethodSpec, Field(discriminator="name")
+]
 
-SWEEP_METRICS = {"forgetting": ("val_H", "test_H"), "craft": ("val_acc", "test_acc")}
+SWEEP_METRICS = {
+    "forgetting": ("val_H", "test_H"),
+    "craft": ("val_acc", "test_acc"),
+    "devsafety": ("val_safe_gain", "val_target_gain", "val_devsafety"),
+}
+
+WHITE_BOX_TASKS = frozenset({"devsafety"})
+"""Tasks that train the model: they run on an in-process backend, never on the oracle pool."""
 
 CRAFT_BUDGET_BY_SHOTS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 """CraFT's query budgets by shots (methods.md): 2,000 for 1 shot, 4,000 for 2-4, 8,000 for 8+."""
@@ -246,8 +307,17 @@ class SweepSpec(_Strict):
 
     space: dict[str, ParamSpec]
     """Dotted spec paths (``method.sigma``) to search ranges."""
-    metric: Literal["val_H", "test_H", "val_acc", "test_acc"] = "val_H"
-    """Default: the task's validation metric (val_H for forgetting, val_acc for CraFT)."""
+    metric: Literal[
+        "val_H",
+        "test_H",
+        "val_acc",
+        "test_acc",
+        "val_safe_gain",
+        "val_target_gain",
+        "val_devsafety",
+    ] = "val_H"
+    """Default: the task's validation metric (val_H for forgetting, val_acc for CraFT,
+    val_safe_gain for devsafety: the target gain when DevSafety >= 0, else -1 + DevSafety)."""
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
@@ -255,11 +325,15 @@ class SweepSpec(_Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_queries: int = Field(200, ge=1)
     """ASHA stops no trial before it has spent this many queries."""
+    grace_epochs: int = Field(10, ge=1)
+    """White-box tasks (devsafety): ASHA counts epochs and stops no trial before this many."""
     reduction_factor: int = Field(2, ge=2)
     max_failures: int = Field(2, ge=0)
     seed: int = Field(0, ge=0)
     """Seed of the search (the trials use the spec's first seed)."""
     trial_cpus: float = Field(0.5, gt=0)
+    trial_gpus: float = Field(0.0, ge=0)
+    """GPUs per trial (a cluster's GPU workers); white-box trials put their model there."""
 
     @field_validator("space")
     @classmethod
@@ -301,12 +375,13 @@ class RunSpec(_Strict):
 
     name: str
     description: str | None = None
-    task: Literal["forgetting", "craft"] = "forgetting"
+    task: Literal["forgetting", "craft", "devsafety"] = "forgetting"
     backend: BackendSpec = BackendSpec()
     data: DataSpec = DataSpec()
     method: MethodSpec = ForgettingMethodSpec()
     """The task's method: bbf / bbt / wo_lcs (forgetting); craft / prompt_only /
-    refine_only / no_consistency (craft). ``name`` defaults to the task's main method."""
+    refine_only / no_consistency (craft); constrained / finetune / weighted (devsafety).
+    ``name`` defaults to the task's main method."""
     budget: BudgetSpec = BudgetSpec()
     pool: PoolSpec = PoolSpec()
     sweep: SweepSpec | None = None
@@ -354,6 +429,11 @@ class RunSpec(_Strict):
             )
         if self.sweep is not None and len(self.data.shot_ladder) > 1:
             raise ValueError("data.shots: a sweep tunes one shot count; give one K, not a ladder")
+        if self.white_box and (self.budget.max_queries or self.budget.by_shots):
+            raise ValueError(
+                f"budget: the {self.task} task trains the model and spends no oracle queries; "
+                "remove the budget section (method.epochs sets its length)"
+            )
         by_shots = self.budget.by_shots
         if by_shots is not None:
             missing = [k for k in self.data.shot_ladder if k not in by_shots]
@@ -379,8 +459,8 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _budget_pays_for_a_generation(self) -> RunSpec:
-        if not isinstance(self.method, METHOD_SPECS[self.task]):
-            return self  # reported by _method_fits_task
+        if not isinstance(self.method, METHOD_SPECS[self.task]) or self.white_box:
+            return self  # reported by _method_fits_task; white-box tasks spend no queries
         # CraFT scores the ES mean with its population: P + 1 queries a generation.
         per_generation = self.method.popsize + (1 if self.task == "craft" else 0)
         for shots in self.data.shot_ladder:
@@ -454,8 +534,16 @@ class RunSpec(_Strict):
         return craft_budget(shots) if self.task == "craft" else None
 
     @property
+    def white_box(self) -> bool:
+        """True for tasks that train the model (run on an in-process backend)."""
+        return self.task in WHITE_BOX_TASKS
+
+    @property
     def generations(self) -> int:
-        """Generations of one expanded trial (the budget's cut, or the iteration count)."""
+        """Generations of one expanded trial (the budget's cut, or the iteration count;
+        epochs for devsafety)."""
+        if isinstance(self.method, DevSafetyMethodSpec):
+            return self.method.epochs
         budget = self.query_budget()
         if isinstance(self.method, CraftMethodSpec):
             return (budget or 0) // (self.method.popsize + 1)

@@ -259,7 +259,154 @@ class CraftTrial(_Delegating):
         }
 
 
-TRIALS: dict[str, type] = {"forgetting": ForgettingTrial, "craft": CraftTrial}
+def safe_gain(metrics: dict[str, float]) -> float:
+    """One number for a sweep to maximize: the target gain of a safe run (DevSafety >= 0),
+    else ``-1 + DevSafety`` (below every safe run, closer to safe scores higher)."""
+    devsafety = metrics["devsafety"]
+    return metrics["target_gain"] if devsafety >= 0 else -1.0 + devsafety
+
+
+class DevSafetyTrial:
+    """Model Developmental Safety: one epoch a step; the final model is the result.
+
+    White-box: the oracle must be an in-process backend, whose parts the
+    fine-tunable model copies. It spends no oracle queries (``queries_used`` is
+    0); ``images_scored`` counts training images seen. The ``zeroshot_``
+    reference is ``w_old``, the model before development.
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        seed: int,
+        oracle: Oracle,
+        train: ImageDataset,
+        test: ImageDataset,
+        *,
+        budget_key: str,
+        eval_key: str,
+    ) -> None:
+        from vlmlab.finetune import FineTunableModel
+        from vlmlab.methods.devsafety import DevSafety, make_devsafety_task
+        from vlmlab.oracle import LocalOracle
+
+        if not isinstance(oracle, LocalOracle):
+            raise TypeError(
+                f"the {spec.task} task trains the model: it needs an in-process backend, "
+                f"not {type(oracle).__name__}"
+            )
+        config = spec.method.to_config()
+        self.model = FineTunableModel(
+            oracle, train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
+        )
+        self.task = make_devsafety_task(
+            self.model,
+            train,
+            test,
+            per_class=spec.shots,
+            val_per_class=spec.data.val_shots or spec.shots,
+            seed=seed,
+            target=spec.data.target,
+        )
+        self.method = DevSafety(self.model, self.task, config, seed=seed)
+        self._last_val: dict[str, float] = {}
+
+    @property
+    def generation(self) -> int:
+        return self.method.epoch
+
+    @property
+    def generations(self) -> int:
+        return self.method.config.epochs
+
+    @property
+    def done(self) -> bool:
+        return self.method.done
+
+    @property
+    def queries_used(self) -> int:
+        return 0
+
+    @property
+    def images_scored(self) -> int:
+        return self.method.images_seen
+
+    @property
+    def best_generation(self) -> int | None:
+        return None
+
+    def step(self) -> tuple[StepProgress, list[Row]]:
+        record = self.method.step()
+        val = self.method.evaluate("val")
+        rows: list[Row] = [("train", name, value) for name, value in record.items()]
+        rows += [("val", name, val[name]) for name in ("target_acc", "target_gain", "devsafety")]
+        rows += [
+            ("val", f"acc_change_{c}", change)
+            for c, change in self.method.accuracy_changes("val").items()
+        ]
+        constraints = self.method.constraint_values()
+        rows += [
+            ("train", f"constraint_{c}", float(value))
+            for c, value in zip(self.task.protected, constraints, strict=True)
+        ]
+        progress = StepProgress(
+            self.method.epoch,
+            0,
+            f"val gain {val['target_gain']:+.3f} DevSafety {val['devsafety']:+.3f}",
+        )
+        return progress, rows
+
+    def _with_score(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {**metrics, "safe_gain": safe_gain(metrics)}
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        self._last_val = self._with_score(self.method.evaluate("val"))
+        return {"test": self._with_score(self.method.evaluate("test")), "val": self._last_val}
+
+    def tune_metrics(self) -> dict[str, float]:
+        return {f"val_{name}": value for name, value in self._last_val.items()}
+
+    def final_val(self, evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
+        return evaluations["val"]
+
+    def zero_shot(self, prompt: str) -> dict[str, dict[str, float]]:
+        return {
+            split: self._with_score(self.method.evaluate_old(split)) for split in ("test", "val")
+        }
+
+    def artifact(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        with torch.no_grad():
+            embeddings = self.model.class_embeddings().detach().cpu().clone()
+        tensors = {
+            **self.model.trainable_state(),
+            "class_embeddings": embeddings,
+            "old_class_embeddings": self.method.old_embeddings.detach().cpu().clone(),
+        }
+        config = self.method.config
+        return tensors, {
+            "kind": "devsafety",
+            "class_names": self.task.class_names,
+            "target": list(self.task.target),
+            "protected": list(self.task.protected),
+            "trainable": config.trainable,
+            "rank": config.rank,
+            "prompt": config.prompt,
+            "logit_scale": self.model.logit_scale,
+            "logit_bias": self.model.logit_bias,
+        }
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+
+TRIALS: dict[str, type] = {
+    "forgetting": ForgettingTrial,
+    "craft": CraftTrial,
+    "devsafety": DevSafetyTrial,
+}
 
 
 def make_trial(

@@ -2,8 +2,10 @@
 
 Each trial is the same loop that runs in-process (``vlmlab.runner.run_trial``)
 with a :class:`PoolOracle` as its oracle, so a seed gives the same numbers
-either way. The driver polls each actor for its latest generation to draw
-progress.
+either way. White-box tasks (devsafety) train the model, so no pool is
+deployed: each actor builds the backend in-process, with ``pool.num_cpus`` and
+``pool.num_gpus`` as its resources. The driver polls each actor for its latest
+generation to draw progress.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class _TrialWorker:
         shard_size: int,
         resume: bool,
     ):
-        from vlmlab.runner import load_data, run_trial
+        from vlmlab.runner import build_oracle, load_data, run_trial
 
         spec = RunSpec.model_validate_json(spec_json)
-        oracle = PoolOracle(app_name, shard_size=shard_size)
+        oracle = (
+            build_oracle(spec) if spec.white_box else PoolOracle(app_name, shard_size=shard_size)
+        )
         return run_trial(
             spec, seed, results_dir, oracle, load_data(spec), resume=resume, listener=self
         )
@@ -92,9 +96,16 @@ def run_experiment_on_pool(
     import ray
 
     ensure_ray(address)
-    pool = pool if pool is not None else deploy_for_spec(spec, address=address)
+    if spec.white_box:
+        app_name, shard_size = "", 0  # no pool: each actor trains its own model
+        worker_cls = ray.remote(
+            num_cpus=spec.pool.num_cpus, num_gpus=spec.pool.num_gpus, max_concurrency=2
+        )(_TrialWorker)
+    else:
+        pool = pool if pool is not None else deploy_for_spec(spec, address=address)
+        app_name, shard_size = pool.app_name, pool.shard_size
+        worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
     results = str(Path(results_dir).resolve())
-    worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]
@@ -109,9 +120,7 @@ def run_experiment_on_pool(
             index = queue.pop(0)
             spec_json, seed = trials[index]
             worker = worker_cls.remote()
-            ref = worker.run.remote(
-                spec_json, seed, results, pool.app_name, pool.shard_size, resume
-            )
+            ref = worker.run.remote(spec_json, seed, results, app_name, shard_size, resume)
             running[ref] = (index, worker)
         done, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         if listener is not None:

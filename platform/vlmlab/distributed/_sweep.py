@@ -54,6 +54,7 @@ class TuneCheckpointer:
 
 
 _DATA_CACHE: dict[str, Any] = {}
+_BACKEND_CACHE: dict[str, Any] = {}
 
 
 def _trial(
@@ -63,7 +64,7 @@ def _trial(
     from ray import tune
 
     from vlmlab.results import ResultsStore
-    from vlmlab.runner import _run_trial, _Silent, load_data
+    from vlmlab.runner import _run_trial, _Silent, build_oracle, load_data
 
     tree = json.loads(spec_json)
     tree.pop("sweep", None)
@@ -74,11 +75,19 @@ def _trial(
     if data_key not in _DATA_CACHE:  # reused actors keep the loaded data
         _DATA_CACHE.clear()
         _DATA_CACHE[data_key] = load_data(spec)
+    if spec.white_box:  # trains the model: a backend in this trial's process (and GPU)
+        backend_key = spec.backend.model_dump_json()
+        if backend_key not in _BACKEND_CACHE:
+            _BACKEND_CACHE.clear()
+            _BACKEND_CACHE[backend_key] = build_oracle(spec)
+        oracle = _BACKEND_CACHE[backend_key]
+    else:
+        oracle = PoolOracle(app_name, shard_size=shard_size)
     _run_trial(
         spec,
         spec.seeds[0],
         ResultsStore(results),
-        PoolOracle(app_name, shard_size=shard_size),
+        oracle,
         _DATA_CACHE[data_key],
         resume=True,
         listener=_Silent(),
@@ -120,7 +129,9 @@ def _check_space_paths(spec: RunSpec) -> None:
     validate_spec(tree, "sweep.space")
 
 
-def _tuner(spec: RunSpec, results: Path, pool: PoolOracle, *, restore: bool, callbacks: list[Any]):
+def _tuner(
+    spec: RunSpec, results: Path, pool: PoolOracle | None, *, restore: bool, callbacks: list[Any]
+):
     from optuna.samplers import CmaEsSampler, TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -134,10 +145,10 @@ def _tuner(spec: RunSpec, results: Path, pool: PoolOracle, *, restore: bool, cal
             _trial,
             spec_json=spec.model_dump_json(),
             results=str(results),
-            app_name=pool.app_name,
-            shard_size=pool.shard_size,
+            app_name=pool.app_name if pool is not None else "",
+            shard_size=pool.shard_size if pool is not None else 0,
         ),
-        {"cpu": sweep.trial_cpus},
+        {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus},
     )
     storage = str(results / TUNE_DIR)
     if restore:
@@ -152,15 +163,19 @@ def _tuner(spec: RunSpec, results: Path, pool: PoolOracle, *, restore: bool, cal
         max_concurrent=sweep.max_concurrent,
     )
     if sweep.scheduler == "asha":
-        budget = spec.query_budget() or spec.method.iterations * spec.method.popsize
+        if spec.white_box:  # no queries spent: ASHA's clock is the epoch
+            clock, budget, grace = "generation", spec.generations, sweep.grace_epochs
+        else:
+            clock, grace = "queries_used", sweep.grace_queries
+            budget = spec.query_budget() or spec.method.iterations * spec.method.popsize
         scheduler = ASHAScheduler(
-            time_attr="queries_used",
+            time_attr=clock,
             metric=sweep.metric,
             mode=sweep.mode,
             # Past the budget: ASHA must not stop a trial at its last report, before it
             # writes its final row (the budget itself ends the trial).
             max_t=budget + 1,
-            grace_period=min(sweep.grace_queries, budget),
+            grace_period=min(grace, budget),
             reduction_factor=sweep.reduction_factor,
         )
     else:
@@ -215,7 +230,10 @@ def run_sweep(
     # what makes --resume after a killed driver lose little, so Tune's warning is off.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray(address)
-    pool = pool if pool is not None else deploy_for_spec(spec, address=address)
+    if spec.white_box:
+        pool = None  # each trial trains its own model in-process
+    elif pool is None:
+        pool = deploy_for_spec(spec, address=address)
     grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks or []).fit()
     _close_stopped_trials(spec, results, grid)
     return grid

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vlmlab.results._report import (
     ReportTable,
     craft_tables,
+    devsafety_tables,
     forgetting_tables,
     plot_craft,
     plot_forgetting,
@@ -19,6 +20,7 @@ __all__ = [
     "ReportTable",
     "ResultsStore",
     "craft_tables",
+    "devsafety_tables",
     "forgetting_tables",
     "is_missing",
     "plot_craft",

@@ -3,7 +3,9 @@
 Forgetting tables follow the Black-Box Forgetting paper: H, Err_fgt and
 Acc_mem in percent, mean ± std over seeds, with the zero-shot prompt as the
 first row. CraFT tables follow CraFT's few-shot figure: test accuracy in
-percent by shots (columns) and method (rows), zero-shot first. Every table and
+percent by shots (columns) and method (rows), zero-shot first. Developmental
+safety tables give, per method, the target accuracy before and after, DevSafety(acc)
+and the safety ratio over seeds. Every table and
 figure is titled with its backend, model and dataset.
 """
 
@@ -106,6 +108,53 @@ def craft_tables(runs: pd.DataFrame) -> list[ReportTable]:
             )
             rows.append([str(method), *cells, str(of_method.seed.nunique()), queries])
         title = f"CraFT — {backend} {model} on {dataset} (test accuracy, %, by shots)"
+        tables.append(ReportTable(title, columns, rows))
+    return tables
+
+
+def devsafety_tables(runs: pd.DataFrame, tolerance: float = 0.01) -> list[ReportTable]:
+    """One table per (experiment, dataset, backend, model) of completed devsafety runs.
+
+    Rows are methods; cells are test-split figures in percent, mean ± std over
+    seeds. The safety ratio is the share of seeds with DevSafety(acc) >= 0 (the
+    paper's definition); the next column allows ``tolerance`` (a stated slack).
+    """
+    done = runs[(runs.task == "devsafety") & (runs.status == "completed")]
+    tables = []
+    for (experiment, dataset, backend, model), group in done.groupby(
+        ["experiment", "dataset", "backend", "model"], sort=True
+    ):
+        slack = f"{tolerance * 100:g}"
+        columns = [
+            "method",
+            "seeds",
+            "target acc (w_old)",
+            "target acc",
+            "target gain",
+            "DevSafety(acc)",
+            "worst DevSafety",
+            "safety ratio",
+            f"safe within {slack} pt",
+        ]
+        rows = []
+        for method, of_method in group.groupby("method", sort=True):
+            safety = of_method.test_devsafety.astype(float)
+            rows.append(
+                [
+                    str(method),
+                    str(len(of_method)),
+                    _mean_std(of_method.zeroshot_test_target_acc),
+                    _mean_std(of_method.test_target_acc),
+                    _mean_std(of_method.test_target_gain),
+                    _mean_std(safety),
+                    f"{safety.min() * 100:.2f}",
+                    f"{int((safety >= 0).sum())}/{len(safety)}",
+                    f"{int((safety >= -tolerance - 1e-12).sum())}/{len(safety)}",
+                ]
+            )
+        title = (
+            f"Model Developmental Safety — {experiment}: {backend} {model} on {dataset} (test, %)"
+        )
         tables.append(ReportTable(title, columns, rows))
     return tables
 

@@ -15,12 +15,14 @@ import pyarrow as pa
 
 FORGETTING_METRICS = ("H", "err_fgt", "acc_mem")
 CRAFT_METRICS = ("acc",)
+DEVSAFETY_METRICS = ("target_acc", "target_gain", "devsafety", "protected_acc", "safe_gain")
+"""devsafety's ``zeroshot_`` columns hold its reference model ``w_old`` (gains of 0)."""
 
 METRIC_COLUMNS: tuple[str, ...] = tuple(
     f"{prefix}{split}_{metric}"
     for prefix in ("", "zeroshot_")
     for split in ("test", "val")
-    for metric in (*FORGETTING_METRICS, *CRAFT_METRICS)
+    for metric in (*FORGETTING_METRICS, *CRAFT_METRICS, *DEVSAFETY_METRICS)
 )
 
 RUNS_SCHEMA = pa.schema(

@@ -1,7 +1,10 @@
 """Adapted-model artifacts: learned prompts (safetensors) plus a JSON manifest.
 
-An artifact folder holds ``contexts.safetensors`` (the learned soft prompt,
-``1 x m x D``; more tensors, such as a refinement head, may sit beside it) and
+An artifact folder holds ``contexts.safetensors``: for the prompt methods the
+learned soft prompt ``contexts`` (``1 x m x D``; more tensors, such as a
+refinement head, may sit beside it), for devsafety the adapted model's
+``class_embeddings`` (``C x E``, unit norm: a ready classifier over image
+features) with its heads and projection. Beside it sits
 ``manifest.json`` (backend, model, dataset, class names, method-specific facts
 such as the forget set, metrics and the spec). The manifest is written last,
 so a folder with a manifest is complete.
@@ -23,6 +26,8 @@ from vlmlab._io import atomic_write_bytes, atomic_write_text
 MANIFEST = "manifest.json"
 TENSORS = "contexts.safetensors"
 FORMAT_VERSION = 1
+_MAIN_TENSOR = {"devsafety": "class_embeddings"}
+"""The tensor each artifact kind cannot do without (``contexts`` unless listed)."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,10 @@ class PromptArtifact:
 def save_prompt_artifact(
     folder: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
 ) -> Path:
-    """Write ``tensors`` (must include ``contexts``) and ``manifest`` atomically."""
-    if "contexts" not in tensors:
-        raise ValueError("an artifact needs a 'contexts' tensor")
+    """Write ``tensors`` and ``manifest`` atomically (the kind's main tensor must be there)."""
+    required = _MAIN_TENSOR.get(str(manifest.get("kind")), "contexts")
+    if required not in tensors:
+        raise ValueError(f"a {manifest.get('kind', 'prompt')} artifact needs a {required!r} tensor")
     folder = Path(folder)
     blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     atomic_write_bytes(folder / TENSORS, blob)

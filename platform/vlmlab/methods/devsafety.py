@@ -1,0 +1,364 @@
+"""Model Developmental Safety (Li et al., 2024): improve a target task, keep every protected one.
+
+The problem (methods.md, section 3)::
+
+    minimize F(w)   subject to   L_k(w) - L_k(w_old) <= 0   for every protected class k
+
+``F`` is the cross-entropy of the target classes' training images; ``L_k`` is
+the mean cross-entropy of class ``k``'s training images (the control set),
+and ``L_k(w_old)`` is computed once, before development starts. Each step:
+
+- the constraint estimates move: ``u_k <- (1 - gamma) u_k + gamma (L_k(w) - L_k(w_old))``
+  (only for classes present in the mini-batch);
+- the update follows ``grad F + sum_k p_k grad L_k`` with ``p_k`` the derivative
+  of the penalty ``beta/2 [u_k]_+^2``. The hinge is smoothed with temperature
+  ``tau``: ``[u]_+ ~ tau softplus(u / tau)``, so
+  ``p_k = beta tau softplus(u_k / tau) sigmoid(u_k / tau)``; ``tau -> 0`` gives the
+  paper's ``max(beta u_k, 0)``. Our reading of "scaled by a temperature": the
+  smoothing starts pushing back slightly before a constraint is violated;
+- AdamW with a linear warm-up and a cosine decay.
+
+Baselines in this module: ``finetune`` (minimize F alone) and ``weighted``
+(F plus ``weight`` times the sum of the protected losses).
+
+The model is a :class:`~vlmlab.finetune.FineTunableModel` with per-class
+low-rank heads. ``base_epochs > 0`` first develops ``w_old`` itself: the
+shared projection is fitted to the protected classes' training images (the
+model "as released" before this round, which never saw the target), so the
+protected tasks start strong and a regression is a real loss. Metrics
+(held-out): target accuracy and its gain over ``w_old``, each protected class's
+accuracy change, and DevSafety(acc) = the minimum of those changes (safe
+when >= 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlmlab.data import ImageDataset, sample_per_class
+from vlmlab.finetune import TRAINABLE, FineTunableModel, Trainable
+
+Mode = Literal["constrained", "finetune", "weighted"]
+MODES: tuple[str, ...] = ("constrained", "finetune", "weighted")
+
+
+@dataclass(frozen=True)
+class DevSafetyConfig:
+    """Hyperparameters; defaults follow the paper where it states them."""
+
+    mode: Mode = "constrained"
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 1e-3
+    tower_lr: float = 1e-5
+    """Learning rate of the text tower when it trains (``trainable: all``)."""
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    """Share of all steps spent warming the learning rate up from zero."""
+    rank: int = 32
+    trainable: Trainable = "all"
+    beta: float = 300.0
+    gamma: float = 0.8
+    tau: float = 0.05
+    weight: float = 1.0
+    """The weighted-sum baseline's weight on the protected losses."""
+    base_epochs: int = 0
+    base_lr: float = 1e-3
+    prompt: str = "a photo of a {}."
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.rank < 1 or self.base_epochs < 0:
+            raise ValueError("epochs, batch_size and rank must be >= 1, base_epochs >= 0")
+        if not 0 < self.gamma <= 1 or self.tau < 0 or self.beta < 0 or not 0 <= self.warmup < 1:
+            raise ValueError("need 0 < gamma <= 1, tau >= 0, beta >= 0 and 0 <= warmup < 1")
+
+
+@dataclass
+class DevSafetyTask:
+    """Features and labels of the three splits, and which classes are target / protected."""
+
+    class_names: list[str]
+    target: tuple[int, ...]
+    protected: tuple[int, ...]
+    train_features: torch.Tensor
+    train_labels: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; allowed: train, val, test")
+        return getattr(self, f"{name}_features"), getattr(self, f"{name}_labels")
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Accuracy of each class (NaN for a class with no images)."""
+    correct = (logits.argmax(-1) == labels).float()
+    totals = torch.bincount(labels, minlength=n_classes).float()
+    hits = torch.bincount(labels, weights=correct, minlength=n_classes)
+    return hits / totals.where(totals > 0, torch.tensor(float("nan"), device=totals.device))
+
+
+def make_devsafety_task(
+    model: FineTunableModel,
+    train: ImageDataset,
+    test: ImageDataset,
+    *,
+    per_class: int,
+    val_per_class: int,
+    seed: int,
+    target: list[int] | None = None,
+) -> DevSafetyTask:
+    """Sample ``per_class`` training and ``val_per_class`` disjoint validation images a class.
+
+    ``target=None`` picks the weakest class of the model as given (before any
+    development) on the validation images; every other class is protected.
+    """
+    n_classes = train.num_classes
+    train_rows = sample_per_class(train.labels, per_class, seed)
+    val_rows = sample_per_class(train.labels, val_per_class, seed + 1_000_003, exclude=train_rows)
+
+    def features(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.image_features(data), torch.as_tensor(data.labels, device=model.device).long()
+
+    train_x, train_y = features(train.subset(train_rows))
+    val_x, val_y = features(train.subset(val_rows))
+    test_x, test_y = features(test)
+    if target is None:
+        with torch.no_grad():
+            accuracy = per_class_accuracy(model.logits(val_x), val_y, n_classes)
+        target = [int(torch.nan_to_num(accuracy, nan=2.0).argmin())]
+    bad = [c for c in target if not 0 <= c < n_classes]
+    if bad or not target or len(set(target)) != len(target):
+        raise ValueError(
+            f"target classes must be distinct indices in [0, {n_classes}); got {list(target)}"
+        )
+    if len(target) == n_classes:
+        raise ValueError("every class is a target: nothing is left to protect")
+    return DevSafetyTask(
+        class_names=list(train.class_names),
+        target=tuple(sorted(target)),
+        protected=tuple(c for c in range(n_classes) if c not in target),
+        train_features=train_x,
+        train_labels=train_y,
+        val_features=val_x,
+        val_labels=val_y,
+        test_features=test_x,
+        test_labels=test_y,
+    )
+
+
+def _warmup_cosine(total_steps: int, warmup: float):
+    warm = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class DevSafety:
+    """One developmental fine-tuning run; :meth:`step` is one epoch.
+
+    Same seed, same numbers: batches are drawn by a seeded generator and the
+    state (model, optimizer, schedule, estimates, generator) is checkpointed.
+    """
+
+    def __init__(
+        self, model: FineTunableModel, task: DevSafetyTask, config: DevSafetyConfig, *, seed: int
+    ) -> None:
+        self.model, self.task, self.config, self.seed = model, task, config, seed
+        self.epoch = 0
+        self.images_seen = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        n_classes = len(task.class_names)
+        self._protected = torch.tensor(task.protected, device=model.device)
+        self._is_target = torch.zeros(n_classes, dtype=torch.bool, device=model.device)
+        self._is_target[list(task.target)] = True
+        if config.base_epochs:
+            self._develop_base()
+        with torch.no_grad():
+            self.old_embeddings = model.class_embeddings().detach().clone()
+            self.old_losses = self._class_losses(
+                model.logits(task.train_features), task.train_labels
+            )
+            self.old_accuracy = {
+                split: per_class_accuracy(
+                    model.logits(task.split(split)[0]), task.split(split)[1], n_classes
+                )
+                for split in ("train", "val", "test")
+            }
+        params = model.set_trainable(config.trainable, task.target)
+        tower = {id(p) for p in model.tower_parameters()}
+        groups = [{"params": [p for p in params if id(p) not in tower], "lr": config.lr}]
+        if config.trainable == "all":
+            groups.append({"params": [p for p in params if id(p) in tower], "lr": config.tower_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        steps = config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_cosine(steps, config.warmup)
+        )
+        self.estimates = torch.zeros(len(task.protected), device=model.device)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.task.train_labels) / self.config.batch_size)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "images_seen": self.images_seen,
+            "model": self.model.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "estimates": self.estimates.cpu().clone(),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.images_seen = state["epoch"], state["images_seen"]
+        self.model.load_trainable_state(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.estimates = state["estimates"].to(self.model.device)
+        self._generator.set_state(state["generator"])
+
+    # ------------------------------------------------------------- training
+    def _class_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of each protected class's images (NaN where a class is absent)."""
+        n_classes = len(self.task.class_names)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        sums = torch.zeros(n_classes, device=logits.device, dtype=losses.dtype).index_add(
+            0, labels, losses
+        )
+        counts = torch.bincount(labels, minlength=n_classes).to(losses.dtype)
+        means = sums / counts.where(counts > 0, torch.tensor(float("nan"), device=counts.device))
+        return means[self._protected]
+
+    def _develop_base(self) -> None:
+        """``w_old``: the projection fitted to the protected classes (the released model)."""
+        model, task, config = self.model, self.task, self.config
+        keep = ~self._is_target[task.train_labels]
+        features, labels = task.train_features[keep], task.train_labels[keep]
+        model.set_trainable("projection")
+        optimizer = torch.optim.AdamW([model.projection], lr=config.base_lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(self.seed + 7919)
+        for _ in range(config.base_epochs):
+            for rows in torch.randperm(len(labels), generator=generator).split(config.batch_size):
+                rows = rows.to(model.device)
+                loss = F.cross_entropy(model.logits(features[rows]), labels[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        model.requires_grad_(False)
+
+    def penalty_weights(self) -> torch.Tensor:
+        """``p_k``: the smoothed-hinge penalty's derivative at the current estimates."""
+        beta, tau, u = self.config.beta, self.config.tau, self.estimates
+        if tau == 0:
+            return (beta * u).clamp_min(0.0)
+        return beta * tau * F.softplus(u / tau) * torch.sigmoid(u / tau)
+
+    def step(self) -> dict[str, float]:
+        """One epoch of mini-batches; returns the epoch's training record."""
+        if self.done:
+            raise RuntimeError("this run has finished all its epochs")
+        model, task, config = self.model, self.task, self.config
+        features, labels = task.train_features, task.train_labels
+        target_losses = []
+        for rows in torch.randperm(len(labels), generator=self._generator).split(config.batch_size):
+            rows = rows.to(model.device)
+            logits = model.logits(features[rows])
+            batch_labels = labels[rows]
+            on_target = self._is_target[batch_labels]
+            objective = (
+                F.cross_entropy(logits[on_target], batch_labels[on_target])
+                if on_target.any()
+                else logits.sum() * 0.0
+            )
+            loss = objective
+            if config.mode != "finetune":
+                class_losses = self._class_losses(logits, batch_labels)
+                present = ~class_losses.isnan()
+                protected_loss = torch.where(present, class_losses, torch.zeros_like(class_losses))
+                if config.mode == "weighted":
+                    loss = loss + config.weight * protected_loss.sum()
+                else:
+                    change = (class_losses.detach() - self.old_losses).nan_to_num(0.0)
+                    moved = (1 - config.gamma) * self.estimates + config.gamma * change
+                    self.estimates = torch.where(present, moved, self.estimates)
+                    loss = loss + (self.penalty_weights() * protected_loss).sum()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            target_losses.append(float(objective.detach()))
+            self.images_seen += len(rows)
+        self.epoch += 1
+        constraints = self.constraint_values()
+        return {
+            "target_loss": float(np.mean(target_losses)),
+            "constraint_max": float(constraints.max()),
+            "estimate_max": float(self.estimates.max()),
+            "penalty_sum": float(self.penalty_weights().sum()),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+        }
+
+    # ------------------------------------------------------------- metrics
+    def constraint_values(self) -> torch.Tensor:
+        """``L_k(w) - L_k(w_old)`` for each protected class, on the whole training set."""
+        with torch.no_grad():
+            logits = self.model.logits(self.task.train_features)
+            return self._class_losses(logits, self.task.train_labels) - self.old_losses
+
+    def class_accuracy(self, split: str) -> torch.Tensor:
+        features, labels = self.task.split(split)
+        with torch.no_grad():
+            return per_class_accuracy(
+                self.model.logits(features), labels, len(self.task.class_names)
+            )
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Target accuracy and gain, DevSafety(acc) and overall accuracy on ``split``."""
+        return self._metrics(self.class_accuracy(split), self.old_accuracy[split])
+
+    def evaluate_old(self, split: str) -> dict[str, float]:
+        """The same metrics for ``w_old`` (gains of zero by definition)."""
+        return self._metrics(self.old_accuracy[split], self.old_accuracy[split])
+
+    def accuracy_changes(self, split: str) -> dict[int, float]:
+        """Each protected class's accuracy change from ``w_old`` on ``split``."""
+        change = self.class_accuracy(split) - self.old_accuracy[split]
+        return {c: float(change[c]) for c in self.task.protected}
+
+    def _metrics(self, accuracy: torch.Tensor, old: torch.Tensor) -> dict[str, float]:
+        target = list(self.task.target)
+        protected = list(self.task.protected)
+        change = accuracy - old
+        return {
+            "target_acc": float(accuracy[target].nanmean()),
+            "target_gain": float(change[target].nanmean()),
+            "devsafety": float(change[protected].nan_to_num(0.0).min()),
+            "protected_acc": float(accuracy[protected].nanmean()),
+            "acc": float(accuracy.nanmean()),
+        }

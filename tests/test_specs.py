@@ -61,7 +61,38 @@ MALFORMED = [
     ({"seeds": [1, 1]}, "seeds: got [1, 1]; seeds must be distinct"),
     ({"name": "my run"}, "name: got 'my run'; must be letters"),
     ({"colour": "red"}, "colour: unknown field; allowed: name, description, task"),
-    ({"task": "devsafety"}, "task: got 'devsafety'"),
+    ({"task": "unlearning"}, "task: got 'unlearning'"),
+    (
+        {"task": "devsafety", "method": {"name": "bbf"}},
+        "method.name: 'bbf' is not a devsafety method; allowed: constrained, finetune, weighted",
+    ),
+    ({"task": "devsafety", "method": {"gamma": 0}}, "method.gamma: got 0"),
+    (
+        {"task": "devsafety", "method": {"trainable": "backbone"}},
+        "method.trainable: got 'backbone'",
+    ),
+    (
+        {"task": "devsafety", "method": {"prompt": "a photo"}},
+        "method.prompt: got 'a photo'; must contain '{}'",
+    ),
+    (
+        {"task": "devsafety", "data": {"target": [2, 2]}},
+        "data.target: got [2, 2]; must be distinct",
+    ),
+    (
+        {"task": "devsafety", "budget": {"max_queries": 100}},
+        "budget: the devsafety task trains the model and spends no oracle queries",
+    ),
+    (
+        {
+            "task": "devsafety",
+            "sweep": {
+                "space": {"method.beta": {"type": "uniform", "low": 10, "high": 100}},
+                "metric": "val_acc",
+            },
+        },
+        "sweep.metric: 'val_acc' is not measured by the devsafety task; allowed: val_safe_gain",
+    ),
     (
         {"task": "craft", "method": {"name": "bbf"}},
         "method.name: 'bbf' is not a craft method; allowed: craft, prompt_only, refine_only, no_consistency",

@@ -307,10 +307,12 @@ def _run_trial(
         checkpoint_due = progress.generation % spec.eval_every == 0 or trial.done
         if checkpoint_due:
             evaluations = trial.evaluate()
+            recorded = {(split, name) for split, name, _ in values}  # a task may log val each step
             values += [
                 (split, name, value)
                 for split, metrics in evaluations.items()
                 for name, value in metrics.items()
+                if (split, name) not in recorded
             ]
         pending += [{**common, "split": s, "metric": m, "value": v} for s, m, v in values]
         listener.generation_done(run_id, progress)

@@ -42,6 +42,9 @@ class BackendSpec(_Strict):
     """open_clip: a pretrained tag (e.g. ``openai``) or a local checkpoint path."""
     device: str | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    cache_dir: str | None = None
+    """Image-feature cache folder (default ``$VLMLAB_CACHE_DIR`` or ``~/.cache/vlmlab``);
+    a shared filesystem path lets a cluster's workers encode each image set once."""
 
     @field_validator("name")
     @classmethod
@@ -57,6 +60,8 @@ class BackendSpec(_Strict):
         kwargs: dict[str, Any] = {}
         if self.device is not None:
             kwargs["device"] = self.device
+        if self.cache_dir is not None:
+            kwargs["cache_dir"] = self.cache_dir
         if self.name.startswith("open_clip"):
             kwargs["precision"] = self.precision
             if self.pretrained is not None:

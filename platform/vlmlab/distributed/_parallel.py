@@ -50,9 +50,14 @@ class _TrialWorker:
         from vlmlab.runner import build_oracle, load_data, run_trial
 
         spec = RunSpec.model_validate_json(spec_json)
-        oracle = (
-            build_oracle(spec) if spec.white_box else PoolOracle(app_name, shard_size=shard_size)
-        )
+        if spec.white_box:
+            import torch
+
+            # Train on the CPUs this actor reserved (and only those).
+            torch.set_num_threads(max(1, int(spec.pool.num_cpus)))
+            oracle = build_oracle(spec)
+        else:
+            oracle = PoolOracle(app_name, shard_size=shard_size)
         return run_trial(
             spec, seed, results_dir, oracle, load_data(spec), resume=resume, listener=self
         )

@@ -1,0 +1,161 @@
+"""Model Developmental Safety: the fine-tunable model and the three methods on ConSE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmlab.data import stratified_subset
+from vlmlab.finetune import FineTunableModel
+from vlmlab.methods.devsafety import (
+    DevSafety,
+    DevSafetyConfig,
+    make_devsafety_task,
+    per_class_accuracy,
+)
+
+NAMES = ["T-shirt", "trousers", "bag"]
+
+
+def test_conse_model_starts_as_the_zero_shot_classifier(conse):
+    model = FineTunableModel(conse, NAMES)
+    expected = conse.encode_texts([f"a photo of a {name}." for name in NAMES])
+    assert torch.allclose(model.class_embeddings(), expected, atol=1e-5)
+
+
+def test_open_clip_model_starts_as_encode_text(vit_b32):
+    model = FineTunableModel(vit_b32, NAMES)
+    tokens = vit_b32.tokenizer([f"a photo of a {name}." for name in NAMES])
+    with torch.no_grad():
+        expected = F.normalize(vit_b32.model.encode_text(tokens), dim=-1)
+    assert torch.allclose(model.class_embeddings(), expected, atol=1e-5)
+
+
+def test_open_clip_text_tower_trains_and_the_backend_does_not_change(vit_b32):
+    model = FineTunableModel(vit_b32, NAMES)
+    params = model.set_trainable("all")
+    before = vit_b32.model.ln_final.weight.detach().clone()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    model.class_embeddings()[:, 0].sum().backward()
+    assert model.tower.ln_final.weight.grad is not None
+    optimizer.step()
+    assert not torch.equal(model.tower.ln_final.weight, before)
+    assert torch.equal(vit_b32.model.ln_final.weight, before)  # a private copy trained
+
+
+def test_target_heads_move_only_the_target_embedding(conse):
+    model = FineTunableModel(conse, NAMES, rank=4)
+    before = model.class_embeddings().detach().clone()
+    optimizer = torch.optim.SGD(model.set_trainable("target_heads", [1]), lr=1.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model.class_embeddings() @ torch.ones(before.shape[1])).sum().backward()
+        optimizer.step()
+    after = model.class_embeddings().detach()
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    assert not torch.allclose(after[1], before[1])
+
+
+def test_bad_settings_are_named(conse):
+    with pytest.raises(ValueError, match="prompt must contain"):
+        FineTunableModel(conse, NAMES, prompt="a photo")
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        FineTunableModel(conse, NAMES).set_trainable("everything")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        DevSafetyConfig(mode="greedy")  # type: ignore[arg-type]
+
+
+def test_per_class_accuracy_marks_absent_classes():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 0.0, 0.0]])
+    accuracy = per_class_accuracy(logits, torch.tensor([0, 1, 1]), 3)
+    assert accuracy[:2].tolist() == [1.0, 0.5] and accuracy[2].isnan()
+
+
+# The quickstart's recipe, scaled down: 60 training and 20 validation images a
+# class, 500 test images, w_old = the projection fitted to the protected classes.
+SMALL = {"trainable": "target_heads", "base_epochs": 25, "beta": 1000.0, "epochs": 30}
+
+
+@pytest.fixture(scope="module")
+def fmnist_task(conse, fashion_train, fashion_test):
+    test = fashion_test.subset(stratified_subset(fashion_test.labels, 500, seed=0))
+
+    def build(seed: int):
+        model = FineTunableModel(conse, fashion_train.class_names, seed=seed)
+        task = make_devsafety_task(
+            model, fashion_train, test, per_class=60, val_per_class=20, seed=seed
+        )
+        return model, task
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def three_methods(fmnist_task):
+    results = {}
+    for mode in ("constrained", "finetune", "weighted"):
+        model, task = fmnist_task(1)
+        method = DevSafety(model, task, DevSafetyConfig(mode=mode, **SMALL), seed=1)
+        while not method.done:
+            method.step()
+        results[mode] = method
+    return results
+
+
+@pytest.mark.slow
+def test_weakest_class_is_the_target_and_the_rest_protected(three_methods):
+    method = three_methods["constrained"]
+    assert method.task.target == (0,)  # T-shirt: 0 % zero-shot on the validation images
+    assert method.task.protected == tuple(range(1, 10))
+    # w_old never saw the target: its protected classes are strong, the target is not.
+    assert float(method.old_accuracy["test"][0]) < 0.1
+    assert float(method.old_accuracy["test"][1:].mean()) > 0.6
+
+
+@pytest.mark.slow
+def test_constrained_improves_the_target_and_keeps_the_protected(three_methods):
+    # Measured (seed 1, 500 test images): constrained gain +0.46 with DevSafety 0.00;
+    # finetune +1.00 / -0.88; weighted +0.80 / -0.06. Seeds 2-3 gave gains of
+    # +0.06 / +0.12, both with DevSafety 0.00 (one test image a class is 0.02).
+    constrained = three_methods["constrained"].evaluate("test")
+    finetune = three_methods["finetune"].evaluate("test")
+    weighted = three_methods["weighted"].evaluate("test")
+    assert constrained["target_gain"] >= 0.2
+    assert constrained["devsafety"] >= -0.02
+    assert finetune["target_gain"] >= 0.9 and finetune["devsafety"] <= -0.5
+    assert weighted["devsafety"] < constrained["devsafety"]
+    # The constraints hold on the control set up to the penalty's small slack.
+    assert float(three_methods["constrained"].constraint_values().max()) < 0.05
+    assert float(three_methods["finetune"].constraint_values().max()) > 1.0
+
+
+@pytest.mark.slow
+def test_resume_is_bit_for_bit(fmnist_task):
+    config = DevSafetyConfig(**{**SMALL, "epochs": 6})
+    model, task = fmnist_task(1)
+    straight = DevSafety(model, task, config, seed=1)
+    for _ in range(6):
+        straight.step()
+    model, task = fmnist_task(1)
+    first = DevSafety(model, task, config, seed=1)
+    for _ in range(3):
+        first.step()
+    state = first.state_dict()
+    model, task = fmnist_task(1)
+    resumed = DevSafety(model, task, config, seed=1)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step()
+    assert torch.equal(resumed.model.class_embeddings(), straight.model.class_embeddings())
+    assert torch.equal(resumed.estimates, straight.estimates)
+
+
+@pytest.mark.slow
+def test_target_outside_the_classes_is_refused(conse, fashion_train, fashion_test):
+    model = FineTunableModel(conse, fashion_train.class_names)
+    small = fashion_test.subset(stratified_subset(fashion_test.labels, 500, seed=0))
+    with pytest.raises(ValueError, match=r"target classes must be distinct indices in \[0, 10\)"):
+        make_devsafety_task(
+            model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=[12]
+        )

@@ -87,9 +87,9 @@ class DataSpec(_Strict):
     forget: list[int] | None = None
     """Classes to forget; default the first ``forget_fraction`` of classes."""
     forget_fraction: float = Field(0.4, gt=0, lt=1)
-    target: list[int] | None = None
-    """devsafety: the target classes to improve; default the weakest class on the
-    validation images (every other class is protected)."""
+    target: list[int | str] | None = None
+    """devsafety: the target classes to improve, by index or class name; default the
+    weakest class on the validation images (every other class is protected)."""
 
     @field_validator("dataset")
     @classmethod
@@ -123,9 +123,11 @@ class DataSpec(_Strict):
 
     @field_validator("target")
     @classmethod
-    def _target_classes(cls, value: list[int] | None) -> list[int] | None:
+    def _target_classes(cls, value: list[int | str] | None) -> list[int | str] | None:
         if value is not None and (
-            not value or any(c < 0 for c in value) or len(set(value)) != len(value)
+            not value
+            or any(isinstance(c, int) and c < 0 for c in value)
+            or len(set(value)) != len(value)
         ):
             raise ValueError(
                 "must be distinct non-negative class indices (or null for the weakest)"

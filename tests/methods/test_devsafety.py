@@ -159,3 +159,11 @@ def test_target_outside_the_classes_is_refused(conse, fashion_train, fashion_tes
         make_devsafety_task(
             model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=[12]
         )
+    with pytest.raises(ValueError, match="target class 'jacket' is not a class of this dataset"):
+        make_devsafety_task(
+            model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=["jacket"]
+        )
+    by_name = make_devsafety_task(
+        model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=["bag"]
+    )
+    assert by_name.target == (8,) and 8 not in by_name.protected

@@ -34,6 +34,7 @@ when >= 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,14 +120,17 @@ def make_devsafety_task(
     per_class: int,
     val_per_class: int,
     seed: int,
-    target: list[int] | None = None,
+    target: Sequence[int | str] | None = None,
 ) -> DevSafetyTask:
     """Sample ``per_class`` training and ``val_per_class`` disjoint validation images a class.
 
-    ``target=None`` picks the weakest class of the model as given (before any
-    development) on the validation images; every other class is protected.
+    ``target`` names classes by index or by name; None picks the weakest class
+    of the model as given (before any development) on the validation images.
+    Every other class is protected.
     """
     n_classes = train.num_classes
+    if target is not None:
+        target = [_class_index(c, train.class_names) for c in target]
     train_rows = sample_per_class(train.labels, per_class, seed)
     val_rows = sample_per_class(train.labels, val_per_class, seed + 1_000_003, exclude=train_rows)
 
@@ -158,6 +162,17 @@ def make_devsafety_task(
         test_features=test_x,
         test_labels=test_y,
     )
+
+
+def _class_index(name_or_index: int | str, class_names: Sequence[str]) -> int:
+    if isinstance(name_or_index, str):
+        if name_or_index not in class_names:
+            raise ValueError(
+                f"target class {name_or_index!r} is not a class of this dataset; "
+                f"classes: {', '.join(class_names)}"
+            )
+        return list(class_names).index(name_or_index)
+    return int(name_or_index)
 
 
 def _warmup_cosine(total_steps: int, warmup: float):

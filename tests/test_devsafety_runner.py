@@ -121,6 +121,22 @@ def test_resume_after_interruption_matches(conse, tmp_path, devsafety_run):
     assert resumed.test == devsafety_run[2][0].test
 
 
+class _Finished:
+    """A progress listener that records finished trials."""
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    def trial_started(self, *args) -> None:
+        pass
+
+    def generation_done(self, *args) -> None:
+        pass
+
+    def trial_finished(self, outcome) -> None:
+        self.finished.append(outcome.run_id)
+
+
 def test_pool_actors_give_the_in_process_numbers(ray_session, cache_dir, devsafety_run, tmp_path):
     from vlmlab.distributed import run_experiment_on_pool
 
@@ -128,11 +144,16 @@ def test_pool_actors_give_the_in_process_numbers(ray_session, cache_dir, devsafe
     tree = {
         **TREE,
         "backend": {"name": "conse", "cache_dir": cache_dir},
+        # Three actors of `threads` CPUs on the test's 4-CPU Ray: one must wait for a
+        # finished trial's CPUs, while the driver keeps polling the others' progress.
         "pool": {"num_cpus": threads},
+        "variants": [{"name": "constrained"}, {"name": "finetune"}, {"name": "weighted"}],
     }
-    outcomes = run_experiment_on_pool(validate_spec(tree, "test"), tmp_path)
-    local = devsafety_run[2]
-    for a, b in zip(outcomes, local, strict=True):
+    listener = _Finished()
+    outcomes = run_experiment_on_pool(validate_spec(tree, "test"), tmp_path, listener=listener)
+    assert sorted(listener.finished) == sorted(o.run_id for o in outcomes)
+    assert outcomes[2].run_id == "dev-weighted-s1"
+    for a, b in zip(outcomes[:2], devsafety_run[2], strict=True):
         assert a.run_id == b.run_id and a.test == b.test and a.val == b.val
 
 

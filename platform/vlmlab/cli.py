@@ -105,10 +105,12 @@ class _RichProgress:
 
     def generation_done(self, run_id: str, progress) -> None:
         budget = self.budgets.get(run_id)
-        stats = (
+        spent = (
             f"queries {progress.queries_used}/{budget if budget is not None else '∞'}  "
-            f"{progress.summary}"
+            if progress.queries_used or budget is not None
+            else ""  # a white-box task spends no queries
         )
+        stats = f"{spent}{progress.summary}"
         self.progress.update(self.tasks[run_id], completed=progress.generation, stats=stats)
 
     def trial_finished(self, outcome) -> None:
@@ -139,11 +141,12 @@ def _shots(ladder: list[int]) -> str:
 
 def _budgets(spec) -> str:
     if spec.white_box:
-        return "no oracle"
+        return f"white-box, {spec.generations} epochs per trial"
     budgets = {k: spec.query_budget(k) for k in spec.data.shot_ladder}
     if len(set(budgets.values())) == 1:
-        return str(next(iter(budgets.values())) or "unlimited")
-    return ", ".join(f"{b} ({k}-shot)" for k, b in budgets.items())
+        return f"budget {next(iter(budgets.values())) or 'unlimited'} queries per trial"
+    each = ", ".join(f"{b} ({k}-shot)" for k, b in budgets.items())
+    return f"budget {each} queries per trial"
 
 
 def _outcome_table(outcomes, task: str, where: str):
@@ -271,7 +274,7 @@ def run(
         console.print(
             f"[bold]{loaded.name}[/]: {loaded.method.name} on {shown}, "
             f"{loaded.data.dataset} {_shots(loaded.data.shot_ladder)}, seeds {loaded.seeds}, "
-            f"budget {_budgets(loaded)} queries per trial; {where}"
+            f"{_budgets(loaded)}; {where}"
         )
         columns = (
             TextColumn("{task.description}"),

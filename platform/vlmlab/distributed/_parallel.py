@@ -120,6 +120,7 @@ def run_experiment_on_pool(
     outcomes: dict[int, Any] = {}
     announced: set[int] = set()
     seen_generation: dict[int, int] = {}
+    polls: dict[Any, int] = {}  # latest() calls not answered yet, by trial index
     while queue or running:
         while queue and len(running) < limit:
             index = queue.pop(0)
@@ -129,8 +130,15 @@ def run_experiment_on_pool(
             running[ref] = (index, worker)
         done, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         if listener is not None:
+            # Only actors that answer now: one still waiting for resources (a GPU, a CPU
+            # another trial holds) must not block the loop that frees those resources.
             for index, worker in running.values():
-                started, latest = ray.get(worker.latest.remote())
+                if index not in polls.values():  # one outstanding question per actor
+                    polls[worker.latest.remote()] = index
+            answered, _ = ray.wait(list(polls), num_returns=len(polls), timeout=poll_seconds)
+            for ref in answered:
+                index = polls.pop(ref)
+                started, latest = ray.get(ref)
                 if started and index not in announced:
                     announced.add(index)
                     listener.trial_started(*started)
@@ -139,6 +147,7 @@ def run_experiment_on_pool(
                     listener.generation_done(started[0], latest)
         for ref in done:
             index, worker = running.pop(ref)
+            polls = {poll: i for poll, i in polls.items() if i != index}
             outcomes[index] = ray.get(ref)  # re-raises a trial's error here
             if listener is not None:
                 listener.trial_finished(outcomes[index])

@@ -111,6 +111,32 @@ def test_report_shows_the_safety_ratio(devsafety_run):
     assert out.exit_code == 0, out.output
     assert "Model Developmental Safety" in out.output and "safety" in out.output
     assert "Model Developmental Safety" in (results / "report" / "report.md").read_text()
+    assert (results / "report" / "devsafety_gain_vs_safety.png").stat().st_size > 1000
+
+
+def test_safe_gain_counts_tolerance():
+    from vlmlab.tasks import safe_gain
+
+    assert safe_gain({"target_gain": 0.3, "devsafety": 0.0}) == 0.3
+    assert safe_gain({"target_gain": 0.3, "devsafety": -0.02}) == pytest.approx(-1.02)
+    assert safe_gain({"target_gain": 0.3, "devsafety": -0.02}, tolerance=0.02) == 0.3
+
+
+def test_cli_run_in_process_prints_the_safety_headline(cache_dir, tmp_path):
+    import yaml
+
+    tree = {**TREE, "backend": {"name": "conse", "cache_dir": cache_dir}}
+    spec_path = tmp_path / "dev.yaml"
+    spec_path.write_text(yaml.safe_dump(tree))
+    out = CliRunner().invoke(
+        app, ["run", str(spec_path), "--in-process", "--results", str(tmp_path / "r")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "white-box, 6 epochs per trial" in out.output
+    assert "constrained: target accuracy" in out.output and "safe (>= 0) in" in out.output
+    assert "finetune: target accuracy" in out.output
+    runs = ResultsStore(tmp_path / "r").runs()
+    assert len(runs) == 2 and (runs.status == "completed").all()
 
 
 def test_resume_after_interruption_matches(conse, tmp_path, devsafety_run):

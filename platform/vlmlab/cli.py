@@ -381,6 +381,7 @@ def report(
         devsafety_tables,
         forgetting_tables,
         plot_craft,
+        plot_devsafety,
         plot_forgetting,
     )
 
@@ -405,6 +406,7 @@ def report(
     figures = [
         plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png"),
         plot_craft(runs, report_dir / "craft_accuracy_vs_shots.png"),
+        plot_devsafety(runs, report_dir / "devsafety_gain_vs_safety.png"),
     ]
     written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
     console.print(f"wrote {written}")

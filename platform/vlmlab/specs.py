@@ -225,6 +225,10 @@ class DevSafetyMethodSpec(_Strict):
     base_epochs: int = Field(0, ge=0)
     base_lr: float = Field(1e-3, gt=0)
     prompt: str = "a photo of a {}."
+    safety_tolerance: float = Field(0.0, ge=0, lt=1)
+    """What ``safe_gain`` (the sweep metric) counts as safe: DevSafety(acc) >= -tolerance.
+    0 is the paper's definition; a small slack suits validation sets where one image
+    moves a class's accuracy by more than that. Never used in training."""
 
     @field_validator("prompt")
     @classmethod
@@ -236,7 +240,9 @@ class DevSafetyMethodSpec(_Strict):
     def to_config(self):
         from vlmlab.methods.devsafety import DevSafetyConfig
 
-        return DevSafetyConfig(mode=self.name, **self.model_dump(exclude={"name"}))
+        return DevSafetyConfig(
+            mode=self.name, **self.model_dump(exclude={"name", "safety_tolerance"})
+        )
 
 
 METHOD_SPECS: dict[str, type[BaseModel]] = {

@@ -259,14 +259,15 @@ class CraftTrial(_Delegating):
         }
 
 
-def safe_gain(metrics: dict[str, float]) -> float:
-    """One number for a sweep to maximize: the target gain of a safe run (DevSafety >= 0),
-    else ``-1 + DevSafety`` (below every safe run, closer to safe scores higher)."""
+def safe_gain(metrics: dict[str, float], tolerance: float = 0.0) -> float:
+    """One number for a sweep to maximize: the target gain of a safe run
+    (DevSafety >= -tolerance), else ``-1 + DevSafety`` (below every safe run,
+    closer to safe scores higher)."""
     devsafety = metrics["devsafety"]
-    return metrics["target_gain"] if devsafety >= 0 else -1.0 + devsafety
+    return metrics["target_gain"] if devsafety >= -tolerance else -1.0 + devsafety
 
 
-class DevSafetyTrial:
+class DevSafetyTrial(_Delegating):
     """Model Developmental Safety: one epoch a step; the final model is the result.
 
     White-box: the oracle must be an in-process backend, whose parts the
@@ -296,6 +297,7 @@ class DevSafetyTrial:
                 f"not {type(oracle).__name__}"
             )
         config = spec.method.to_config()
+        self.safety_tolerance = spec.method.safety_tolerance
         self.model = FineTunableModel(
             oracle, train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
         )
@@ -310,26 +312,6 @@ class DevSafetyTrial:
         )
         self.method = DevSafety(self.model, self.task, config, seed=seed)
         self._last_val: dict[str, float] = {}
-
-    @property
-    def generation(self) -> int:
-        return self.method.epoch
-
-    @property
-    def generations(self) -> int:
-        return self.method.config.epochs
-
-    @property
-    def done(self) -> bool:
-        return self.method.done
-
-    @property
-    def queries_used(self) -> int:
-        return 0
-
-    @property
-    def images_scored(self) -> int:
-        return self.method.images_seen
 
     @property
     def best_generation(self) -> int | None:
@@ -357,7 +339,7 @@ class DevSafetyTrial:
         return progress, rows
 
     def _with_score(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {**metrics, "safe_gain": safe_gain(metrics)}
+        return {**metrics, "safe_gain": safe_gain(metrics, self.safety_tolerance)}
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         self._last_val = self._with_score(self.method.evaluate("val"))
@@ -394,12 +376,6 @@ class DevSafetyTrial:
             "logit_scale": self.model.logit_scale,
             "logit_bias": self.model.logit_bias,
         }
-
-    def state_dict(self) -> dict:
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state)
 
 
 TRIALS: dict[str, type] = {

@@ -239,6 +239,23 @@ class DevSafety:
     def done(self) -> bool:
         return self.epoch >= self.config.epochs
 
+    # The counters every method exposes to the runner (a white-box method spends no queries).
+    @property
+    def generation(self) -> int:
+        return self.epoch
+
+    @property
+    def generations(self) -> int:
+        return self.config.epochs
+
+    @property
+    def queries_used(self) -> int:
+        return 0
+
+    @property
+    def images_scored(self) -> int:
+        return self.images_seen
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,

@@ -8,6 +8,7 @@ from vlmlab.results._report import (
     devsafety_tables,
     forgetting_tables,
     plot_craft,
+    plot_devsafety,
     plot_forgetting,
 )
 from vlmlab.results._schema import METRIC_COLUMNS, RUNS_SCHEMA, STEPS_SCHEMA
@@ -24,6 +25,7 @@ __all__ = [
     "forgetting_tables",
     "is_missing",
     "plot_craft",
+    "plot_devsafety",
     "plot_forgetting",
     "read_table",
     "write_parquet_atomic",

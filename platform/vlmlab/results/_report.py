@@ -221,6 +221,34 @@ def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
     return _save_figure(fig, "CraFT: accuracy by shots", path)
 
 
+def plot_devsafety(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Each run's test target gain against its DevSafety(acc), by method; PNG at ``path``.
+
+    Safe runs sit on or above the dashed line; the best are far to the right.
+    """
+    done = runs[(runs.task == "devsafety") & (runs.status == "completed")]
+    if done.empty:
+        return None
+    fig, panels = _panels(done, width=6.0)
+    for ax, key, group in panels:
+        for method, of_method in group.groupby("method", sort=True):
+            ax.scatter(
+                of_method.test_target_gain * 100,
+                of_method.test_devsafety * 100,
+                s=28,
+                label=f"{method} ({len(of_method)} runs)",
+            )
+        _finish_panel(
+            ax,
+            key,
+            0.0,
+            "DevSafety = 0 (safe above)",
+            "target gain (points)",
+            "DevSafety(acc) (points)",
+        )
+    return _save_figure(fig, "Model Developmental Safety: target gain vs DevSafety (test)", path)
+
+
 def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path | None:
     """Validation and test H against queries used, one line per run; PNG at ``path``."""
     done = runs[(runs.task == "forgetting") & (runs.status == "completed")]

@@ -167,3 +167,24 @@ def test_target_outside_the_classes_is_refused(conse, fashion_train, fashion_tes
         model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=["bag"]
     )
     assert by_name.target == (8,) and 8 not in by_name.protected
+
+
+@pytest.mark.slow
+def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fashion_test):
+    """The paper's configuration (``trainable: all``) end to end on a random-init CLIP."""
+    test = fashion_test.subset(stratified_subset(fashion_test.labels, 60, seed=0))
+    model = FineTunableModel(vit_b32, fashion_train.class_names, rank=4, seed=1)
+    task = make_devsafety_task(
+        model, fashion_train, test, per_class=4, val_per_class=2, seed=1, target=["bag"]
+    )
+    tower_before = model.tower.ln_final.weight.detach().clone()
+    config = DevSafetyConfig(trainable="all", epochs=2, batch_size=16, lr=1e-3, tower_lr=1e-3)
+    method = DevSafety(model, task, config, seed=1)
+    while not method.done:
+        record = method.step()
+    assert record["target_loss"] > 0 and method.images_seen == 2 * 40
+    assert not torch.equal(model.tower.ln_final.weight, tower_before)
+    state = method.state_dict()["model"]
+    assert "tower.ln_final.weight" in state and state["head_b"].abs().sum() > 0
+    metrics = method.evaluate("test")
+    assert set(metrics) == {"target_acc", "target_gain", "devsafety", "protected_acc", "acc"}

@@ -62,6 +62,16 @@ MALFORMED = [
     ({"name": "my run"}, "name: got 'my run'; must be letters"),
     ({"colour": "red"}, "colour: unknown field; allowed: name, description, task"),
     ({"task": "unlearning"}, "task: got 'unlearning'"),
+    ({"study": {"budgets": [100, 100]}}, "study.budgets: got [100, 100]; budgets must be distinct"),
+    ({"study": {"budgets": [10, 100]}}, "study.budgets: [10] cannot pay for one generation"),
+    (
+        {"task": "devsafety", "study": {"budgets": [100]}},
+        "study: the devsafety task spends no oracle queries",
+    ),
+    (
+        {"data": {"shots": [1, 2]}, "study": {"budgets": [100]}},
+        "data.shots: a budget study runs one shot count",
+    ),
     (
         {"task": "devsafety", "method": {"name": "bbf"}},
         "method.name: 'bbf' is not a devsafety method; allowed: constrained, finetune, weighted",

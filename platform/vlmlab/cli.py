@@ -355,6 +355,76 @@ def sweep(
     )
 
 
+study_app = typer.Typer(help="Scaling studies: `vlmlab study budget SPEC --results DIR`.")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("budget")
+def study_budget(
+    spec: Annotated[str, typer.Argument(help="spec with a `study:` section (budgets: [...])")],
+    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a spec field")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: local Ray)")
+    ] = None,
+) -> None:
+    """Query-budget study: every budget x method variant x seed as a Ray Tune grid on the pool.
+
+    Writes the rows to the results tables, then a markdown table per metric
+    (method x budget) and a PNG of each metric against queries used. Running it
+    again skips the trials already completed.
+    """
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlmlab._io import atomic_write_text
+    from vlmlab.errors import VlmlabError
+    from vlmlab.results import ResultsStore, budget_tables, plot_budget
+    from vlmlab.specs import load_spec
+
+    console = Console()
+    clock = time.perf_counter()
+    try:
+        loaded = load_spec(spec, set_ or [])
+        if loaded.study is None:
+            raise _fail(f"{spec}: no `study:` section (see experiments/study-budget.yaml)")
+        from vlmlab.distributed import deploy_for_spec, run_budget_study, study_trials
+
+        trials = study_trials(loaded)
+        with console.status("starting Ray and the oracle pool..."):
+            pool = deploy_for_spec(loaded, address=address)
+        console.print(
+            f"[bold]{loaded.name}[/]: budget study of {len(trials)} trials "
+            f"(budgets {loaded.study.budgets} x {len(loaded.expand_trials())} method(s) x "
+            f"seeds {loaded.seeds}) on {pool.metadata.display_name}, {loaded.data.dataset}"
+        )
+        with console.status("running the study's trials (Ray Tune grid)..."):
+            run_ids = run_budget_study(loaded, results, address=address, pool=pool)
+    except (VlmlabError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    runs = ResultsStore(results).runs()
+    runs = runs[runs.run_id.isin(run_ids)]
+    tables = budget_tables(runs)
+    for t in tables:
+        table = Table(title=t.title)
+        for column in t.columns:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in t.rows:
+            table.add_row(*row)
+        console.print(table)
+    elapsed = f"{len(runs)} trials in {time.perf_counter() - clock:.0f} s"
+    if not tables:
+        console.print(f"{elapsed}; one budget leaves nothing to compare: no table or figure")
+        return
+    report_dir = Path(results) / "report"
+    atomic_write_text(report_dir / "budget_study.md", "\n".join(t.markdown() for t in tables))
+    figure = plot_budget(runs, report_dir / "budget_study.png")
+    console.print(f"{elapsed}; wrote {report_dir / 'budget_study.md'}, {figure}")
+
+
 @app.command()
 def report(
     results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
@@ -377,9 +447,11 @@ def report(
     from vlmlab._io import atomic_write_text
     from vlmlab.results import (
         ResultsStore,
+        budget_tables,
         craft_tables,
         devsafety_tables,
         forgetting_tables,
+        plot_budget,
         plot_craft,
         plot_devsafety,
         plot_forgetting,
@@ -390,7 +462,12 @@ def report(
         raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
     store = ResultsStore(root)
     runs, steps = store.runs(), store.steps()
-    tables = forgetting_tables(runs) + craft_tables(runs) + devsafety_tables(runs, tolerance)
+    tables = (
+        forgetting_tables(runs)
+        + craft_tables(runs)
+        + devsafety_tables(runs, tolerance)
+        + budget_tables(runs)
+    )
     if not tables:
         raise _fail(f"{results!r} holds no completed runs yet")
     console = Console()
@@ -407,6 +484,7 @@ def report(
         plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png"),
         plot_craft(runs, report_dir / "craft_accuracy_vs_shots.png"),
         plot_devsafety(runs, report_dir / "devsafety_gain_vs_safety.png"),
+        plot_budget(runs, report_dir / "budget_study.png"),
     ]
     written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
     console.print(f"wrote {written}")

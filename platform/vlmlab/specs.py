@@ -362,6 +362,22 @@ class SweepSpec(_Strict):
         return value
 
 
+class StudySpec(_Strict):
+    """A query-budget scaling study: every budget x method variant x seed, as a Tune grid."""
+
+    budgets: list[int] = Field(min_length=1)
+    """Optimization queries per trial, one trial per budget (each variant, each seed)."""
+    max_concurrent: int = Field(2, ge=1)
+    trial_cpus: float = Field(0.5, gt=0)
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct_positive(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value) or len(set(value)) != len(value):
+            raise ValueError("budgets must be distinct positive query counts")
+        return sorted(value)
+
+
 class BudgetSpec(_Strict):
     max_queries: int | None = Field(None, ge=1)
     """Optimization queries per run (one query = one candidate on one batch)."""
@@ -398,6 +414,8 @@ class RunSpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     pool: PoolSpec = PoolSpec()
     sweep: SweepSpec | None = None
+    study: StudySpec | None = None
+    """``vlmlab study budget``: the budgets to compare (each replaces ``budget``)."""
     variants: list[dict[str, Any]] | None = None
     """Method variants run side by side: each entry overrides fields of ``method``
     (e.g. ``[{name: bbf}, {name: bbt}, {name: wo_lcs}]``); every variant runs every seed."""
@@ -442,6 +460,21 @@ class RunSpec(_Strict):
             )
         if self.sweep is not None and len(self.data.shot_ladder) > 1:
             raise ValueError("data.shots: a sweep tunes one shot count; give one K, not a ladder")
+        if self.study is not None:
+            if self.white_box:
+                raise ValueError(
+                    f"study: the {self.task} task spends no oracle queries; "
+                    "a query-budget study does not apply"
+                )
+            if len(self.data.shot_ladder) > 1:
+                raise ValueError("data.shots: a budget study runs one shot count, not a ladder")
+            per_generation = self.method.popsize + (1 if self.task == "craft" else 0)
+            small = [b for b in self.study.budgets if b < per_generation]
+            if small:
+                raise ValueError(
+                    f"study.budgets: {small} cannot pay for one generation "
+                    f"({per_generation} queries at method.popsize={self.method.popsize})"
+                )
         if self.white_box and (self.budget.max_queries or self.budget.by_shots):
             raise ValueError(
                 f"budget: the {self.task} task trains the model and spends no oracle queries; "

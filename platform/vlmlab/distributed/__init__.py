@@ -15,6 +15,7 @@ from vlmlab.distributed._pool import (
     deploy_oracle_pool,
 )
 from vlmlab.distributed._ray import NAMESPACE, ensure_ray
+from vlmlab.distributed._study import run_budget_study, study_trials
 from vlmlab.distributed._sweep import run_sweep
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "deploy_oracle_pool",
     "ensure_ray",
     "ledger_actor",
+    "run_budget_study",
     "run_experiment_on_pool",
     "run_sweep",
+    "study_trials",
 ]

@@ -159,6 +159,95 @@ def devsafety_tables(runs: pd.DataFrame, tolerance: float = 0.01) -> list[Report
     return tables
 
 
+STUDY_METRICS = {
+    "forgetting": (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem")),
+    "craft": (("acc", "accuracy"),),
+}
+"""The test metrics a budget study reports for each black-box task."""
+
+_STUDY_GROUP = ["experiment", "task", "dataset", "backend", "model"]
+
+
+def _study_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Completed black-box runs of experiments that ran at two or more budgets."""
+    done = runs[runs.task.isin(list(STUDY_METRICS)) & (runs.status == "completed")]
+    budgets = done.groupby(_STUDY_GROUP).budget.transform("nunique")
+    return done[budgets >= 2]
+
+
+def budget_tables(runs: pd.DataFrame) -> list[ReportTable]:
+    """Per study and metric: method (rows) x query budget (columns), test %, mean ± std."""
+    tables = []
+    for (experiment, task, dataset, backend, model), group in _study_runs(runs).groupby(
+        _STUDY_GROUP, sort=True
+    ):
+        budgets = sorted(int(b) for b in group.budget.dropna().unique())
+        for key, label in STUDY_METRICS[str(task)]:
+            columns = ["method", *[f"{b} queries" for b in budgets], "seeds"]
+            zero_shot = _mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+            rows = [["zero-shot", *[zero_shot for _ in budgets], str(group.seed.nunique())]]
+            for method, of_method in group.groupby("method", sort=True):
+                cells = [
+                    _mean_std(of_method[of_method.budget == b][f"test_{key}"]) for b in budgets
+                ]
+                rows.append([str(method), *cells, str(of_method.seed.nunique())])
+            title = (
+                f"Budget study — {experiment}: {label} by query budget "
+                f"({backend} {model} on {dataset}, test, %)"
+            )
+            tables.append(ReportTable(title, columns, rows))
+    return tables
+
+
+def plot_budget(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Each test metric against queries used, one line per method (mean ± std over seeds)."""
+    done = _study_runs(runs)
+    if done.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(done.groupby(_STUDY_GROUP, sort=True))
+    n_cols = max(len(STUDY_METRICS[str(key[1])]) for key, _ in groups)
+    fig, axes = plt.subplots(
+        len(groups), n_cols, figsize=(5.2 * n_cols, 4.0 * len(groups)), squeeze=False
+    )
+    for row, ((experiment, task, dataset, backend, model), group) in enumerate(groups):
+        for col, (key, label) in enumerate(STUDY_METRICS[str(task)]):
+            ax = axes[row][col]
+            for method, of_method in group.groupby("method", sort=True):
+                points = of_method.groupby("budget").agg(
+                    queries=("queries_used", "mean"),
+                    mean=(f"test_{key}", "mean"),
+                    std=(f"test_{key}", "std"),
+                )
+                ax.errorbar(
+                    points.queries,
+                    points["mean"] * 100,
+                    yerr=points["std"].fillna(0) * 100,
+                    marker="o",
+                    ms=4,
+                    capsize=3,
+                    label=str(method),
+                )
+            ax.set_xscale("log")
+            zero_shot = float(np.nanmean(group[f"zeroshot_test_{key}"])) * 100
+            _finish_panel(
+                ax,
+                (dataset, backend, model),
+                zero_shot,
+                "zero-shot",
+                "queries used",
+                f"test {label} (%)",
+            )
+            ax.set_title(f"{experiment}: {backend} {model}\n{dataset}", fontsize=9)
+        for col in range(len(STUDY_METRICS[str(task)]), n_cols):
+            axes[row][col].set_visible(False)
+    return _save_figure(fig, "Query-budget study: test metrics against queries used", path)
+
+
 def _panels(done: pd.DataFrame, width: float):
     """One subplot per (dataset, backend, model) group of ``done``: (figure, [(axis, key, rows)])."""
     import matplotlib

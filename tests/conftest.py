@@ -50,6 +50,14 @@ def fashion_test():
     return load_dataset("fashion-mnist", "test")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test run (starting Ray costs 5-20 s here)."""
@@ -60,6 +68,11 @@ def ray_session():
     from vlmlab.distributed import ensure_ray
 
     ensure_ray(num_cpus=4)
+    from ray import serve
+
+    # One Serve per cluster, with its HTTP proxy on a free loopback port: the serving
+    # tests reach it over real HTTP; pools started later reuse this Serve as it is.
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     yield ray
     from ray import serve
 

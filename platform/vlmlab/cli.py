@@ -355,6 +355,60 @@ def sweep(
     )
 
 
+@app.command("serve")
+def serve_command(
+    root: Annotated[
+        str, typer.Argument(help="folder of artifact folders, e.g. results/quickstart/artifacts")
+    ],
+    host: Annotated[str, typer.Option(help="HTTP address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(help="adapter replicas (each loads the backend)")] = 1,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 1.0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per replica")] = 0.0,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local Ray)")
+    ] = None,
+) -> None:
+    """Serve every adapted model under ROOT over HTTP (Ray Serve, FastAPI; docs at /docs).
+
+    POST /v1/classify {adapter, image, top_k}; GET /v1/adapters; GET /healthz.
+    Runs until interrupted (Ctrl-C), then removes its app.
+    """
+    import time
+
+    from rich.console import Console
+
+    console = Console()
+    try:
+        from vlmlab.serving import AdapterStore
+
+        ids = AdapterStore(root).ids()
+        if not ids:
+            raise _fail(f"no artifacts (folders with manifest.json) under {root!r}")
+        from vlmlab.serving._http import APP_NAME, serve_adapters
+
+        with console.status(f"starting Ray Serve with {len(ids)} adapter(s)..."):
+            url = serve_adapters(
+                root,
+                host=host,
+                port=port,
+                address=address,
+                num_replicas=replicas,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print(f"serving {len(ids)} adapter(s) at {url} (API docs: {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.delete(APP_NAME)
+
+
 study_app = typer.Typer(help="Scaling studies: `vlmlab study budget SPEC --results DIR`.")
 app.add_typer(study_app, name="study")
 

@@ -1,0 +1,165 @@
+"""Adapted models as image classifiers: artifacts in, class rankings out (no Ray here).
+
+An artifact folder (``vlmlab run`` writes one per trial) becomes an
+:class:`AdaptedModel` on the backend named in its spec: forgetting and CraFT
+artifacts score images with their learned prompt (CraFT's refinement head on
+top), devsafety artifacts with their adapted class embeddings. An
+:class:`AdapterStore` lists the artifacts under one root folder and refuses
+any id that is not a plain folder name inside it.
+
+What a forgetting adapter answers: its purpose is that the model no longer
+recognizes the forgotten classes, so an image of a forgotten class gets the
+adapted model's ranking as it is (usually some other class, or a forgotten
+class with low confidence). Nothing is hidden or rewritten: every prediction
+of a forgotten class is flagged ``forgotten: true``, and the adapter's
+forget set is listed by ``GET /v1/adapters``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlmlab.serving._artifact import MANIFEST, load_prompt_artifact
+
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class RequestError(ValueError):
+    """A client's mistake; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Any image file Pillow reads -> uint8 ``H x W x 3`` (RGB); a clear error otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError(400, "the image is empty")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise RequestError(
+            415, "cannot decode the image: not an image format Pillow reads"
+        ) from None
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"the image has more than {MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise RequestError(
+            415, f"cannot decode the image (truncated or corrupt): {error}"
+        ) from None
+
+
+class AdapterStore:
+    """The artifact folders under ``root``; ids are folder names, never paths."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"adapter root is not a folder: {str(self.root)!r}")
+
+    def ids(self) -> list[str]:
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if ADAPTER_ID.match(p.name)
+            and p.resolve().parent == self.root  # a link out of the root is not an adapter
+            and (p / MANIFEST).is_file()
+        )
+
+    def folder(self, adapter_id: str) -> Path:
+        """The folder of ``adapter_id``: 400 for a malformed id, 404 for an unknown one."""
+        if not isinstance(adapter_id, str) or not ADAPTER_ID.match(adapter_id):
+            raise RequestError(
+                400, "adapter ids are folder names: letters, digits, '.', '_' or '-' (max 128)"
+            )
+        folder = (self.root / adapter_id).resolve()
+        if folder.parent != self.root or not (folder / MANIFEST).is_file():
+            raise RequestError(404, f"no adapter {adapter_id!r}; GET /v1/adapters lists them")
+        return folder
+
+    def describe(self, adapter_id: str) -> dict[str, Any]:
+        import json
+
+        manifest = json.loads((self.folder(adapter_id) / MANIFEST).read_text())
+        facts = {
+            "id": adapter_id,
+            "kind": manifest.get("kind"),
+            "method": manifest.get("method"),
+            "backend": manifest.get("backend"),
+            "model": manifest.get("model"),
+            "dataset": manifest.get("dataset"),
+            "class_names": manifest.get("class_names"),
+        }
+        for key in ("forget", "target", "protected"):
+            if key in manifest:
+                facts[key] = manifest[key]
+        return facts
+
+
+@dataclass
+class AdaptedModel:
+    """One artifact, ready to classify images on its backend."""
+
+    adapter_id: str
+    manifest: dict[str, Any]
+    oracle: Any
+    class_embeddings: torch.Tensor
+    """Unit-norm ``C x E`` classifier over the backend's image features."""
+    head: Any = None
+
+    @classmethod
+    def load(cls, store: AdapterStore, adapter_id: str, oracle: Any) -> AdaptedModel:
+        artifact = load_prompt_artifact(store.folder(adapter_id))
+        manifest, tensors = artifact.manifest, artifact.tensors
+        kind = manifest.get("kind")
+        names = manifest["class_names"]
+        head = None
+        if kind == "devsafety":
+            embeddings = tensors["class_embeddings"].float()
+        elif kind in ("forgetting", "craft"):
+            with torch.inference_mode():
+                embeddings = oracle._encode_population(tensors["contexts"].float(), names)[0]
+            if kind == "craft" and manifest.get("refinement"):
+                from vlmlab.methods.craft import RefinementHead
+
+                head = RefinementHead.from_tensors(tensors)
+        else:
+            raise ValueError(f"adapter {adapter_id!r}: unknown artifact kind {kind!r}")
+        return cls(adapter_id, manifest, oracle, F.normalize(embeddings, dim=-1), head)
+
+    def classify(self, pixels: np.ndarray, top_k: int = 5) -> list[dict[str, Any]]:
+        """The top ``top_k`` classes of one image, with probabilities and flags."""
+        names = self.manifest["class_names"]
+        with torch.inference_mode():
+            features = self.oracle._encode_images(pixels[None].copy())
+            logits = features @ self.class_embeddings.T * self.oracle.logit_scale
+            logits = logits + self.oracle._logit_bias()
+            if self.head is not None:
+                logits = self.head(logits)
+            probabilities = logits.softmax(-1)[0]
+        forgotten = set(self.manifest.get("forget", []))
+        top = probabilities.topk(min(top_k, len(names)))
+        return [
+            {
+                "class_index": int(c),
+                "label": names[int(c)],
+                "probability": float(p),
+                "forgotten": int(c) in forgotten,
+            }
+            for p, c in zip(top.values, top.indices, strict=True)
+        ]

@@ -1,0 +1,70 @@
+"""Adapter ids, image decoding and the adapted classifier, without Ray or HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmlab.serving import AdapterStore, RequestError, decode_image
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decode_image_gives_rgb_uint8():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    pixels = decode_image(_png(gray))
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    assert (pixels[..., 0] == gray).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"", 400, "empty"),
+        (b"not an image at all", 415, "not an image format"),
+        (_png(np.zeros((4, 4), np.uint8))[:30], 415, "cannot decode"),
+    ],
+)
+def test_decode_image_errors(data, status, message):
+    with pytest.raises(RequestError, match=message) as info:
+        decode_image(data)
+    assert info.value.status == status
+
+
+def test_adapter_ids_never_leave_the_root(tmp_path):
+    root = tmp_path / "adapters"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "manifest.json").write_text("{}")
+    (root / "no-manifest").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    store = AdapterStore(root)
+    assert store.ids() == ["good"]
+    assert store.folder("good") == (root / "good").resolve()
+    for bad, status in [
+        ("../outside", 400),
+        ("..", 400),
+        ("/etc", 400),
+        ("good/../good", 400),
+        ("", 400),
+        ("no-manifest", 404),
+        ("missing", 404),
+        ("a" * 200, 400),
+    ]:
+        with pytest.raises(RequestError) as info:
+            store.folder(bad)
+        assert info.value.status == status, bad
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert store.ids() == ["good"]
+    with pytest.raises(RequestError) as info:
+        store.folder("link")  # a symlink out of the root is not an adapter
+    assert info.value.status == 404
+    with pytest.raises(FileNotFoundError, match="adapter root is not a folder"):
+        AdapterStore(tmp_path / "nope")

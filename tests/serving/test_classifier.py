@@ -68,3 +68,18 @@ def test_adapter_ids_never_leave_the_root(tmp_path):
     assert info.value.status == 404
     with pytest.raises(FileNotFoundError, match="adapter root is not a folder"):
         AdapterStore(tmp_path / "nope")
+
+
+def test_serve_config_names_the_builder():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "serve" / "adapted.yaml").read_text()
+    )
+    (app,) = config["applications"]
+    module, _, attribute = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attribute)
+    assert callable(builder) and set(app["args"]) >= {"root"}

@@ -400,6 +400,12 @@ def serve_command(
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print(f"serving {len(ids)} adapter(s) at {url} (API docs: {url}/docs); Ctrl-C stops")
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM (a process manager) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
@@ -407,6 +413,7 @@ def serve_command(
         from ray import serve
 
         serve.delete(APP_NAME)
+        console.print(f"stopped: removed the {APP_NAME} app")
 
 
 study_app = typer.Typer(help="Scaling studies: `vlmlab study budget SPEC --results DIR`.")

@@ -1,0 +1,59 @@
+"""`vlmlab serve ROOT`: starts, answers over HTTP, and removes its app on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+
+def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_path):
+    from ray import serve
+
+    from vlmlab.serving._http import APP_NAME
+
+    address = ray_session.get_runtime_context().gcs_address
+    log = tmp_path / "serve.log"
+    command = [str(Path(sys.executable).with_name("vlmlab")), "serve", str(adapters)]
+    command += ["--address", address, "--num-cpus", "0.5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        url = None
+        while url is None and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            found = re.search(r"serving 3 adapter\(s\) at (http://\S+)", log.read_text())
+            url = found.group(1) if found else None
+            time.sleep(0.5)
+        assert url, log.read_text()
+        listed = requests.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]
+        assert len(listed) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "stopped: removed the vlmlab-adapters app" in log.read_text()
+    assert APP_NAME not in serve.status().applications
+
+
+def test_vlmlab_serve_refuses_an_empty_root(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmlab.cli import app
+
+    out = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert out.exit_code == 2 and "no artifacts" in out.output
+    out = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")])
+    assert out.exit_code == 2 and "adapter root is not a folder" in out.output

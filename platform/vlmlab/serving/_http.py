@@ -248,5 +248,9 @@ def serve_adapters(
     ensure_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_adapters_app(root, **options), name=APP_NAME, route_prefix="/")
-    config = serve.context._global_client.http_config  # the proxy that actually runs
-    return f"http://{config.host}:{config.port}"
+    try:  # the proxy that actually runs (an earlier serve.start may have chosen another port)
+        config = serve.context._global_client.http_config
+        host, port = config.host, config.port
+    except AttributeError:  # a Ray without that attribute: report what was asked for
+        pass
+    return f"http://{host}:{port}"

@@ -416,6 +416,19 @@ def serve_command(
         console.print(f"stopped: removed the {APP_NAME} app")
 
 
+def _print_tables(console, tables) -> None:
+    """Report tables (``vlmlab.results.ReportTable``) as rich tables."""
+    from rich.table import Table
+
+    for t in tables:
+        table = Table(title=t.title)
+        for column in t.columns:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in t.rows:
+            table.add_row(*row)
+        console.print(table)
+
+
 study_app = typer.Typer(help="Scaling studies: `vlmlab study budget SPEC --results DIR`.")
 app.add_typer(study_app, name="study")
 
@@ -439,7 +452,6 @@ def study_budget(
     from pathlib import Path
 
     from rich.console import Console
-    from rich.table import Table
 
     from vlmlab._io import atomic_write_text
     from vlmlab.errors import VlmlabError
@@ -469,13 +481,7 @@ def study_budget(
     runs = ResultsStore(results).runs()
     runs = runs[runs.run_id.isin(run_ids)]
     tables = budget_tables(runs)
-    for t in tables:
-        table = Table(title=t.title)
-        for column in t.columns:
-            table.add_column(column, justify="left" if column == "method" else "right")
-        for row in t.rows:
-            table.add_row(*row)
-        console.print(table)
+    _print_tables(console, tables)
     elapsed = f"{len(runs)} trials in {time.perf_counter() - clock:.0f} s"
     if not tables:
         console.print(f"{elapsed}; one budget leaves nothing to compare: no table or figure")
@@ -503,7 +509,6 @@ def report(
     from pathlib import Path
 
     from rich.console import Console
-    from rich.table import Table
 
     from vlmlab._io import atomic_write_text
     from vlmlab.results import (
@@ -532,13 +537,7 @@ def report(
     if not tables:
         raise _fail(f"{results!r} holds no completed runs yet")
     console = Console()
-    for t in tables:
-        table = Table(title=t.title)
-        for column in t.columns:
-            table.add_column(column, justify="left" if column == "method" else "right")
-        for row in t.rows:
-            table.add_row(*row)
-        console.print(table)
+    _print_tables(console, tables)
     report_dir = root / "report"
     atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
     figures = [

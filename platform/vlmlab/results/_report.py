@@ -223,15 +223,7 @@ def plot_budget(runs: pd.DataFrame, path: Path) -> Path | None:
                     mean=(f"test_{key}", "mean"),
                     std=(f"test_{key}", "std"),
                 )
-                ax.errorbar(
-                    points.queries,
-                    points["mean"] * 100,
-                    yerr=points["std"].fillna(0) * 100,
-                    marker="o",
-                    ms=4,
-                    capsize=3,
-                    label=str(method),
-                )
+                _mean_curve(ax, points.queries, points["mean"], points["std"], str(method))
             ax.set_xscale("log")
             zero_shot = float(np.nanmean(group[f"zeroshot_test_{key}"])) * 100
             _finish_panel(
@@ -246,6 +238,11 @@ def plot_budget(runs: pd.DataFrame, path: Path) -> Path | None:
         for col in range(len(STUDY_METRICS[str(task)]), n_cols):
             axes[row][col].set_visible(False)
     return _save_figure(fig, "Query-budget study: test metrics against queries used", path)
+
+
+def _mean_curve(ax, x, mean: pd.Series, std: pd.Series, label: str) -> None:
+    """A mean-over-seeds line in percent, its std as error bars (none for one seed)."""
+    ax.errorbar(x, mean * 100, yerr=std.fillna(0) * 100, marker="o", ms=4, capsize=3, label=label)
 
 
 def _panels(done: pd.DataFrame, width: float):
@@ -295,15 +292,7 @@ def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
     for ax, key, group in panels:
         for method, of_method in group.groupby("method", sort=True):
             curve = of_method.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
-            ax.errorbar(
-                curve.index,
-                curve["mean"] * 100,
-                yerr=curve["std"].fillna(0) * 100,
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=str(method),
-            )
+            _mean_curve(ax, curve.index, curve["mean"], curve["std"], str(method))
         ax.set_xscale("log", base=2)
         zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
         _finish_panel(ax, key, zero_shot, "zero-shot", "shots per class", "test accuracy (%)")

@@ -104,12 +104,18 @@ class DevSafetyTask:
         return getattr(self, f"{name}_features"), getattr(self, f"{name}_labels")
 
 
+def per_class_mean(values: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Mean of ``values`` over each class's images (NaN for a class with none); differentiable."""
+    sums = torch.zeros(n_classes, device=values.device, dtype=values.dtype).index_add(
+        0, labels, values
+    )
+    counts = torch.bincount(labels, minlength=n_classes).to(values.dtype)
+    return sums / counts.where(counts > 0, torch.tensor(float("nan"), device=counts.device))
+
+
 def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Accuracy of each class (NaN for a class with no images)."""
-    correct = (logits.argmax(-1) == labels).float()
-    totals = torch.bincount(labels, minlength=n_classes).float()
-    hits = torch.bincount(labels, weights=correct, minlength=n_classes)
-    return hits / totals.where(totals > 0, torch.tensor(float("nan"), device=totals.device))
+    return per_class_mean((logits.argmax(-1) == labels).float(), labels, n_classes)
 
 
 def make_devsafety_task(
@@ -278,14 +284,8 @@ class DevSafety:
     # ------------------------------------------------------------- training
     def _class_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of each protected class's images (NaN where a class is absent)."""
-        n_classes = len(self.task.class_names)
         losses = F.cross_entropy(logits, labels, reduction="none")
-        sums = torch.zeros(n_classes, device=logits.device, dtype=losses.dtype).index_add(
-            0, labels, losses
-        )
-        counts = torch.bincount(labels, minlength=n_classes).to(losses.dtype)
-        means = sums / counts.where(counts > 0, torch.tensor(float("nan"), device=counts.device))
-        return means[self._protected]
+        return per_class_mean(losses, labels, len(self.task.class_names))[self._protected]
 
     def _develop_base(self) -> None:
         """``w_old``: the projection fitted to the protected classes (the released model)."""
@@ -354,6 +354,11 @@ class DevSafety:
             "estimate_max": float(self.estimates.max()),
             "penalty_sum": float(self.penalty_weights().sum()),
             "lr": float(self.scheduler.get_last_lr()[0]),
+            # Every protected class's constraint value on the whole training set.
+            **{
+                f"constraint_{c}": float(value)
+                for c, value in zip(task.protected, constraints, strict=True)
+            },
         }
 
     # ------------------------------------------------------------- metrics
@@ -378,10 +383,11 @@ class DevSafety:
         """The same metrics for ``w_old`` (gains of zero by definition)."""
         return self._metrics(self.old_accuracy[split], self.old_accuracy[split])
 
-    def accuracy_changes(self, split: str) -> dict[int, float]:
-        """Each protected class's accuracy change from ``w_old`` on ``split``."""
-        change = self.class_accuracy(split) - self.old_accuracy[split]
-        return {c: float(change[c]) for c in self.task.protected}
+    def evaluate_with_changes(self, split: str) -> tuple[dict[str, float], dict[int, float]]:
+        """:meth:`evaluate` and each protected class's accuracy change, from one scoring."""
+        accuracy, old = self.class_accuracy(split), self.old_accuracy[split]
+        change = accuracy - old
+        return self._metrics(accuracy, old), {c: float(change[c]) for c in self.task.protected}
 
     def _metrics(self, accuracy: torch.Tensor, old: torch.Tensor) -> dict[str, float]:
         target = list(self.task.target)

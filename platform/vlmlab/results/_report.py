@@ -37,6 +37,10 @@ class ReportTable:
         return "\n".join(lines) + "\n"
 
 
+def _completed(runs: pd.DataFrame, task: str) -> pd.DataFrame:
+    return runs[(runs.task == task) & (runs.status == "completed")]
+
+
 def _mean_std(values: pd.Series) -> str:
     values = values.dropna().astype(float) * 100
     if values.empty:
@@ -48,7 +52,7 @@ def _mean_std(values: pd.Series) -> str:
 
 def forgetting_tables(runs: pd.DataFrame) -> list[ReportTable]:
     """One table per (dataset, backend, model) of completed forgetting runs."""
-    done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
+    done = _completed(runs, "forgetting")
     tables = []
     for (dataset, backend, model), group in done.groupby(
         ["dataset", "backend", "model"], sort=True
@@ -81,7 +85,7 @@ def forgetting_tables(runs: pd.DataFrame) -> list[ReportTable]:
 
 def craft_tables(runs: pd.DataFrame) -> list[ReportTable]:
     """One table per (dataset, backend, model) of completed CraFT runs: accuracy by K × method."""
-    done = runs[(runs.task == "craft") & (runs.status == "completed")]
+    done = _completed(runs, "craft")
     tables = []
     for (dataset, backend, model), group in done.groupby(
         ["dataset", "backend", "model"], sort=True
@@ -119,7 +123,7 @@ def devsafety_tables(runs: pd.DataFrame, tolerance: float = 0.01) -> list[Report
     seeds. The safety ratio is the share of seeds with DevSafety(acc) >= 0 (the
     paper's definition); the next column allows ``tolerance`` (a stated slack).
     """
-    done = runs[(runs.task == "devsafety") & (runs.status == "completed")]
+    done = _completed(runs, "devsafety")
     tables = []
     for (experiment, dataset, backend, model), group in done.groupby(
         ["experiment", "dataset", "backend", "model"], sort=True
@@ -285,7 +289,7 @@ def _save_figure(fig, title: str, path: Path) -> Path:
 
 def plot_craft(runs: pd.DataFrame, path: Path) -> Path | None:
     """Test accuracy against shots, one line per method (mean over seeds); PNG at ``path``."""
-    done = runs[(runs.task == "craft") & (runs.status == "completed")]
+    done = _completed(runs, "craft")
     if done.empty:
         return None
     fig, panels = _panels(done, width=6.0)
@@ -304,7 +308,7 @@ def plot_devsafety(runs: pd.DataFrame, path: Path) -> Path | None:
 
     Safe runs sit on or above the dashed line; the best are far to the right.
     """
-    done = runs[(runs.task == "devsafety") & (runs.status == "completed")]
+    done = _completed(runs, "devsafety")
     if done.empty:
         return None
     fig, panels = _panels(done, width=6.0)
@@ -329,7 +333,7 @@ def plot_devsafety(runs: pd.DataFrame, path: Path) -> Path | None:
 
 def plot_forgetting(runs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> Path | None:
     """Validation and test H against queries used, one line per run; PNG at ``path``."""
-    done = runs[(runs.task == "forgetting") & (runs.status == "completed")]
+    done = _completed(runs, "forgetting")
     if done.empty:
         return None
     fig, panels = _panels(done, width=6.5)

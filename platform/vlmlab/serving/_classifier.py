@@ -92,10 +92,14 @@ class AdapterStore:
             raise RequestError(404, f"no adapter {adapter_id!r}; GET /v1/adapters lists them")
         return folder
 
-    def describe(self, adapter_id: str) -> dict[str, Any]:
+    def manifest(self, adapter_id: str) -> dict[str, Any]:
+        """The adapter's manifest (a small JSON file; its tensors stay on disk)."""
         import json
 
-        manifest = json.loads((self.folder(adapter_id) / MANIFEST).read_text())
+        return json.loads((self.folder(adapter_id) / MANIFEST).read_text())
+
+    def describe(self, adapter_id: str) -> dict[str, Any]:
+        manifest = self.manifest(adapter_id)
         facts = {
             "id": adapter_id,
             "kind": manifest.get("kind"),

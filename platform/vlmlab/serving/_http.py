@@ -64,10 +64,8 @@ class AdapterReplica:
         return self._oracles[key]
 
     def _load(self, adapter_id: str) -> AdaptedModel:
-        from vlmlab.serving._artifact import load_prompt_artifact
-
-        manifest = load_prompt_artifact(self.store.folder(adapter_id)).manifest
-        return AdaptedModel.load(self.store, adapter_id, self._oracle(manifest))
+        oracle = self._oracle(self.store.manifest(adapter_id))
+        return AdaptedModel.load(self.store, adapter_id, oracle)
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_model(self, adapter_id: str) -> AdaptedModel:
@@ -89,6 +87,7 @@ class Gateway:
         self.replicas = replicas
         self.store = AdapterStore(root)
         self.max_request_bytes = max_request_bytes
+        self._facts: dict[str, dict[str, Any]] = {}  # manifests do not change while served
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -134,7 +133,9 @@ class Gateway:
     async def classify(self, request: Request) -> dict[str, Any]:
         """Classify one image (multipart upload or base64 JSON) with one adapter."""
         adapter, image, top_k = await self._parse(request)
-        facts = self.store.describe(adapter)
+        if adapter not in self._facts:
+            self._facts[adapter] = self.store.describe(adapter)
+        facts = self._facts[adapter]
         pixels = decode_image(image)
         handle = self.replicas.options(multiplexed_model_id=adapter)
         predictions = await handle.classify.remote(pixels, top_k)

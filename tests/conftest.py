@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One console width for every test run: rich lays tables out to the terminal, and
+# the tests read the CLI's tables whether pytest runs in a narrow pane or in CI.
+os.environ["COLUMNS"] = "160"
 
 
 @pytest.fixture(scope="session")

@@ -83,8 +83,13 @@ def datasets() -> None:
 
 def _fail(message: str) -> typer.Exit:
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: a message is never broken at the terminal's width, so a path or a
+    # field name in it stays greppable whatever the console is.
+    console = Console(stderr=True, soft_wrap=True)
+    # Text, not markup: a message quoting a list like [1, 2] prints as it is.
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     return typer.Exit(code=2)
 
 

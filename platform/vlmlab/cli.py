@@ -363,8 +363,22 @@ def sweep(
 @app.command("serve")
 def serve_command(
     root: Annotated[
-        str, typer.Argument(help="folder of artifact folders, e.g. results/quickstart/artifacts")
-    ],
+        str | None,
+        typer.Argument(help="folder of artifact folders, e.g. results/quickstart/artifacts"),
+    ] = None,
+    keys: Annotated[
+        str | None,
+        typer.Option(help="keys file (`vlmlab keys add`): serves the black box at /v1/oracle/*"),
+    ] = None,
+    oracle: Annotated[
+        str, typer.Option(help="the black box behind /v1/oracle: conse | open_clip:<arch>")
+    ] = "conse",
+    oracle_pretrained: Annotated[
+        str | None, typer.Option(help="open_clip weights: a tag (openai) or a checkpoint path")
+    ] = None,
+    oracle_replicas: Annotated[int, typer.Option(help="oracle replicas")] = 1,
+    oracle_cpus: Annotated[float, typer.Option(help="CPUs per oracle replica")] = 1.0,
+    oracle_gpus: Annotated[float, typer.Option(help="GPUs per oracle replica")] = 0.0,
     host: Annotated[str, typer.Option(help="HTTP address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     replicas: Annotated[int, typer.Option(help="adapter replicas (each loads the backend)")] = 1,
@@ -374,10 +388,12 @@ def serve_command(
         str | None, typer.Option(help="Ray cluster address (default: a local Ray)")
     ] = None,
 ) -> None:
-    """Serve every adapted model under ROOT over HTTP (Ray Serve, FastAPI; docs at /docs).
+    """Serve every adapted model under ROOT, and with --keys the black box, over HTTP.
 
-    POST /v1/classify {adapter, image, top_k}; GET /v1/adapters; GET /healthz.
-    Runs until interrupted (Ctrl-C), then removes its app.
+    Ray Serve with a FastAPI ingress (docs at /docs). Adapters: POST /v1/classify
+    {adapter, image, top_k}; GET /v1/adapters. Oracle (API key as a Bearer token):
+    POST /v1/oracle/image-sets, POST /v1/oracle/logits, GET /v1/oracle/usage.
+    GET /healthz. Runs until interrupted (Ctrl-C or SIGTERM), then removes its app.
     """
     import time
 
@@ -385,14 +401,19 @@ def serve_command(
 
     console = Console()
     try:
-        from vlmlab.serving import AdapterStore
+        from vlmlab.serving import AdapterStore, load_keys
 
-        ids = AdapterStore(root).ids()
-        if not ids:
+        if root is None and keys is None:
+            raise _fail("nothing to serve: give an artifact ROOT, --keys FILE, or both")
+        ids = AdapterStore(root).ids() if root is not None else []
+        if root is not None and not ids:
             raise _fail(f"no artifacts (folders with manifest.json) under {root!r}")
+        served = [f"{len(ids)} adapter(s)"] if root is not None else []
+        if keys is not None:
+            served.append(f"the {oracle} oracle for {len(load_keys(keys))} key(s)")
         from vlmlab.serving._http import APP_NAME, serve_adapters
 
-        with console.status(f"starting Ray Serve with {len(ids)} adapter(s)..."):
+        with console.status(f"starting Ray Serve with {' and '.join(served)}..."):
             url = serve_adapters(
                 root,
                 host=host,
@@ -401,10 +422,15 @@ def serve_command(
                 num_replicas=replicas,
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
+                keys=keys,
+                oracle={"name": oracle, "pretrained": oracle_pretrained},
+                oracle_replicas=oracle_replicas,
+                oracle_cpus=oracle_cpus,
+                oracle_gpus=oracle_gpus,
             )
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    console.print(f"serving {len(ids)} adapter(s) at {url} (API docs: {url}/docs); Ctrl-C stops")
+    console.print(f"serving {' and '.join(served)} at {url} (API docs: {url}/docs); Ctrl-C stops")
     import signal
 
     def _stop(signum, frame):  # SIGTERM (a process manager) stops like Ctrl-C
@@ -419,6 +445,53 @@ def serve_command(
 
         serve.delete(APP_NAME)
         console.print(f"stopped: removed the {APP_NAME} app")
+
+
+keys_app = typer.Typer(help="API keys of the oracle service, stored as SHA-256 digests.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="the key's name (letters, digits, . _ -)")],
+    file: Annotated[str, typer.Option(help="keys file, created if missing")] = "keys.yaml",
+    budget: Annotated[int | None, typer.Option(help="queries in total (default: no cap)")] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="requests a second, sustained (default: no limit)")
+    ] = None,
+    burst: Annotated[int, typer.Option(help="requests at once above the rate")] = 10,
+    max_images: Annotated[int, typer.Option(help="images the key may register")] = 10_000,
+) -> None:
+    """Create an API key: prints it once; the file keeps only its digest."""
+    from vlmlab.serving import KeysFileError, add_key
+
+    try:
+        token = add_key(file, name, budget=budget, rate=rate, burst=burst, max_images=max_images)
+    except KeysFileError as error:
+        raise _fail(str(error)) from None
+    typer.echo(token)
+    typer.echo(
+        f"key {name!r} added to {file} (only its SHA-256 is stored: keep the key now)", err=True
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    file: Annotated[str, typer.Option(help="keys file")] = "keys.yaml",
+) -> None:
+    """The keys in a file with their budgets and limits (never the keys themselves)."""
+    from vlmlab.serving import KeysFileError, load_keys
+
+    try:
+        keys = load_keys(file)
+    except KeysFileError as error:
+        raise _fail(str(error)) from None
+    for name, key in keys.items():
+        rate = "no rate limit" if key.rate is None else f"{key.rate:g}/s (burst {key.burst})"
+        budget = "no budget cap" if key.budget is None else f"budget {key.budget}"
+        typer.echo(
+            f"{name:20s} {budget}, {rate}, {key.max_images} images, sha256 {key.sha256[:12]}…"
+        )
 
 
 def _print_tables(console, tables) -> None:

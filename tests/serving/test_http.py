@@ -52,7 +52,8 @@ def _classify(url, adapter, png, top_k=10):
 
 
 def test_health_and_adapter_list(url):
-    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok", "adapters": 3}
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health == {"status": "ok", "adapters": 3, "oracle": False}
     listed = {a["id"]: a for a in requests.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]}
     assert set(listed) == {"forget-bbf-s1", "craft-craft-k2-s1", "dev-constrained-s1"}
     assert listed["forget-bbf-s1"]["forget"] == [0, 1, 2, 3]

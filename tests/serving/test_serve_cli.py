@@ -1,4 +1,4 @@
-"""`vlmlab serve ROOT`: starts, answers over HTTP, and removes its app on SIGTERM."""
+"""`vlmlab keys add` and `vlmlab serve ROOT --keys`: start, answer over HTTP, stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,7 +23,17 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
 
     address = ray_session.get_runtime_context().gcs_address
     log = tmp_path / "serve.log"
-    command = [str(Path(sys.executable).with_name("vlmlab")), "serve", str(adapters)]
+    vlmlab = str(Path(sys.executable).with_name("vlmlab"))
+    keys = tmp_path / "keys.yaml"
+    added = subprocess.run(
+        [vlmlab, "keys", "add", "ci", "--file", str(keys), "--budget", "5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = added.stdout.strip()
+    assert token.startswith("vlm_") and token not in keys.read_text()
+    command = [vlmlab, "serve", str(adapters), "--keys", str(keys), "--oracle-cpus", "0.5"]
     command += ["--address", address, "--num-cpus", "0.5"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir}
     with log.open("w") as sink:
@@ -33,12 +43,19 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
         url = None
         while url is None and time.monotonic() < deadline:
             assert process.poll() is None, log.read_text()
-            found = re.search(r"serving 3 adapter\(s\) at (http://\S+)", log.read_text())
+            found = re.search(
+                r"serving 3 adapter\(s\) and the conse oracle for 1 key\(s\) at (http://\S+)",
+                log.read_text(),
+            )
             url = found.group(1) if found else None
             time.sleep(0.5)
         assert url, log.read_text()
         listed = requests.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]
         assert len(listed) == 3
+        usage = requests.get(
+            f"{url}/v1/oracle/usage", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        assert usage.status_code == 200 and usage.json()["queries_left"] == 5, usage.text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:
@@ -57,3 +74,19 @@ def test_vlmlab_serve_refuses_an_empty_root(tmp_path):
     assert out.exit_code == 2 and "no artifacts" in out.output
     out = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")])
     assert out.exit_code == 2 and "adapter root is not a folder" in out.output
+
+
+def test_vlmlab_serve_refuses_bad_keys_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmlab.cli import app
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  alice: {sha256: nothex, budget: -1}\n")
+    out = CliRunner().invoke(app, ["serve", "--keys", str(keys)])
+    assert out.exit_code == 2
+    assert "keys.alice.sha256" in out.output and "keys.alice.budget" in out.output
+    out = CliRunner().invoke(app, ["serve"])
+    assert out.exit_code == 2 and "nothing to serve" in out.output
+    listed = CliRunner().invoke(app, ["keys", "list", "--file", str(tmp_path / "none.yaml")])
+    assert listed.exit_code == 2 and "no such keys file" in listed.output

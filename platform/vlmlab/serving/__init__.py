@@ -1,4 +1,5 @@
-"""Adapted-model artifacts, the classifiers built from them, and the HTTP app that serves them.
+"""Adapted-model artifacts, the classifiers built from them, the HTTP app that serves them,
+and the oracle service's keys and client.
 
 ``vlmlab.serving._http`` (the Ray Serve app) is imported on demand: it needs Ray.
 """
@@ -12,13 +13,20 @@ from vlmlab.serving._classifier import (
     RequestError,
     decode_image,
 )
+from vlmlab.serving._client import HttpOracle
+from vlmlab.serving._keys import KeysFileError, add_key, hash_key, load_keys
 
 __all__ = [
     "AdaptedModel",
     "AdapterStore",
+    "HttpOracle",
+    "KeysFileError",
     "PromptArtifact",
     "RequestError",
+    "add_key",
     "decode_image",
+    "hash_key",
+    "load_keys",
     "load_prompt_artifact",
     "save_prompt_artifact",
 ]

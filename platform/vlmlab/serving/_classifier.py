@@ -36,9 +36,22 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 class RequestError(ValueError):
     """A client's mistake; ``status`` is the HTTP status it maps to."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "",
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
+        """The Python exception a client library should raise (``ValueError``, ``KeyError``)."""
+        self.headers = headers or {}
+        self.extra = extra or {}
+        """Machine-readable facts added to the JSON body (a refused budget's numbers)."""
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -1,0 +1,181 @@
+"""``HttpOracle``: the oracle service over HTTP, as an :class:`~vlmlab.oracle.Oracle`.
+
+Any method runs unchanged against a remote black box::
+
+    oracle = HttpOracle("http://127.0.0.1:8000", key=os.environ["VLMLAB_API_KEY"])
+
+Two ledgers count the same queries: the server's (the key's budget, which
+it enforces) and this client's own :class:`~vlmlab.oracle.QueryLedger` (per
+``budget_key``, as a method expects of any oracle). A call is checked here
+first, so malformed input and a client-side budget refuse before anything is
+sent. Arrays travel as base64 float32, so logits are the server's bit for bit.
+Rate-limited (429) and unavailable (503) calls are retried after the wait the
+server asks for; nothing is charged for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmlab.errors import BudgetExceededError
+from vlmlab.oracle import ImageSet, ImageSetRef, OracleMetadata, QueryLedger
+from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, metered
+from vlmlab.oracle._validation import (
+    image_set_id,
+    unknown_image_set,
+    validate_class_names,
+    validate_contexts,
+    validate_indices,
+)
+from vlmlab.serving._oracle_service import decode_array, encode_array
+
+
+class HttpOracle:
+    """An Oracle served by ``vlmlab serve --keys`` at ``url``, called with API key ``key``.
+
+    Args:
+        url: the server's base URL (``http://host:port``).
+        key: the API key (``vlmlab keys add`` printed it).
+        timeout: seconds to wait for one response.
+        retries: how many times a 429 or 503 is retried.
+    """
+
+    def __init__(self, url: str, key: str, *, timeout: float = 300.0, retries: int = 8) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {key}"
+        self._ledger = QueryLedger()
+        self._image_sets: dict[str, ImageSetRef] = {}
+        described = self._request("GET", "/v1/oracle/metadata")
+        self._metadata = OracleMetadata(
+            backend=described["backend"],
+            model=described["model"],
+            token_dim=described["token_dim"],
+            context_length=described["context_length"],
+            embedding_mean=torch.tensor(described["embedding_mean"], dtype=torch.float32),
+            embedding_std=described["embedding_std"],
+        )
+
+    @property
+    def metadata(self) -> OracleMetadata:
+        return self._metadata
+
+    @property
+    def ledger(self) -> QueryLedger:
+        return self._ledger
+
+    def usage(self) -> dict[str, Any]:
+        """The server's account of this key: budget, queries used and left."""
+        return self._request("GET", "/v1/oracle/usage")
+
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        body = self._request(
+            "POST", "/v1/oracle/phrase-embeddings", json={"phrase": phrase, "binary": True}
+        )
+        return torch.from_numpy(decode_array(body["embeddings"], "embeddings")[0].copy())
+
+    def register_images(self, images: ImageSet) -> ImageSetRef:
+        from PIL import Image
+
+        if not isinstance(images, ImageSet):
+            raise TypeError(
+                f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
+            )
+        ref = images.ref
+        if ref.id not in self._image_sets:
+            encoded = []
+            for pixels in images.pixels:  # PNG: lossless, so the server hashes the same pixels
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                encoded.append(base64.b64encode(buffer.getvalue()).decode())
+            body = self._request("POST", "/v1/oracle/image-sets", json={"images": encoded})
+            if body["image_set"] != ref.id:
+                raise RuntimeError(
+                    f"the server registered set {body['image_set']!r}, expected {ref.id!r}"
+                )
+            self._image_sets[ref.id] = ref
+        return ref
+
+    def logits(
+        self,
+        contexts: torch.Tensor,
+        class_names: Sequence[str],
+        image_set: ImageSetRef | str,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        budget_key: str = DEFAULT_BUDGET_KEY,
+    ) -> torch.Tensor:
+        contexts = validate_contexts(contexts, self._metadata)
+        names = validate_class_names(class_names)
+        set_id = image_set_id(image_set)
+        if set_id not in self._image_sets:
+            raise unknown_image_set(set_id, self._image_sets)
+        size = self._image_sets[set_id].size
+        index = validate_indices(indices, size)
+        population = contexts.shape[0]
+        n_images = size if index is None else len(index)
+        request = {
+            "contexts": encode_array(contexts.numpy(), binary=True),
+            "class_names": names,
+            "image_set": set_id,
+        }
+        if index is not None:
+            request["indices"] = index.tolist()
+        with metered(
+            self._ledger,
+            budget_key,
+            queries=population,
+            images_scored=population * n_images,
+            prompts_encoded=population * len(names),
+        ):
+            body = self._request("POST", "/v1/oracle/logits", json=request)
+        return torch.from_numpy(decode_array(body["logits"], "logits")[0].copy())
+
+    # ------------------------------------------------------------- plumbing
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        for attempt in range(self.retries + 1):
+            response = self._session.request(
+                method, self.url + path, timeout=self.timeout, **kwargs
+            )
+            if response.status_code in (429, 503) and attempt < self.retries:
+                wait = float(response.headers.get("Retry-After", 0.5 * 2**attempt))
+                time.sleep(min(wait, 30.0))
+                continue
+            break
+        if response.ok:
+            return response.json()
+        raise _error(response)
+
+
+def _error(response: Any) -> Exception:
+    """The exception a local oracle would have raised for the same mistake."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    message = body.get("error", response.text[:500])
+    kind = body.get("type")
+    if kind == "BudgetExceededError":
+        return BudgetExceededError(
+            "server", body["requested"], body["queries_left"], body["budget"]
+        )
+    if kind == "KeyError" or response.status_code == 404:
+        return KeyError(message)
+    if kind == "TypeError":
+        return TypeError(message)
+    if response.status_code in (401, 403):
+        return PermissionError(f"{response.status_code}: {message}")
+    if 400 <= response.status_code < 500:
+        return ValueError(message)
+    return RuntimeError(f"oracle service answered {response.status_code}: {message}")

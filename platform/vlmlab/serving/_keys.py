@@ -1,0 +1,182 @@
+"""API keys for the black-box oracle service: stored hashed, each with a budget and a rate.
+
+A keys file is YAML that never holds a key, only its SHA-256 digest::
+
+    keys:
+      alice:
+        sha256: 9f86d0...        # of the key `vlmlab keys add alice` printed once
+        budget: 8000             # queries in total; null: no cap
+        rate: 5                  # requests a second, sustained; null: no limit
+        burst: 10                # requests allowed at once above the rate
+        max_images: 10000        # images this key may register in all
+
+Keys are 256-bit random tokens, so a plain SHA-256 (no salt, no slow hash)
+cannot be reversed by guessing; a request's token is hashed and looked up by
+digest, so lookups take the same time whichever key is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmlab._io import atomic_write_text
+
+KEY_PREFIX = "vlm_"
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BUDGET_PREFIX = "api:"
+"""Ledger accounts of API keys are ``api:<name>``, apart from the runs' own keys."""
+
+
+class KeysFileError(ValueError):
+    """A keys file that cannot be used; the message names the file and the field."""
+
+
+class ApiKey(BaseModel):
+    """One key's record: its digest and what it may spend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    budget: int | None = Field(default=None, ge=0)
+    rate: float | None = Field(default=None, gt=0)
+    burst: int = Field(default=10, ge=1)
+    max_images: int = Field(default=10_000, ge=1)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex digits (the SHA-256 of the key)")
+        return value
+
+
+def hash_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh key: 256 random bits, URL-safe, with a prefix that makes it greppable."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def load_keys(path: str | Path) -> dict[str, ApiKey]:
+    """Read and check a keys file; every problem is named with its key and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeysFileError(f"{path}: no such keys file (create one with `vlmlab keys add`)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise KeysFileError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("keys", {}), dict):
+        raise KeysFileError(f"{path}: expected a mapping `keys: {{name: {{sha256: ...}}}}`")
+    unknown = sorted(set(tree) - {"keys"})
+    if unknown:
+        raise KeysFileError(f"{path}: unknown top-level field(s) {unknown}; allowed: keys")
+    keys: dict[str, ApiKey] = {}
+    problems: list[str] = []
+    for name, record in (tree.get("keys") or {}).items():
+        if not isinstance(name, str) or not KEY_NAME.match(name):
+            problems.append(f"keys.{name}: a key name is 1-64 letters, digits, '.', '_' or '-'")
+            continue
+        try:
+            keys[name] = ApiKey.model_validate(record if record is not None else {})
+        except ValidationError as error:
+            for item in error.errors():
+                field = ".".join(str(part) for part in item["loc"])
+                problems.append(f"keys.{name}.{field}: {item['msg']}")
+    digests = [key.sha256 for key in keys.values()]
+    if len(set(digests)) != len(digests):
+        problems.append("two keys share one sha256: each key must be distinct")
+    if problems:
+        raise KeysFileError(f"{path}:\n  " + "\n  ".join(problems))
+    return keys
+
+
+def add_key(
+    path: str | Path,
+    name: str,
+    *,
+    budget: int | None = None,
+    rate: float | None = None,
+    burst: int = 10,
+    max_images: int = 10_000,
+) -> str:
+    """Create ``name`` in the keys file (created if missing) and return the key, once.
+
+    Only the key's digest is written; the file is replaced atomically.
+    """
+    path = Path(path)
+    keys = load_keys(path) if path.exists() else {}
+    if not KEY_NAME.match(name):
+        raise KeysFileError(f"key name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    if name in keys:
+        raise KeysFileError(f"{path}: key {name!r} exists; remove it first to replace it")
+    token = new_key()
+    try:
+        keys[name] = ApiKey(
+            sha256=hash_key(token), budget=budget, rate=rate, burst=burst, max_images=max_images
+        )
+    except ValidationError as error:
+        item = error.errors()[0]
+        raise KeysFileError(f"{item['loc'][0]}: {item['msg']}") from None
+    tree = {"keys": {n: k.model_dump() for n, k in keys.items()}}
+    header = "# vlmlab API keys: SHA-256 digests only; `vlmlab keys add` prints a key once.\n"
+    atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
+    return token
+
+
+class KeyRing:
+    """Authenticates bearer tokens against the loaded digests."""
+
+    def __init__(self, keys: dict[str, ApiKey]) -> None:
+        self.keys = keys
+        self._by_digest = {key.sha256: name for name, key in keys.items()}
+
+    def authenticate(self, token: str) -> str | None:
+        """The key's name, or None for an unknown token."""
+        return self._by_digest.get(hash_key(token))
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` requests a second sustained, ``burst`` at once.
+
+    ``clock`` is injectable so tests can step time instead of sleeping.
+    """
+
+    def __init__(self, keys: dict[str, ApiKey], clock: Callable[[], float] = time.monotonic):
+        self._limits = {n: (k.rate, k.burst) for n, k in keys.items() if k.rate is not None}
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last time)
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str) -> float:
+        """0.0 when the request may go; else the seconds to wait before retrying."""
+        limit = self._limits.get(name)
+        if limit is None:
+            return 0.0
+        rate, burst = limit
+        with self._lock:
+            now = self._clock()
+            tokens, last = self._buckets.get(name, (float(burst), now))
+            tokens = min(float(burst), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[name] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[name] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+def retry_after_header(seconds: float) -> dict[str, Any]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

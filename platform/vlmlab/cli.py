@@ -430,7 +430,10 @@ def serve_command(
             )
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    console.print(f"serving {' and '.join(served)} at {url} (API docs: {url}/docs); Ctrl-C stops")
+    console.print(  # one line, whatever the width: scripts grep it for the URL
+        f"serving {' and '.join(served)} at {url} (API docs: {url}/docs); Ctrl-C stops",
+        soft_wrap=True,
+    )
     import signal
 
     def _stop(signum, frame):  # SIGTERM (a process manager) stops like Ctrl-C

@@ -70,11 +70,13 @@ def test_adapter_ids_never_leave_the_root(tmp_path):
         AdapterStore(tmp_path / "nope")
 
 
-def test_serve_config_names_the_builder():
+def test_serve_config_builds_the_app_with_its_args(tmp_path):
     import importlib
     from pathlib import Path
 
     import yaml
+
+    from vlmlab.serving import add_key
 
     config = yaml.safe_load(
         (Path(__file__).resolve().parents[2] / "serve" / "adapted.yaml").read_text()
@@ -82,4 +84,9 @@ def test_serve_config_names_the_builder():
     (app,) = config["applications"]
     module, _, attribute = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), attribute)
-    assert callable(builder) and set(app["args"]) >= {"root"}
+    assert callable(builder) and set(app["args"]) >= {"root", "keys", "oracle"}
+    add_key(tmp_path / "keys.yaml", "alice", budget=10)
+    args = {**app["args"], "root": str(tmp_path), "keys": str(tmp_path / "keys.yaml")}
+    assert builder(args) is not None  # every argument the file names is one the builder takes
+    with pytest.raises(ValueError, match="nothing to serve"):
+        builder({**args, "root": None, "keys": None})

@@ -82,6 +82,17 @@ def build_oracle(spec: RunSpec) -> Oracle:
     return create_oracle(spec.backend.name, **spec.backend.oracle_kwargs())
 
 
+def _ray_node() -> str | None:
+    """The Ray node this trial runs on (a cluster may hold many per host), or None."""
+    import sys
+
+    if "ray" not in sys.modules:  # an in-process run never imports Ray for this
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -229,6 +240,7 @@ def _run_trial(
         "budget": budget,
         "vlmlab_version": vlmlab.__version__,
         "node": platform.node(),
+        "ray_node": _ray_node(),
     }
     if resume:
         previous = store.runs()

@@ -15,6 +15,8 @@ from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle import QueryLedger, Reservation, Usage
 
 LEDGER_NAME = "vlmlab-ledger"
+HEAD_NODE = "node:__internal_head__"
+"""The resource Ray gives the head node alone."""
 
 
 class _LedgerService:
@@ -44,13 +46,22 @@ class _LedgerService:
 
 
 def ledger_actor(name: str = LEDGER_NAME):
-    """The named ledger actor of this Ray namespace, created on first use."""
+    """The named ledger actor of this Ray namespace, created on first use.
+
+    It lives on the head node: a worker node lost mid-sweep must not take the
+    counts with it (the head is the one node a Ray cluster cannot lose).
+    """
     import ray
 
     from vlmlab.distributed._ray import NAMESPACE
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_LedgerService)
-    return actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    return actor_cls.options(
+        name=name,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        resources={HEAD_NODE: 0.001},
+    ).remote()
 
 
 class RemoteLedger:

@@ -10,7 +10,9 @@ NAMESPACE = "vlmlab"
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray.
 
-    A local Ray starts no dashboard and is shut down when this process exits
+    ``address="auto"`` joins the cluster `ray start` runs on this machine. With
+    no address a new local Ray starts, never a stray cluster found on the
+    machine. It starts no dashboard and is shut down when this process exits
     (Ray binds its services to this machine's own address; nothing leaves the
     machine). Calling again once Ray is up does nothing.
     """
@@ -24,6 +26,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
+        address="local",
         num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1),
         include_dashboard=False,
         namespace=NAMESPACE,

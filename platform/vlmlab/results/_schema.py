@@ -49,6 +49,7 @@ RUNS_SCHEMA = pa.schema(
         ("artifact", pa.string()),
         ("vlmlab_version", pa.string()),
         ("node", pa.string()),
+        ("ray_node", pa.string()),
         *[(name, pa.float64()) for name in METRIC_COLUMNS],
     ]
 )

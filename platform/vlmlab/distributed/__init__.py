@@ -6,6 +6,7 @@ Importing this package imports Ray; ``vlmlab.methods`` never does.
 from __future__ import annotations
 
 from vlmlab.distributed._ledger import LEDGER_NAME, RemoteLedger, ledger_actor
+from vlmlab.distributed._local_cluster import LocalCluster
 from vlmlab.distributed._parallel import deploy_for_spec, run_experiment_on_pool
 from vlmlab.distributed._pool import (
     DEFAULT_APP,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_APP",
     "LEDGER_NAME",
     "NAMESPACE",
+    "LocalCluster",
     "OracleReplica",
     "PoolOracle",
     "RemoteLedger",

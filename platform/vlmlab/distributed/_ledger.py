@@ -40,6 +40,7 @@ class _LedgerService:
             "remaining",
             "usage",
             "keys",
+            "account",
         }:
             raise AttributeError(f"ledger has no method {method!r}")
         return getattr(self._ledger, method)(*args, **kwargs)
@@ -116,6 +117,9 @@ class RemoteLedger:
 
     def keys(self) -> list[str]:
         return self._call("keys")
+
+    def account(self, key: str) -> dict[str, Any]:
+        return self._call("account", key)
 
     def __reduce__(self):  # travels to Ray workers as a handle to the same actor
         return (RemoteLedger, (self._actor,))

@@ -116,8 +116,11 @@ class OracleReplica:
         import resource
 
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        import ray
+
         return {
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "peak_rss_mb": usage.ru_maxrss / 1024,
             "image_sets": len(self.oracle._features),
             "queries": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).queries,

@@ -236,7 +236,32 @@ def run_sweep(
         pool = deploy_for_spec(spec, address=address)
     grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks or []).fit()
     _close_stopped_trials(spec, results, grid)
+    _write_ledger_audit(spec, results)
     return grid
+
+
+LEDGER_AUDIT = "ledger.json"
+
+
+def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
+    """Every ledger account of this sweep's trials, one per attempt (``<run id>@<attempt>``).
+
+    A trial restored after a failure has two or more attempts: the queries its
+    lost attempt spent after its last checkpoint were served, so they are
+    counted there, and ``reserved`` shows calls that died in flight.
+    """
+    from vlmlab.distributed._ledger import RemoteLedger
+
+    ledger = RemoteLedger()
+    prefix = f"{spec.name}-"
+    names = ledger.keys()
+    accounts = {key: ledger.account(key) for key in names if key.startswith(prefix)}
+    audit = {
+        "accounts": accounts,
+        "queries": sum(a["queries"] for a in accounts.values()),
+        "reserved": sum(a["reserved"] for a in accounts.values()),
+    }
+    atomic_write_text(results / LEDGER_AUDIT, json.dumps(audit, indent=2))
 
 
 def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:

@@ -145,6 +145,16 @@ class QueryLedger:
         with self._lock:
             return sorted(self._accounts)
 
+    def account(self, key: str) -> dict[str, Any]:
+        """One consistent view of ``key``: spent, held by calls in flight, budget."""
+        with self._lock:
+            account = self._account(key)
+            return {
+                **asdict(account.usage),
+                "reserved": sum(account.reserved.values()),
+                "budget": account.budget,
+            }
+
 
 @contextmanager
 def metered(

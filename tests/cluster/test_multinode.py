@@ -1,0 +1,158 @@
+"""A real multi-node Ray cluster on this machine: `ray start --head` and two worker nodes.
+
+The oracle pool and a sweep's trials spread over the nodes (the runs table
+records each trial's node); then a worker node is SIGKILLed mid-sweep and the
+sweep still completes, with one row per trial, no duplicate steps and an
+exact ledger. Run alone with `pytest -m cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmlab.distributed import LocalCluster
+from vlmlab.results import ResultsStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+DRIVER = Path(__file__).with_name("sweep_driver.py")
+POPSIZE = 6
+
+
+def _spec(name: str, iterations: int, trials: int) -> dict:
+    return {
+        "name": name,
+        "backend": {"name": "conse"},
+        "data": {"dataset": "fashion-mnist", "shots": 2, "test_size": 40, "forget": [0, 1]},
+        "method": {"name": "bbf", "popsize": POPSIZE, "iterations": iterations, "batch_size": 10},
+        "budget": {"max_queries": POPSIZE * iterations},
+        "seeds": [1],
+        "eval_every": 1,  # a Tune checkpoint every generation
+        "pool": {"replicas": 2, "num_cpus": 0.25},
+        "sweep": {
+            "metric": "val_H",
+            "num_samples": trials,
+            "max_concurrent": 3,
+            "scheduler": "fifo",
+            "trial_cpus": 1.5,  # one trial a node: 2 CPUs each, 0.25 for a replica
+            "max_failures": 2,
+            "space": {"method.sigma": {"type": "loguniform", "low": 0.5, "high": 2.0}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster({"w1": 2, "w2": 2}, head_cpus=2) as running:
+        yield running
+
+
+def _driver(cluster, cache_dir, spec, results: Path) -> tuple[subprocess.Popen, Path]:
+    summary = results.parent / f"{results.name}-summary.json"
+    env = {**cluster.env, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir}
+    log = (results.parent / f"{results.name}-driver.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(DRIVER),
+            json.dumps(spec),
+            str(results),
+            cluster.address,
+            str(summary),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return process, summary
+
+
+def _finish(process: subprocess.Popen, summary: Path, timeout: float) -> dict:
+    log = summary.with_name(summary.name.replace("-summary.json", "-driver.log"))
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the sweep did not finish:\n{log.read_text()[-5000:]}") from None
+    assert code == 0, log.read_text()[-5000:]
+    return json.loads(summary.read_text())
+
+
+def _attempts(audit: dict, run_id: str) -> dict[str, dict]:
+    """The ledger accounts of one trial's attempts (its evaluation accounts left out)."""
+    return {
+        key: account
+        for key, account in audit["accounts"].items()
+        if key.split("@")[0] == run_id and not key.endswith(":eval")
+    }
+
+
+def test_pool_and_sweep_trials_spread_over_nodes(cluster, cache_dir, tmp_path):
+    results = tmp_path / "spread"
+    process, summary = _driver(cluster, cache_dir, _spec("spread", 4, 3), results)
+    seen = _finish(process, summary, timeout=600)
+    assert seen["errors"] == [] and seen["trials"] == 3
+    nodes = {cluster.node_id(name) for name in cluster.nodes}
+    assert len(seen["replica_nodes"]) == 2 and set(seen["replica_nodes"]) <= nodes
+
+    runs = ResultsStore(results).runs()
+    assert len(runs) == 3 and set(runs.status) == {"completed"}
+    assert set(runs.ray_node) <= nodes
+    assert runs.ray_node.nunique() > 1, runs.ray_node.tolist()  # the trials span nodes
+    audit = json.loads((results / "ledger.json").read_text())
+    for row in runs.itertuples():
+        (attempt,) = _attempts(audit, row.run_id).values()
+        assert attempt["queries"] == row.queries_used == 4 * POPSIZE and attempt["reserved"] == 0
+
+
+def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
+    victim = cluster.node_id("w2")
+    results = tmp_path / "loss"
+    iterations = 30
+    process, summary = _driver(cluster, cache_dir, _spec("loss", iterations, 4), results)
+    store = ResultsStore(results)
+    deadline = time.monotonic() + 300
+    doomed = None
+    while doomed is None:  # a trial on w2, past its second checkpoint
+        assert process.poll() is None and time.monotonic() < deadline, "no trial ran on w2"
+        time.sleep(0.2)
+        try:
+            runs, steps = store.runs(), store.steps()
+        except Exception:
+            continue
+        running = runs[(runs.status == "running") & (runs.ray_node == victim)]
+        for run_id in running.run_id:
+            if len(steps) and steps[steps.run_id == run_id].step.max() >= 2:
+                doomed = run_id
+    cluster.kill("w2")
+
+    seen = _finish(process, summary, timeout=600)
+    assert seen["errors"] == [] and seen["trials"] == 4
+    runs, steps = store.runs(), store.steps()
+    # Every trial completed, one row each, none on the lost node at the end.
+    assert len(runs) == 4 and runs.run_id.is_unique and set(runs.status) == {"completed"}
+    assert victim not in set(runs.ray_node)
+    assert not steps.duplicated(["run_id", "step", "split", "metric"]).any()
+    assert (runs.queries_used == POPSIZE * iterations).all()  # the whole budget, not more
+    # The ledger is exact: every query served is on an attempt's account. The doomed
+    # trial has two attempts; what the first spent after its last checkpoint was lost
+    # work, whole generations; every other trial spent exactly its row's queries.
+    audit = json.loads((results / "ledger.json").read_text())
+    for row in runs.itertuples():
+        attempts = _attempts(audit, row.run_id)
+        spent = sum(a["queries"] for a in attempts.values())
+        assert all(a["queries"] % POPSIZE == 0 for a in attempts.values())
+        if row.run_id == doomed:
+            assert len(attempts) == 2, attempts
+            assert spent >= row.queries_used and (spent - row.queries_used) % POPSIZE == 0
+        else:
+            assert len(attempts) == 1 and spent == row.queries_used
+            assert all(a["reserved"] == 0 for a in attempts.values())
+    assert os.path.exists(results / "tune")

@@ -36,6 +36,36 @@ class TestConseConformance(OracleConformance):
         return conse.register_images(fashion_test.subset(np.arange(8)).image_set())
 
 
+class TestLatencyConformance(OracleConformance):
+    """The benchmark stand-in (no model, a fixed delay) keeps the contract too."""
+
+    @pytest.fixture
+    def oracle(self):
+        from vlmlab.oracle import create_oracle
+
+        return create_oracle("latency:1")
+
+    @pytest.fixture
+    def image_set(self, oracle):
+        return oracle.register_images(_noise_images(3))
+
+
+def test_latency_backend_takes_its_delay_per_call():
+    import time
+
+    from vlmlab.oracle import create_oracle
+    from vlmlab.testing import random_contexts
+
+    oracle = create_oracle("latency:40")
+    ref = oracle.register_images(_noise_images(4))
+    started = time.perf_counter()
+    oracle.logits(random_contexts(oracle, 5), ["a", "b"], ref)
+    assert time.perf_counter() - started >= 0.04  # one delay for the whole population
+    assert oracle.metadata.backend == "latency"
+    with pytest.raises(ValueError, match="latency:<milliseconds>"):
+        create_oracle("latency:fast")
+
+
 def test_bad_image_sets():
     with pytest.raises(ValueError, match=r"uint8 with shape \(N, H, W, 3\)"):
         ImageSet(np.zeros((2, 8, 8), dtype=np.uint8))

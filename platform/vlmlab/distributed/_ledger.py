@@ -49,8 +49,11 @@ class _LedgerService:
 def ledger_actor(name: str = LEDGER_NAME):
     """The named ledger actor of this Ray namespace, created on first use.
 
-    It lives on the head node: a worker node lost mid-sweep must not take the
-    counts with it (the head is the one node a Ray cluster cannot lose).
+    It lives on the head node (a worker node lost mid-sweep must not take the
+    counts with it; the head is the one node a Ray cluster cannot lose) and is
+    detached: it outlives the driver that created it, so every driver on a
+    cluster — two sweeps, a sweep and the HTTP service — shares one exact
+    account book for as long as the cluster runs.
     """
     import ray
 
@@ -61,6 +64,7 @@ def ledger_actor(name: str = LEDGER_NAME):
         name=name,
         namespace=NAMESPACE,
         get_if_exists=True,
+        lifetime="detached",
         resources={HEAD_NODE: 0.001},
     ).remote()
 

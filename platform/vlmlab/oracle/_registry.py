@@ -22,9 +22,21 @@ def _conse(model: str | None, **kwargs: Any) -> LocalOracle:
     return ConseOracle(**kwargs)
 
 
+def _latency(model: str | None, **kwargs: Any) -> LocalOracle:
+    from vlmlab.oracle._latency import LatencyOracle
+
+    try:
+        latency_ms = float(model) if model else 50.0
+    except ValueError:
+        raise ValueError(f"latency backend: 'latency:<milliseconds>', got {model!r}") from None
+    kwargs.pop("cache_dir", None)  # nothing to cache
+    return LatencyOracle(latency_ms, **kwargs)
+
+
 _BACKENDS: dict[str, tuple[Callable[..., LocalOracle], str]] = {
     "open_clip": (_open_clip, "real CLIP via open_clip: 'open_clip:<architecture>' + pretrained"),
     "conse": (_conse, "offline ConSE stand-in (EfficientNet-lite0 + MiniLM-L6), not CLIP"),
+    "latency": (_latency, "no model: a fixed delay per call ('latency:<ms>'), for benchmarks"),
 }
 
 

@@ -379,6 +379,9 @@ def serve_command(
     oracle_replicas: Annotated[int, typer.Option(help="oracle replicas")] = 1,
     oracle_cpus: Annotated[float, typer.Option(help="CPUs per oracle replica")] = 1.0,
     oracle_gpus: Annotated[float, typer.Option(help="GPUs per oracle replica")] = 0.0,
+    max_request_mb: Annotated[
+        float, typer.Option(help="largest request body, MB (image-set uploads are the big ones)")
+    ] = 8.0,
     host: Annotated[str, typer.Option(help="HTTP address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     replicas: Annotated[int, typer.Option(help="adapter replicas (each loads the backend)")] = 1,
@@ -427,6 +430,7 @@ def serve_command(
                 oracle_replicas=oracle_replicas,
                 oracle_cpus=oracle_cpus,
                 oracle_gpus=oracle_gpus,
+                max_request_bytes=int(max_request_mb * 1024 * 1024),
             )
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None

@@ -332,7 +332,7 @@ def _malformed(dim: int, length: int, set_id: str) -> list[tuple[str, str, dict,
         ("image-sets", "json", {"images": []}, 422, "images is empty"),
         ("image-sets", "json", {"images": "abc"}, 422, "list of base64 strings"),
         ("image-sets", "json", {"images": ["%%%"]}, 422, "images[0] is not valid base64"),
-        ("image-sets", "json", {"images": ["aGVsbG8="]}, 415, "cannot decode the image"),
+        ("image-sets", "json", {"images": ["aGVsbG8="]}, 415, "images[0]: cannot decode the image"),
         (
             "image-sets",
             "json",

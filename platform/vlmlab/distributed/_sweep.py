@@ -189,7 +189,12 @@ def _tuner(
             name=spec.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune deletes a trial's older checkpoints when a new one registers, before
+            # its next experiment snapshot: a driver killed in between leaves a snapshot
+            # naming a deleted checkpoint, and --resume fails that trial (seen in CI).
+            # Black-box states are small (kB): keep them all. A white-box state holds
+            # model weights: keep three, and the race stays possible (README says so).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3 if spec.white_box else None),
             callbacks=callbacks,
             verbose=0,
         ),
@@ -226,8 +231,8 @@ def run_sweep(
             raise SpecError(f"{results}: holds a sweep of another spec; resume it with that spec")
     atomic_write_text(spec_path, spec.model_dump_json(indent=2))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    # Keeping one checkpoint per trial forces an experiment snapshot at each one; that is
-    # what makes --resume after a killed driver lose little, so Tune's warning is off.
+    # Experiment snapshots every second make --resume after a killed driver lose little;
+    # Tune's warning about frequent snapshots is off.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray(address)
     if spec.white_box:
@@ -251,11 +256,12 @@ def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
     counted there, and ``reserved`` shows calls that died in flight.
     """
     from vlmlab.distributed._ledger import RemoteLedger
+    from vlmlab.results import ResultsStore
 
     ledger = RemoteLedger()
-    prefix = f"{spec.name}-"
+    run_ids = set(ResultsStore(results).runs().run_id)  # this folder's trials only
     names = ledger.keys()
-    accounts = {key: ledger.account(key) for key in names if key.startswith(prefix)}
+    accounts = {key: ledger.account(key) for key in names if key.split("@")[0] in run_ids}
     audit = {
         "accounts": accounts,
         "queries": sum(a["queries"] for a in accounts.values()),
@@ -270,10 +276,12 @@ def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
 
     store = ResultsStore(results)
     runs = store.runs()
+    known: set[str] = set()
     for result in grid:
         trial_id = Path(result.path).name.split("_")[1] if result.path else None
         metrics = result.metrics or {}
         run_id = f"{spec.name}-{metrics.get('trial_id', trial_id)}"
+        known.add(run_id)
         rows = runs[runs.run_id == run_id]
         if rows.empty or rows.iloc[0].status != "running":
             continue
@@ -286,4 +294,10 @@ def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
             # The last report's metrics (a stopped trial's latest evaluation).
             **{column: metrics.get(column) for column in METRIC_COLUMNS if column in metrics},
         )
+        store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})
+    # A trial a killed driver started less than a snapshot (~1 s) before it died is
+    # unknown to the restored sweep, which samples another in its place: its row is
+    # closed as `abandoned` (its queries were spent; it is nobody's result).
+    for row in runs[(runs.status == "running") & ~runs.run_id.isin(known)].to_dict("records"):
+        row.update(status="abandoned", finished_at=datetime.now(UTC))
         store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})

@@ -94,6 +94,8 @@ class HttpOracle:
             )
         ref = images.ref
         if ref.id not in self._image_sets:
+            # One request a set (a set is one content hash); a server's body limit
+            # (`vlmlab serve --max-request-mb`) caps its size: 413 says so.
             encoded = []
             for pixels in images.pixels:  # PNG: lossless, so the server hashes the same pixels
                 buffer = io.BytesIO()

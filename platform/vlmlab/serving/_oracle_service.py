@@ -193,7 +193,12 @@ class OracleService:
             raise RequestError(422, "images is empty: send at least one image")
         if len(images) > MAX_IMAGES_PER_SET:
             raise RequestError(413, f"at most {MAX_IMAGES_PER_SET} images a set")
-        pixels = [decode_image(data) for data in images]
+        pixels = []
+        for i, data in enumerate(images):
+            try:
+                pixels.append(decode_image(data))
+            except RequestError as error:  # say which image of the set
+                raise RequestError(error.status, f"images[{i}]: {error}") from None
         shape = pixels[0].shape
         for i, image in enumerate(pixels):
             if image.shape != shape:

@@ -31,13 +31,7 @@ from vlmlab.distributed._ledger import RemoteLedger
 from vlmlab.distributed._ray import NAMESPACE, ensure_ray
 from vlmlab.oracle import DEFAULT_BUDGET_KEY, ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._ledger import metered
-from vlmlab.oracle._validation import (
-    image_set_id,
-    unknown_image_set,
-    validate_class_names,
-    validate_contexts,
-    validate_indices,
-)
+from vlmlab.oracle._validation import check_call
 
 log = logging.getLogger(__name__)
 
@@ -287,27 +281,15 @@ class PoolOracle:
         indices: Sequence[int] | np.ndarray | None = None,
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
-        contexts = validate_contexts(contexts, self._metadata)
-        names = validate_class_names(class_names)
-        set_id = image_set_id(image_set)
-        if set_id not in self._image_sets:
-            raise unknown_image_set(set_id, self._image_sets)
-        box = self._image_sets[set_id]
-        index = validate_indices(indices, box["size"])
-        index_array = None if index is None else index.numpy()
-        population = contexts.shape[0]
-        n_images = box["size"] if index is None else len(index_array)
-
-        with metered(
-            self._ledger,
-            budget_key,
-            queries=population,
-            images_scored=population * n_images,
-            prompts_encoded=population * len(names),
-        ):
-            array = contexts.numpy()
-            shards = [array[i : i + self.shard_size] for i in range(0, population, self.shard_size)]
-            outputs = self._fan_out(shards, names, box, index_array)
+        sizes = {set_id: box["size"] for set_id, box in self._image_sets.items()}
+        call = check_call(contexts, class_names, image_set, indices, self._metadata, sizes)
+        box = self._image_sets[call.set_id]
+        index_array = None if call.index is None else call.index.numpy()
+        with metered(self._ledger, budget_key, **call.charges):
+            array = call.contexts.numpy()
+            step = self.shard_size
+            shards = [array[i : i + step] for i in range(0, len(array), step)]
+            outputs = self._fan_out(shards, call.names, box, index_array)
         return torch.from_numpy(np.concatenate(outputs, axis=0))
 
     # ------------------------------------------------------------- plumbing

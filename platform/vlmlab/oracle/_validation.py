@@ -6,7 +6,8 @@ before a call reserves budget or does any work.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,3 +114,47 @@ def validate_indices(indices: Sequence[int] | np.ndarray | None, size: int) -> t
             f"indices out of range for an image set of {size} images: min {low}, max {high}"
         )
     return index.long()
+
+
+@dataclass(frozen=True)
+class CheckedCall:
+    """A ``logits`` call that passed every check, with what it will be charged."""
+
+    contexts: torch.Tensor
+    names: list[str]
+    set_id: str
+    index: torch.Tensor | None
+    n_images: int
+
+    @property
+    def charges(self) -> dict[str, int]:
+        """The ledger's counts for this call (``metered``'s keyword arguments)."""
+        population = self.contexts.shape[0]
+        return {
+            "queries": population,
+            "images_scored": population * self.n_images,
+            "prompts_encoded": population * len(self.names),
+        }
+
+
+def check_call(
+    contexts: torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    image_set: ImageSetRef | str,
+    indices: Sequence[int] | np.ndarray | None,
+    metadata: OracleMetadata,
+    set_sizes: Mapping[str, int],
+) -> CheckedCall:
+    """Every check of a remote oracle's ``logits`` call, in the contract's order.
+
+    ``set_sizes`` maps the ids of the image sets this client registered to
+    their sizes; the server checks the prompt length itself.
+    """
+    checked = validate_contexts(contexts, metadata)
+    names = validate_class_names(class_names)
+    set_id = image_set_id(image_set)
+    if set_id not in set_sizes:
+        raise unknown_image_set(set_id, set_sizes)
+    index = validate_indices(indices, set_sizes[set_id])
+    n_images = set_sizes[set_id] if index is None else len(index)
+    return CheckedCall(checked, names, set_id, index, n_images)

@@ -27,13 +27,7 @@ import torch
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle import ImageSet, ImageSetRef, OracleMetadata, QueryLedger
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, metered
-from vlmlab.oracle._validation import (
-    image_set_id,
-    unknown_image_set,
-    validate_class_names,
-    validate_contexts,
-    validate_indices,
-)
+from vlmlab.oracle._validation import check_call
 from vlmlab.serving._oracle_service import decode_array, encode_array
 
 
@@ -118,29 +112,16 @@ class HttpOracle:
         indices: Sequence[int] | np.ndarray | None = None,
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
-        contexts = validate_contexts(contexts, self._metadata)
-        names = validate_class_names(class_names)
-        set_id = image_set_id(image_set)
-        if set_id not in self._image_sets:
-            raise unknown_image_set(set_id, self._image_sets)
-        size = self._image_sets[set_id].size
-        index = validate_indices(indices, size)
-        population = contexts.shape[0]
-        n_images = size if index is None else len(index)
+        sizes = {set_id: ref.size for set_id, ref in self._image_sets.items()}
+        call = check_call(contexts, class_names, image_set, indices, self._metadata, sizes)
         request = {
-            "contexts": encode_array(contexts.numpy(), binary=True),
-            "class_names": names,
-            "image_set": set_id,
+            "contexts": encode_array(call.contexts.numpy(), binary=True),
+            "class_names": call.names,
+            "image_set": call.set_id,
         }
-        if index is not None:
-            request["indices"] = index.tolist()
-        with metered(
-            self._ledger,
-            budget_key,
-            queries=population,
-            images_scored=population * n_images,
-            prompts_encoded=population * len(names),
-        ):
+        if call.index is not None:
+            request["indices"] = call.index.tolist()
+        with metered(self._ledger, budget_key, **call.charges):
             body = self._request("POST", "/v1/oracle/logits", json=request)
         return torch.from_numpy(decode_array(body["logits"], "logits")[0].copy())
 

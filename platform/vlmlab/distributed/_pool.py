@@ -31,7 +31,7 @@ from vlmlab.distributed._ledger import RemoteLedger
 from vlmlab.distributed._ray import NAMESPACE, ensure_ray
 from vlmlab.oracle import DEFAULT_BUDGET_KEY, ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._ledger import metered
-from vlmlab.oracle._validation import check_call
+from vlmlab.oracle._validation import check_call, image_set_ref
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,7 @@ class PoolOracle:
     def register_images(self, images: ImageSet) -> ImageSetRef:
         import ray
 
-        if not isinstance(images, ImageSet):
-            raise TypeError(
-                f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
-            )
-        ref = images.ref
+        ref = image_set_ref(images)
         if ref.id not in self._image_sets:
             # Pixels go to the object store once; replicas fetch them on first use.
             self._image_sets[ref.id] = {

@@ -22,6 +22,7 @@ from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._validation import (
     check_prompt_length,
     image_set_id,
+    image_set_ref,
     unknown_image_set,
     validate_class_names,
     validate_contexts,
@@ -115,11 +116,7 @@ class LocalOracle(ABC):
         return self._ledger
 
     def register_images(self, images: ImageSet) -> ImageSetRef:
-        if not isinstance(images, ImageSet):
-            raise TypeError(
-                f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
-            )
-        ref = images.ref
+        ref = image_set_ref(images)
         with self._register_lock:
             if ref.id in self._features:
                 return ref

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlmlab.oracle._protocol import ImageSetRef, OracleMetadata
+from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
 
 
 def validate_contexts(
@@ -79,6 +79,15 @@ def check_prompt_length(
             f"{suffix_counts[longest]} tokens of class {names[longest]!r} exceed the text tower's "
             f"context length {limit}; use at most {limit - 1 - suffix_counts[longest]} context tokens"
         )
+
+
+def image_set_ref(images: ImageSet) -> ImageSetRef:
+    """The reference of a set to register; anything but an ImageSet is a TypeError."""
+    if not isinstance(images, ImageSet):
+        raise TypeError(
+            f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
+        )
+    return images.ref
 
 
 def image_set_id(image_set: ImageSetRef | str) -> str:

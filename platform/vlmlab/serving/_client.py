@@ -27,7 +27,7 @@ import torch
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle import ImageSet, ImageSetRef, OracleMetadata, QueryLedger
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, metered
-from vlmlab.oracle._validation import check_call
+from vlmlab.oracle._validation import check_call, image_set_ref
 from vlmlab.serving._oracle_service import decode_array, encode_array
 
 
@@ -82,11 +82,7 @@ class HttpOracle:
     def register_images(self, images: ImageSet) -> ImageSetRef:
         from PIL import Image
 
-        if not isinstance(images, ImageSet):
-            raise TypeError(
-                f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
-            )
-        ref = images.ref
+        ref = image_set_ref(images)
         if ref.id not in self._image_sets:
             # One request a set (a set is one content hash); a server's body limit
             # (`vlmlab serve --max-request-mb`) caps its size: 413 says so.

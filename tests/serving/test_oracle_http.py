@@ -42,13 +42,10 @@ def keys(tmp_path_factory):
     return path, tokens
 
 
-@pytest.fixture(scope="module")
-def url(ray_session, adapters, cache_dir, keys):
-    from ray import serve
+def _deploy(adapters, cache_dir, keys) -> str:
+    from vlmlab.serving._http import serve_adapters
 
-    from vlmlab.serving._http import APP_NAME, serve_adapters
-
-    base = serve_adapters(
+    return serve_adapters(
         str(adapters),
         keys=str(keys[0]),
         backend_kwargs={"cache_dir": cache_dir},
@@ -57,7 +54,15 @@ def url(ray_session, adapters, cache_dir, keys):
         oracle_torch_threads=torch.get_num_threads(),  # logits equal the local ones bit for bit
         max_request_bytes=1_000_000,
     )
-    yield base
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, adapters, cache_dir, keys):
+    from ray import serve
+
+    from vlmlab.serving._http import APP_NAME
+
+    yield _deploy(adapters, cache_dir, keys)
     serve.delete(APP_NAME)
 
 
@@ -423,3 +428,23 @@ def test_fuzzed_oracle_requests_never_get_a_5xx(url, keys, body, path):
         timeout=60,
     )
     assert response.status_code < 500, (path, body, response.text)
+
+
+def test_a_restarted_server_keeps_budgets_and_gets_image_sets_again(
+    url, keys, adapters, cache_dir, images
+):
+    """Redeploying forgets image sets (the client sends them again), never what keys spent."""
+    from ray import serve
+
+    from vlmlab.serving._http import APP_NAME
+
+    remote = HttpOracle(url, keys[1]["bob"])
+    ref = remote.register_images(images)
+    contexts = random_contexts(remote, 2, seed=5)
+    before = remote.logits(contexts, NAMES, ref)
+    used = remote.usage()["queries_used"]
+    serve.delete(APP_NAME)
+    assert _deploy(adapters, cache_dir, keys) == url
+    assert torch.equal(remote.logits(contexts, NAMES, ref), before)
+    after = remote.usage()
+    assert after["queries_used"] == used + 2 and after["images_registered"] == len(images)

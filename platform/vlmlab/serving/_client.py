@@ -10,7 +10,8 @@ it enforces) and this client's own :class:`~vlmlab.oracle.QueryLedger` (per
 first, so malformed input and a client-side budget refuse before anything is
 sent. Arrays travel as base64 float32, so logits are the server's bit for bit.
 Rate-limited (429) and unavailable (503) calls are retried after the wait the
-server asks for; nothing is charged for them.
+server asks for; nothing is charged for them. A server that restarted (and so
+forgot its image sets) is sent a set again the first time a call needs it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class HttpOracle:
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {key}"
         self._ledger = QueryLedger()
-        self._image_sets: dict[str, ImageSetRef] = {}
+        self._image_sets: dict[str, ImageSet] = {}
         described = self._request("GET", "/v1/oracle/metadata")
         self._metadata = OracleMetadata(
             backend=described["backend"],
@@ -80,24 +81,27 @@ class HttpOracle:
         return torch.from_numpy(decode_array(body["embeddings"], "embeddings")[0].copy())
 
     def register_images(self, images: ImageSet) -> ImageSetRef:
-        from PIL import Image
-
         ref = image_set_ref(images)
         if ref.id not in self._image_sets:
-            # One request a set (a set is one content hash); a server's body limit
-            # (`vlmlab serve --max-request-mb`) caps its size: 413 says so.
-            encoded = []
-            for pixels in images.pixels:  # PNG: lossless, so the server hashes the same pixels
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="PNG")
-                encoded.append(base64.b64encode(buffer.getvalue()).decode())
-            body = self._request("POST", "/v1/oracle/image-sets", json={"images": encoded})
-            if body["image_set"] != ref.id:
-                raise RuntimeError(
-                    f"the server registered set {body['image_set']!r}, expected {ref.id!r}"
-                )
-            self._image_sets[ref.id] = ref
+            self._upload(images)
+            self._image_sets[ref.id] = images  # kept: a restarted server is sent it again
         return ref
+
+    def _upload(self, images: ImageSet) -> None:
+        from PIL import Image
+
+        # One request a set (a set is one content hash); a server's body limit
+        # (`vlmlab serve --max-request-mb`) caps its size: 413 says so.
+        encoded = []
+        for pixels in images.pixels:  # PNG: lossless, so the server hashes the same pixels
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        body = self._request("POST", "/v1/oracle/image-sets", json={"images": encoded})
+        if body["image_set"] != images.ref.id:
+            raise RuntimeError(
+                f"the server registered set {body['image_set']!r}, expected {images.ref.id!r}"
+            )
 
     def logits(
         self,
@@ -108,7 +112,7 @@ class HttpOracle:
         indices: Sequence[int] | np.ndarray | None = None,
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
-        sizes = {set_id: ref.size for set_id, ref in self._image_sets.items()}
+        sizes = {set_id: len(images) for set_id, images in self._image_sets.items()}
         call = check_call(contexts, class_names, image_set, indices, self._metadata, sizes)
         request = {
             "contexts": encode_array(call.contexts.numpy(), binary=True),
@@ -118,7 +122,11 @@ class HttpOracle:
         if call.index is not None:
             request["indices"] = call.index.tolist()
         with metered(self._ledger, budget_key, **call.charges):
-            body = self._request("POST", "/v1/oracle/logits", json=request)
+            try:
+                body = self._request("POST", "/v1/oracle/logits", json=request)
+            except KeyError:  # the server restarted and forgot the set: send it once more
+                self._upload(self._image_sets[call.set_id])
+                body = self._request("POST", "/v1/oracle/logits", json=request)
         return torch.from_numpy(decode_array(body["logits"], "logits")[0].copy())
 
     # ------------------------------------------------------------- plumbing

@@ -277,6 +277,7 @@ def _malformed(dim: int, length: int, set_id: str) -> list[tuple[str, str, dict,
     return [
         ("logits", "json", {"class_names": NAMES}, 422, "missing field(s): contexts, image_set"),
         ("logits", "json", {**base, "image_set": "nope"}, 404, "unknown image set 'nope'"),
+        ("logits", "json", {**base, "image_set": [1]}, 422, "image_set must be a string"),
         (
             "logits",
             "json",
@@ -405,22 +406,40 @@ JSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+VALID = "<valid>"  # replaced in the test by a well-formed value that needs the server's facts
+
+
+@pytest.fixture(scope="module")
+def fuzz_facts(url, keys, images):
+    token = keys[1]["bob"]
+    return {
+        "set": _register(url, token, images.pixels),
+        "dim": HttpOracle(url, token).metadata.token_dim,
+    }
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     body=st.fixed_dictionaries(
         {},
         optional={
-            "contexts": JSON_VALUES,
+            "contexts": st.just(VALID) | JSON_VALUES,
             "class_names": st.lists(st.text(max_size=6), max_size=3) | JSON_VALUES,
-            "image_set": st.text(max_size=6) | JSON_VALUES,
+            "image_set": st.just(VALID) | st.text(max_size=6) | JSON_VALUES,
             "indices": st.lists(st.integers(-3, 10), max_size=3) | JSON_VALUES,
             "images": st.lists(st.text(max_size=8), max_size=2) | JSON_VALUES,
             "phrase": JSON_VALUES,
+            "binary": JSON_VALUES,
         },
     ),
-    path=st.sampled_from(["logits", "image-sets", "phrase-embeddings"]),
+    complete=st.booleans(),
+    path=st.sampled_from(["logits", "logits", "image-sets", "phrase-embeddings"]),
 )
-def test_fuzzed_oracle_requests_never_get_a_5xx(url, keys, body, path):
+def test_fuzzed_oracle_requests_never_get_a_5xx(url, keys, fuzz_facts, body, complete, path):
+    if complete:  # past the missing-field check, into the deeper paths
+        body = {"contexts": VALID, "class_names": ["a"], "image_set": VALID} | body
+    valid = {"contexts": [[[0.5] * fuzz_facts["dim"]]], "image_set": fuzz_facts["set"]}
+    body = {k: valid[k] if v == VALID and k in valid else v for k, v in body.items()}
     response = requests.post(
         f"{url}/v1/oracle/{path}",
         data=json.dumps(body),  # NaN and Infinity included: Python's JSON writes them

@@ -232,6 +232,8 @@ class OracleService:
         missing = [k for k in ("contexts", "class_names", "image_set") if k not in fields]
         if missing:
             raise RequestError(422, f"missing field(s): {', '.join(missing)}")
+        if not isinstance(fields["image_set"], str):
+            raise RequestError(422, "image_set must be a string (the id image-sets returned)")
         box = self._state[name].image_sets.get(fields["image_set"])
         if box is None:
             raise RequestError(

@@ -109,9 +109,9 @@ class OracleReplica:
     def stats(self) -> dict[str, Any]:
         import resource
 
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         import ray
 
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -157,18 +157,23 @@ class OracleService:
             "embedding_std": described["embedding_std"],
         }
 
+    async def _standing(self, name: str) -> dict[str, Any]:
+        """The key's account in one ledger call: spent, and left after calls in flight."""
+        account = await self.ledger.call.remote("account", BUDGET_PREFIX + name)
+        budget = account["budget"]
+        held = account["queries"] + account["reserved"]
+        return {**account, "left": None if budget is None else budget - held}
+
     async def usage(self, name: str) -> dict[str, Any]:
         await self._ensure_ready()
-        account = BUDGET_PREFIX + name
-        usage = await self.ledger.call.remote("usage", account)
-        remaining = await self.ledger.call.remote("remaining", account)
+        standing = await self._standing(name)
         state = self._state[name]
         return {
             "key": name,
             "budget": self.keys[name].budget,
-            "queries_used": usage.queries,
-            "queries_left": remaining,
-            "calls": usage.calls,
+            "queries_used": standing["queries"],
+            "queries_left": standing["left"],
+            "calls": standing["calls"],
             "image_sets": len(state.image_sets),
             "images_registered": state.images,
         }
@@ -287,13 +292,13 @@ class OracleService:
             prompts_encoded=population * len(names),
             wall_seconds=time.perf_counter() - started,
         )
-        usage = await self.ledger.call.remote("usage", account)
+        standing = await self._standing(name)
         return {
             "logits": encode_array(out, binary),
             "shape": list(out.shape),
             "queries": population,
-            "queries_used": usage.queries,
-            "queries_left": await self.ledger.call.remote("remaining", account),
+            "queries_used": standing["queries"],
+            "queries_left": standing["left"],
             "backend": described["backend"],
             "model": described["model"],
         }

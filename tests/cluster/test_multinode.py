@@ -142,17 +142,19 @@ def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
     assert not steps.duplicated(["run_id", "step", "split", "metric"]).any()
     assert (runs.queries_used == POPSIZE * iterations).all()  # the whole budget, not more
     # The ledger is exact: every query served is on an attempt's account. The doomed
-    # trial has two attempts; what the first spent after its last checkpoint was lost
-    # work, whole generations; every other trial spent exactly its row's queries.
+    # trial has a second attempt; what the first spent after its last checkpoint was
+    # lost work, whole generations. Another trial may also have an attempt the loss
+    # cut short (CI saw one placed on w2 as it died, before its first query): the same
+    # rule holds for it. A trial with one attempt spent exactly its row's queries.
     audit = json.loads((results / "ledger.json").read_text())
     for row in runs.itertuples():
         attempts = _attempts(audit, row.run_id)
         spent = sum(a["queries"] for a in attempts.values())
         assert all(a["queries"] % POPSIZE == 0 for a in attempts.values())
+        assert spent >= row.queries_used and (spent - row.queries_used) % POPSIZE == 0
         if row.run_id == doomed:
-            assert len(attempts) == 2, attempts
-            assert spent >= row.queries_used and (spent - row.queries_used) % POPSIZE == 0
-        else:
-            assert len(attempts) == 1 and spent == row.queries_used
+            assert len(attempts) >= 2, attempts
+        if len(attempts) == 1:
+            assert spent == row.queries_used
             assert all(a["reserved"] == 0 for a in attempts.values())
     assert os.path.exists(results / "tune")

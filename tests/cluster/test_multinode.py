@@ -144,7 +144,7 @@ def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
     # The ledger is exact: every query served is on an attempt's account. The doomed
     # trial has a second attempt; what the first spent after its last checkpoint was
     # lost work, whole generations. Another trial may also have an attempt the loss
-    # cut short (CI saw one placed on w2 as it died, before its first query): the same
+    # cut short (CI saw one that spent 0 queries, likely started as w2 died): the same
     # rule holds for it. A trial with one attempt spent exactly its row's queries.
     audit = json.loads((results / "ledger.json").read_text())
     for row in runs.itertuples():

@@ -41,8 +41,8 @@ def main(calls: int = 15) -> None:
     import torch
 
     from vlmlab.data import load_dataset
-    from vlmlab.distributed import ensure_ray
     from vlmlab.oracle import ImageSet, create_oracle
+    from vlmlab.pool import ensure_ray
     from vlmlab.serving import HttpOracle, add_key
     from vlmlab.serving._http import serve_adapters
     from vlmlab.testing import random_contexts

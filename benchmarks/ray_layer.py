@@ -25,8 +25,8 @@ import torch
 
 def _pool_vs_local(repeats: int) -> tuple[float, float, float]:
     from vlmlab.data import load_dataset, stratified_subset
-    from vlmlab.distributed import deploy_oracle_pool
     from vlmlab.oracle import create_oracle
+    from vlmlab.pool import deploy_oracle_pool
 
     pool = deploy_oracle_pool("conse", num_replicas=1, num_cpus=2, app_name="bench-pool")
     local = create_oracle("conse")
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vlmlab.distributed import ensure_ray
+    from vlmlab.pool import ensure_ray
 
     ensure_ray(num_cpus=4)
     local, pooled, rss = _pool_vs_local(args.repeats)

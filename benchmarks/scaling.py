@@ -55,7 +55,7 @@ def _throughput(oracle, names, ref, contexts, seconds: float) -> float:
 def _measure(backend: str, cpus: float, images, names, seconds: float) -> dict[int, float]:
     from ray import serve
 
-    from vlmlab.distributed import deploy_oracle_pool
+    from vlmlab.pool import deploy_oracle_pool
     from vlmlab.testing import random_contexts
 
     rates = {}
@@ -79,8 +79,8 @@ def _measure(backend: str, cpus: float, images, names, seconds: float) -> dict[i
 
 def main(seconds: float = 8.0, latency_ms: float = 50.0) -> None:
     from vlmlab.data import load_dataset
-    from vlmlab.distributed import ensure_ray
     from vlmlab.oracle import ImageSet
+    from vlmlab.pool import ensure_ray
 
     test = load_dataset("fashion-mnist", "test")
     images = ImageSet(test.images[:64], {"dataset": "fashion-mnist", "split": "test"})

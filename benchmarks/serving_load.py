@@ -38,8 +38,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main(clients: int = 4, per_client: int = 50) -> None:
-    from vlmlab.distributed import ensure_ray
     from vlmlab.oracle import create_oracle
+    from vlmlab.pool import ensure_ray
     from vlmlab.runner import run_experiment
     from vlmlab.serving import AdaptedModel, AdapterStore
     from vlmlab.serving._http import serve_adapters

@@ -68,7 +68,7 @@ def ray_session():
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
-    from vlmlab.distributed import ensure_ray
+    from vlmlab.pool import ensure_ray
 
     ensure_ray(num_cpus=4)
     from ray import serve
@@ -86,7 +86,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def conse_pool(ray_session, cache_dir):
     """The ConSE oracle pool: two replicas sharing the session's feature cache."""
-    from vlmlab.distributed import deploy_oracle_pool
+    from vlmlab.pool import deploy_oracle_pool
 
     return deploy_oracle_pool(
         "conse",

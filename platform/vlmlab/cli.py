@@ -73,6 +73,16 @@ def backends() -> None:
 
 
 @app.command()
+def tasks() -> None:
+    """List the registered tasks and their methods."""
+    from vlmlab.tasks import iter_tasks
+
+    for task in iter_tasks():
+        kind = "white-box" if task.white_box else "black-box"
+        typer.echo(f"{task.name:12s} {task.title} ({kind}): {', '.join(task.variants)}")
+
+
+@app.command()
 def datasets() -> None:
     """List the registered datasets."""
     from vlmlab.data import list_datasets
@@ -122,24 +132,6 @@ class _RichProgress:
         pass
 
 
-_TASK_TABLES = {
-    "forgetting": (
-        "Black-Box Forgetting",
-        (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem")),
-    ),
-    "craft": ("CraFT", (("acc", "accuracy"),)),
-    "devsafety": (
-        "Model Developmental Safety",
-        (
-            ("target_gain", "target gain"),
-            ("devsafety", "DevSafety(acc)"),
-            ("target_acc", "target acc"),
-            ("protected_acc", "protected acc"),
-        ),
-    ),
-}
-
-
 def _shots(ladder: list[int]) -> str:
     return f"{ladder[0]}-shot" if len(ladder) == 1 else f"{ladder}-shot ladder"
 
@@ -154,18 +146,18 @@ def _budgets(spec) -> str:
     return f"budget {each} queries per trial"
 
 
-def _outcome_table(outcomes, task: str, where: str):
+def _outcome_table(outcomes, task, where: str):
     from rich.table import Table
 
-    title, metrics = _TASK_TABLES[task]
-    table = Table(title=f"{title} — {where} (test split)")
+    metrics = task.table_metrics or task.metrics
+    table = Table(title=f"{task.title} — {where} (test split)")
     # A white-box task spends no queries: its last column counts epochs.
-    spent = "epochs" if task == "devsafety" else "queries"
+    spent = "epochs" if task.white_box else "queries"
     for column in ("prompt", "shots", "seed", *(label for _, label in metrics), spent):
         table.add_column(column, justify="left" if column == "prompt" else "right")
     # The hand-written prompt on the test split: the same for every shot count and seed.
     zero_shot = next((o.zeroshot_test for o in outcomes if o.zeroshot_test), None)
-    if zero_shot and task != "devsafety":  # devsafety's reference (w_old) differs by seed
+    if zero_shot and not task.white_box:  # a white-box reference (w_old) differs by seed
         table.add_row("zero-shot", "-", "-", *(f"{zero_shot[k]:.3f}" for k, _ in metrics), "0")
     for o in outcomes:
         table.add_row(
@@ -176,48 +168,6 @@ def _outcome_table(outcomes, task: str, where: str):
             str(o.generations) if spent == "epochs" else f"{o.queries_used}/{o.budget or '∞'}",
         )
     return table
-
-
-def _headline(outcomes, task: str, backend: str, dataset: str) -> list[str]:
-    """One line per (method, shots): the headline metric, zero-shot -> mean ± std over seeds."""
-    import statistics
-
-    if task == "devsafety":
-        return _devsafety_headline(outcomes, backend, dataset)
-    key, label = _TASK_TABLES[task][1][0]
-    lines = []
-    finished = [o for o in outcomes if o.test]
-    for method, shots in dict.fromkeys((o.method, o.shots) for o in finished):
-        group = [o for o in finished if o.method == method and o.shots == shots]
-        values = [o.test[key] for o in group]
-        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        zero_shot = statistics.mean(o.zeroshot_test[key] for o in group)
-        lines.append(
-            f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.3f} -> {method} "
-            f"{statistics.mean(values):.3f}{spread} (mean over {len(values)} "
-            f"seed{'s' if len(values) > 1 else ''}; {backend}, {dataset})"
-        )
-    return lines
-
-
-def _devsafety_headline(outcomes, backend: str, dataset: str) -> list[str]:
-    """Per method: target accuracy w_old -> adapted, DevSafety(acc) and the safety ratio."""
-    import statistics
-
-    lines = []
-    finished = [o for o in outcomes if o.test]
-    for method in dict.fromkeys(o.method for o in finished):
-        group = [o for o in finished if o.method == method]
-        old = statistics.mean(o.zeroshot_test["target_acc"] for o in group)
-        new = statistics.mean(o.test["target_acc"] for o in group)
-        safety = [o.test["devsafety"] for o in group]
-        safe = sum(value >= 0 for value in safety)
-        lines.append(
-            f"{method}: target accuracy {old:.3f} -> {new:.3f}, DevSafety(acc) mean "
-            f"{statistics.mean(safety):+.3f} (worst {min(safety):+.3f}), safe (>= 0) in "
-            f"{safe}/{len(group)} seeds (test split; {backend}, {dataset})"
-        )
-    return lines
 
 
 @app.command()
@@ -270,7 +220,7 @@ def run(
             pool = loaded.pool
             where = f"Ray actors ({pool.num_cpus:g} CPU, {pool.num_gpus:g} GPU each)"
         else:
-            from vlmlab.distributed import deploy_for_spec
+            from vlmlab.drivers import deploy_for_spec
 
             with console.status(f"starting Ray and the {loaded.backend.name} oracle pool..."):
                 oracle = deploy_for_spec(loaded, address=address)
@@ -295,7 +245,7 @@ def run(
                     loaded, results, resume=resume, oracle=oracle, listener=listener
                 )
             else:
-                from vlmlab.distributed import run_experiment_on_pool
+                from vlmlab.drivers import run_experiment_on_pool
 
                 outcomes = run_experiment_on_pool(
                     loaded, results, resume=resume, address=address, pool=oracle, listener=listener
@@ -305,8 +255,8 @@ def run(
 
     first = outcomes[0]
     where = f"{first.backend} {first.model} on {loaded.data.dataset}"
-    console.print(_outcome_table(outcomes, loaded.task, where))
-    for line in _headline(outcomes, loaded.task, first.backend, loaded.data.dataset):
+    console.print(_outcome_table(outcomes, loaded.task_entry, where))
+    for line in loaded.task_entry.headline(outcomes, first.backend, loaded.data.dataset):
         console.print(line)
     console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
 
@@ -334,8 +284,7 @@ def sweep(
         loaded = load_spec(spec, set_ or [])
         if loaded.sweep is None:
             raise _fail(f"{spec}: no `sweep:` section (see experiments/sweep-quickstart.yaml)")
-        from vlmlab.distributed import deploy_for_spec, run_sweep
-        from vlmlab.distributed._progress import sweep_progress
+        from vlmlab.drivers import deploy_for_spec, run_sweep, sweep_progress
 
         pool = None
         if not loaded.white_box:  # white-box trials build their own backend
@@ -540,8 +489,10 @@ def study_budget(
 
     from vlmlab._io import atomic_write_text
     from vlmlab.errors import VlmlabError
-    from vlmlab.results import ResultsStore, budget_tables, plot_budget
+    from vlmlab.results import budget_tables, plot_budget
+    from vlmlab.runner import results_store
     from vlmlab.specs import load_spec
+    from vlmlab.tasks import study_metrics
 
     console = Console()
     clock = time.perf_counter()
@@ -549,7 +500,7 @@ def study_budget(
         loaded = load_spec(spec, set_ or [])
         if loaded.study is None:
             raise _fail(f"{spec}: no `study:` section (see experiments/study-budget.yaml)")
-        from vlmlab.distributed import deploy_for_spec, run_budget_study, study_trials
+        from vlmlab.drivers import deploy_for_spec, run_budget_study, study_trials
 
         trials = study_trials(loaded)
         with console.status("starting Ray and the oracle pool..."):
@@ -563,9 +514,9 @@ def study_budget(
             run_ids = run_budget_study(loaded, results, address=address, pool=pool)
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    runs = ResultsStore(results).runs()
+    runs = results_store(results).runs()
     runs = runs[runs.run_id.isin(run_ids)]
-    tables = budget_tables(runs)
+    tables = budget_tables(runs, study_metrics())
     _print_tables(console, tables)
     elapsed = f"{len(runs)} trials in {time.perf_counter() - clock:.0f} s"
     if not tables:
@@ -573,7 +524,7 @@ def study_budget(
         return
     report_dir = Path(results) / "report"
     atomic_write_text(report_dir / "budget_study.md", "\n".join(t.markdown() for t in tables))
-    figure = plot_budget(runs, report_dir / "budget_study.png")
+    figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
     console.print(f"{elapsed}; wrote {report_dir / 'budget_study.md'}, {figure}")
 
 
@@ -596,41 +547,26 @@ def report(
     from rich.console import Console
 
     from vlmlab._io import atomic_write_text
-    from vlmlab.results import (
-        ResultsStore,
-        budget_tables,
-        craft_tables,
-        devsafety_tables,
-        forgetting_tables,
-        plot_budget,
-        plot_craft,
-        plot_devsafety,
-        plot_forgetting,
-    )
+    from vlmlab.results import budget_tables, plot_budget
+    from vlmlab.runner import results_store
+    from vlmlab.tasks import iter_tasks, study_metrics
 
     root = Path(results)
     if not (root / "runs").is_dir():
         raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
-    store = ResultsStore(root)
+    store = results_store(root)
     runs, steps = store.runs(), store.steps()
-    tables = (
-        forgetting_tables(runs)
-        + craft_tables(runs)
-        + devsafety_tables(runs, tolerance)
-        + budget_tables(runs)
-    )
+    tasks = list(iter_tasks())
+    tables = [table for task in tasks for table in task.tables(runs, tolerance=tolerance)]
+    tables += budget_tables(runs, study_metrics())
     if not tables:
         raise _fail(f"{results!r} holds no completed runs yet")
     console = Console()
     _print_tables(console, tables)
     report_dir = root / "report"
     atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
-    figures = [
-        plot_forgetting(runs, steps, report_dir / "forgetting_H_vs_queries.png"),
-        plot_craft(runs, report_dir / "craft_accuracy_vs_shots.png"),
-        plot_devsafety(runs, report_dir / "devsafety_gain_vs_safety.png"),
-        plot_budget(runs, report_dir / "budget_study.png"),
-    ]
+    figures = [figure for task in tasks for figure in task.figures(runs, steps, report_dir)]
+    figures.append(plot_budget(runs, study_metrics(), report_dir / "budget_study.png"))
     written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
     console.print(f"wrote {written}")
 

@@ -1,4 +1,10 @@
-"""Runs an experiment spec in-process: data, oracle, method loop, results, artifact.
+"""The runner (layer 7): one trial, or a whole spec, in-process.
+
+The public API is :func:`run_trial` (one seed of one expanded spec, the loop
+every driver calls: in-process, on Ray actors, in Tune trials) and
+:func:`run_experiment` (every trial of a spec, one after another). The loop is
+the same for every task; the task (``vlmlab.tasks``) builds the method and
+says what its artifact holds.
 
 One trial per seed. Each trial writes its ``runs`` row when it starts
 (status ``running``) and when it ends (``completed``); every ``eval_every``
@@ -21,12 +27,12 @@ from typing import Any, Protocol
 
 import vlmlab
 from vlmlab._io import atomic_write_bytes
-from vlmlab.data import ImageDataset, load_dataset, stratified_subset
+from vlmlab.data import load_dataset, stratified_subset
+from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
-from vlmlab.results import ResultsStore, is_missing
-from vlmlab.serving import save_prompt_artifact
+from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
-from vlmlab.tasks import StepProgress, TaskTrial, make_trial
+from vlmlab.tasks import TrialData, runs_schema_of_tasks
 
 CHECKPOINT_VERSION = 1
 
@@ -62,16 +68,18 @@ class ProgressListener(Protocol):
         self, run_id: str, generations: int, budget: int | None, start: int
     ) -> None: ...
 
-    def generation_done(self, run_id: str, progress: StepProgress) -> None: ...
+    def generation_done(self, run_id: str, progress: StepRecord) -> None: ...
 
     def trial_finished(self, outcome: TrialOutcome) -> None: ...
 
 
-class _Silent:
+class SilentListener:
+    """A :class:`ProgressListener` that draws nothing (the default)."""
+
     def trial_started(self, run_id: str, generations: int, budget: int | None, start: int) -> None:
         pass
 
-    def generation_done(self, run_id: str, progress: StepProgress) -> None:
+    def generation_done(self, run_id: str, progress: StepRecord) -> None:
         pass
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
@@ -79,7 +87,13 @@ class _Silent:
 
 
 def build_oracle(spec: RunSpec) -> Oracle:
+    """The spec's backend, in this process."""
     return create_oracle(spec.backend.name, **spec.backend.oracle_kwargs())
+
+
+def results_store(results_dir: str | Path) -> ResultsStore:
+    """A results folder whose ``runs`` files carry every registered task's metric columns."""
+    return ResultsStore(results_dir, runs_schema_of_tasks())
 
 
 def _ray_node() -> str | None:
@@ -98,19 +112,11 @@ def _now() -> datetime:
 
 
 def run_id_for(spec: RunSpec, seed: int) -> str:
-    """``<name>-<method>-s<seed>``; CraFT runs name their shot count: ``...-k<K>-s<seed>``."""
-    if spec.task == "craft":
-        return f"{spec.name}-{spec.method.name}-k{spec.shots}-s{seed}"
-    return f"{spec.name}-{spec.method.name}-s{seed}"
+    """The task's run id: ``<name>-<method>-s<seed>`` (CraFT: ``...-k<K>-s<seed>``)."""
+    return spec.task_entry.run_id(spec, seed)
 
 
-@dataclass
-class _Data:
-    train: ImageDataset
-    test: ImageDataset
-
-
-def load_data(spec: RunSpec) -> _Data:
+def load_data(spec: RunSpec) -> TrialData:
     """The spec's train split and (subset of the) test split."""
     options = {"root": spec.data.root} if spec.data.root else {}
     train = load_dataset(spec.data.dataset, "train", **options)
@@ -118,31 +124,7 @@ def load_data(spec: RunSpec) -> _Data:
     if spec.data.test_size:
         # The same test subset for every seed: seeds vary the shots and the search only.
         test = test.subset(stratified_subset(test.labels, spec.data.test_size, seed=0))
-    return _Data(train, test)
-
-
-def run_trial(
-    spec: RunSpec,
-    seed: int,
-    results_dir: str | Path,
-    oracle: Oracle,
-    data: _Data,
-    *,
-    resume: bool = False,
-    listener: ProgressListener | None = None,
-) -> TrialOutcome:
-    """One seed of ``spec`` (what :func:`run_experiment` does per seed; Ray workers call it)."""
-    store = ResultsStore(results_dir)
-    return _run_trial(
-        spec,
-        seed,
-        store,
-        oracle,
-        data,
-        resume=resume,
-        listener=listener or _Silent(),
-        stop_after=None,
-    )
+    return TrialData(train, test)
 
 
 def run_experiment(
@@ -163,12 +145,11 @@ def run_experiment(
         stop_after: stop each trial after this many generations in total
             (tests use it to simulate an interruption); the trial stays ``running``.
     """
-    store = ResultsStore(results_dir)
+    store = results_store(results_dir)
     oracle = oracle if oracle is not None else build_oracle(spec)
     data = load_data(spec)
-    listener = listener or _Silent()
     return [
-        _run_trial(
+        run_trial(
             variant,
             seed,
             store,
@@ -183,7 +164,7 @@ def run_experiment(
     ]
 
 
-def _metric_columns(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+def _columns(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
@@ -210,19 +191,38 @@ class FileCheckpointer:
         atomic_write_bytes(self.path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _run_trial(
+def run_trial(
     spec: RunSpec,
     seed: int,
-    store: ResultsStore,
+    results: str | Path | ResultsStore,
     oracle: Oracle,
-    data: _Data,
+    data: TrialData,
     *,
-    resume: bool,
-    listener: ProgressListener,
-    stop_after: int | None,
+    resume: bool = False,
+    listener: ProgressListener | None = None,
+    stop_after: int | None = None,
     run_id: str | None = None,
     checkpointer: Checkpointer | None = None,
 ) -> TrialOutcome:
+    """One seed of one expanded spec (one variant, one shot count): the loop every driver runs.
+
+    Args:
+        results: the results folder (or an open store) for its rows, steps and artifact.
+        oracle: the black box (in-process, the pool's client, HTTP); a white-box
+            task needs an in-process backend.
+        data: the train split and test split (:func:`load_data`).
+        resume: continue from the checkpoint, or return a completed trial's row as
+            it is; otherwise the trial starts over (its earlier steps are replaced).
+        listener: progress (default: none).
+        stop_after: stop after this many generations in total, leaving the trial
+            ``running`` (tests simulate an interruption with it).
+        run_id: the row's id (default: the task's ``<name>-<method>-s<seed>``).
+        checkpointer: where the state goes (default: a file in the results folder;
+            sweeps pass Tune's checkpoints).
+    """
+    store = results if isinstance(results, ResultsStore) else results_store(results)
+    listener = listener or SilentListener()
+    task = spec.task_entry
     run_id = run_id or run_id_for(spec, seed)
     meta = oracle.metadata
     budget = spec.query_budget()
@@ -251,12 +251,11 @@ def _run_trial(
         store.clear_run(run_id)
 
     attempt = uuid.uuid4().hex[:8]
-    trial = make_trial(
+    trial = task.build(
         spec,
         seed,
         oracle,
-        data.train,
-        data.test,
+        data,
         # A ledger key per attempt: a resumed trial's budget is what its checkpoint left.
         budget_key=f"{run_id}@{attempt}",
         eval_key=f"{run_id}@{attempt}:eval",
@@ -289,7 +288,7 @@ def _run_trial(
             model=meta.model,
             dataset=spec.data.dataset,
             test=evaluations.get("test", {}),
-            val=trial.final_val(evaluations) if evaluations else {},
+            val=task.final_val(trial, evaluations) if evaluations else {},
             zeroshot_test=evaluations.get("zeroshot_test", {}),
             queries_used=trial.queries_used,
             budget=budget,
@@ -301,24 +300,28 @@ def _run_trial(
             extra=extra,
         )
 
+    def evaluate() -> dict[str, Metrics]:
+        return {split: trial.evaluate(split) for split in task.evaluation_splits}
+
     clock = time.perf_counter()
     pending: list[dict[str, Any]] = []
     evaluations: dict[str, dict[str, float]] = {}
     while not trial.done:
         if stop_after is not None and trial.generation >= stop_after:
             return outcome({}, interrupted=True)
-        progress, values = trial.step()
+        progress = trial.step()
+        values = progress.rows()
         wall = elapsed_before + time.perf_counter() - clock
         common = {
             "run_id": run_id,
             "step": progress.generation,
             "queries_used": progress.queries_used,
-            "images_scored": trial.images_scored,
+            "images_scored": progress.images_scored,
             "wall_seconds": wall,
         }
         checkpoint_due = progress.generation % spec.eval_every == 0 or trial.done
         if checkpoint_due:
-            evaluations = trial.evaluate()
+            evaluations = evaluate()
             recorded = {(split, name) for split, name, _ in values}  # a task may log val each step
             values += [
                 (split, name, value)
@@ -336,14 +339,14 @@ def _run_trial(
                 {
                     "queries_used": progress.queries_used,
                     "generation": progress.generation,
-                    **trial.tune_metrics(),
+                    **_columns("val", task.final_val(trial, evaluations)),
                     **_flat(evaluations),
                 },
             )
 
     if not evaluations:  # resumed at the very end: nothing ran in this process
-        evaluations = trial.evaluate()
-    zero_shot = trial.zero_shot(spec.zeroshot_prompt)
+        evaluations = evaluate()
+    zero_shot = {split: trial.reference(split, spec.zeroshot_prompt) for split in ("test", "val")}
     evaluations = {
         **evaluations,
         "zeroshot_test": zero_shot["test"],
@@ -352,16 +355,17 @@ def _run_trial(
     wall = elapsed_before + time.perf_counter() - clock
     final = outcome(evaluations)
     metrics = {
-        **_metric_columns("test", final.test),
-        **_metric_columns("val", final.val),
-        **_metric_columns("zeroshot_test", zero_shot["test"]),
-        **_metric_columns("zeroshot_val", zero_shot["val"]),
+        **_columns("test", final.test),
+        **_columns("val", final.val),
+        **_columns("zeroshot_test", zero_shot["test"]),
+        **_columns("zeroshot_val", zero_shot["val"]),
     }
-    tensors, facts = trial.artifact()
-    save_prompt_artifact(
+    tensors, facts = task.artifact(trial)
+    save_artifact(
         final.artifact,
         tensors,
         {
+            "kind": task.name,
             **facts,
             "run_id": run_id,
             "backend": meta.backend,
@@ -373,6 +377,7 @@ def _run_trial(
             "metrics": metrics,
             "spec": spec.model_dump(mode="json"),
         },
+        required=task.artifact_tensor,
     )
     store.write_run(
         {
@@ -403,7 +408,7 @@ def _flat(evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def _checkpoint_state(
     config: str,
-    trial: TaskTrial,
+    trial: Method,
     started_at: datetime,
     wall: float,
     flushed: int,

@@ -14,7 +14,8 @@ import sys
 
 
 def main(spec_json: str, results: str, address: str, summary: str) -> None:
-    from vlmlab.distributed import DEFAULT_APP, PoolOracle, run_sweep
+    from vlmlab.drivers import run_sweep
+    from vlmlab.pool import DEFAULT_APP, PoolOracle
     from vlmlab.specs import validate_spec
 
     spec = validate_spec(json.loads(spec_json), "multi-node sweep")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmlab.distributed import LocalCluster
 from vlmlab.results import ResultsStore
+from vlmlab.testing import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

@@ -35,11 +35,11 @@ def test_craft_beats_zero_shot_and_prompt_only(conse, task):
     zero_shot = float((zero_shot_logits[0].argmax(-1).numpy() == task.test_labels).mean())
     craft = _craft(conse, task, "craft-gain", budget=2000)
     craft.run()
-    prompt_only = _craft(conse, task, "prompt-only-gain", budget=2000, mode="prompt_only")
+    prompt_only = _craft(conse, task, "prompt-only-gain", budget=2000, variant="prompt_only")
     prompt_only.run()
     # Measured here (ConSE, 16-shot, 2,000 queries, 500 test images), seeds 1 / 2:
     # zero-shot 0.22 / 0.22, prompt only 0.31 / 0.37, CraFT 0.47 / 0.49.
-    craft_acc, prompt_acc = craft.evaluate(), prompt_only.evaluate()
+    craft_acc, prompt_acc = craft.accuracy(), prompt_only.accuracy()
     assert craft_acc >= zero_shot + 0.15, (zero_shot, craft_acc)
     assert craft_acc >= prompt_acc + 0.05, (prompt_acc, craft_acc)
     # The budget is respected exactly: 48 generations of 40 candidates + the ES mean.
@@ -50,12 +50,12 @@ def test_craft_beats_zero_shot_and_prompt_only(conse, task):
 
 @pytest.mark.parametrize("mode", ["refine_only", "no_consistency"])
 def test_ablations_run(conse, task, mode):
-    method = _craft(conse, task, f"ablation-{mode}", budget=205, mode=mode)  # 5 generations
+    method = _craft(conse, task, f"ablation-{mode}", budget=205, variant=mode)  # 5 generations
     method.run()
     assert method.generation == 5
     expected_queries = 1 if mode == "refine_only" else 205
     assert method.queries_used == expected_queries == conse.ledger.usage(f"ablation-{mode}").queries
-    assert 0 <= method.evaluate() <= 1
+    assert 0 <= method.accuracy() <= 1
 
 
 def test_resume_is_bit_for_bit(conse, task):
@@ -75,8 +75,8 @@ def test_resume_is_bit_for_bit(conse, task):
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="mode"):
-        CraftConfig(mode="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variant"):
+        CraftConfig(variant="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cannot pay for one generation"):
         CraftConfig(budget=40)
     with pytest.raises(ValueError, match="consistency"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmlab.data import stratified_subset
-from vlmlab.finetune import FineTunableModel
+from vlmlab.methods import FineTunableModel
 from vlmlab.methods.devsafety import (
     DevSafety,
     DevSafetyConfig,
@@ -62,8 +62,8 @@ def test_bad_settings_are_named(conse):
         FineTunableModel(conse, NAMES, prompt="a photo")
     with pytest.raises(ValueError, match="trainable must be one of"):
         FineTunableModel(conse, NAMES).set_trainable("everything")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mode must be one of"):
-        DevSafetyConfig(mode="greedy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        DevSafetyConfig(variant="greedy")  # type: ignore[arg-type]
 
 
 def test_per_class_accuracy_marks_absent_classes():
@@ -96,7 +96,7 @@ def three_methods(fmnist_task):
     results = {}
     for mode in ("constrained", "finetune", "weighted"):
         model, task = fmnist_task(1)
-        method = DevSafety(model, task, DevSafetyConfig(mode=mode, **SMALL), seed=1)
+        method = DevSafety(model, task, DevSafetyConfig(variant=mode, **SMALL), seed=1)
         while not method.done:
             method.step()
         results[mode] = method
@@ -182,7 +182,7 @@ def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fas
     method = DevSafety(model, task, config, seed=1)
     while not method.done:
         record = method.step()
-    assert record["target_loss"] > 0 and method.images_seen == 2 * 40
+    assert record.metrics["train"]["target_loss"] > 0 and method.images_seen == 2 * 40
     assert not torch.equal(model.tower.ln_final.weight, tower_before)
     state = method.state_dict()["model"]
     assert "tower.ln_final.weight" in state and state["head_b"].abs().sum() > 0

@@ -25,7 +25,7 @@ def test_zero_shot_fashion_mnist_beats_chance(conse, fashion_test):
 def test_soft_context_path_matches_plain_text(conse):
     contexts = conse.phrase_embeddings("a photo of a").unsqueeze(0)
     names = ["dog", "ankle boot", "pullover sweater", "T-shirt"]
-    soft = conse._encode_population(contexts, names)[0]
+    soft = conse.class_embeddings(contexts, names)[0]
     plain = conse.encode_texts([f"a photo of a {n}." for n in names])
     assert float((soft - plain).abs().max()) <= 1e-4
 
@@ -34,8 +34,8 @@ def test_population_rows_are_independent(conse):
     a = conse.phrase_embeddings("a photo of a")
     b = conse.phrase_embeddings("a picture of a")
     names = ["bag", "coat"]
-    both = conse._encode_population(torch.stack([a, b]), names)
-    alone = conse._encode_population(b.unsqueeze(0), names)
+    both = conse.class_embeddings(torch.stack([a, b]), names)
+    alone = conse.class_embeddings(b.unsqueeze(0), names)
     assert torch.allclose(both[1], alone[0], atol=1e-5)
     assert not torch.allclose(both[0], both[1], atol=1e-3)
 

@@ -8,20 +8,18 @@
 from __future__ import annotations
 
 import gzip
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlmlab.data._common import DATA_ENV, OFFLINE_DATASET, SPLITS, data_root, square_crop
 from vlmlab.data._dataset import ImageDataset
+from vlmlab.data._torchvision import COOP_SOURCES, load_coop_dataset
 from vlmlab.errors import DatasetUnavailableError
 
-DATA_ENV = "VLMLAB_DATA_DIR"
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
-OFFLINE_DATASET = "fashion-mnist"
-SPLITS = ("train", "test")
 
 # Prompt-friendly names (the raw labels "T-shirt/top", "Trouser", ... prompt worse).
 FASHION_MNIST_CLASSES = [
@@ -36,11 +34,6 @@ FASHION_MNIST_CLASSES = [
     "bag",
     "ankle boot",
 ]
-
-
-def data_root() -> Path:
-    """``$VLMLAB_DATA_DIR``, else ``~/.cache/vlmlab/data`` (torchvision downloads land here)."""
-    return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "vlmlab" / "data")
 
 
 def _check_split(name: str, split: str) -> None:
@@ -163,8 +156,6 @@ def load_imagefolder(
     """
     from PIL import Image
 
-    from vlmlab.data._torchvision import square_crop
-
     if root is None:
         raise ValueError("imagefolder needs root=<folder with one sub-folder per class>")
     base = Path(root).expanduser()
@@ -212,16 +203,12 @@ _LOADERS: dict[str, tuple[Callable[..., ImageDataset], str]] = {
 
 def _coop_loader(name: str) -> Callable[..., ImageDataset]:
     def load(split: str = "test", **options: Any) -> ImageDataset:
-        from vlmlab.data._torchvision import load_coop_dataset
-
         return load_coop_dataset(name, split, **options)
 
     return load
 
 
 def _register_coop() -> None:
-    from vlmlab.data._torchvision import COOP_SOURCES
-
     for name, source in COOP_SOURCES.items():
         _LOADERS[name] = (_coop_loader(name), f"{source.description} via torchvision (CoOp set)")
 

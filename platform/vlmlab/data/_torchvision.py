@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from vlmlab.data._common import IMAGE_SIZE, OFFLINE_DATASET, SPLITS, data_root, square_crop
 from vlmlab.data._dataset import ImageDataset
 from vlmlab.errors import DatasetUnavailableError
 
-IMAGE_SIZE = 224
 HOLDOUT_TEST_FRACTION = 0.4
 
 
@@ -102,20 +102,6 @@ class LazyImages:
         return array if dtype is None else array.astype(dtype)
 
 
-def square_crop(image: Any, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Resize the shorter side to ``size`` and centre-crop: one shape for every photo."""
-    from PIL import Image
-
-    rgb = image.convert("RGB")
-    scale = size / min(rgb.size)
-    rgb = rgb.resize(
-        (max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
-        Image.Resampling.BICUBIC,
-    )
-    left, top = (rgb.width - size) // 2, (rgb.height - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
 def _labels_of(dataset: Any) -> np.ndarray:
     for attribute in ("_labels", "targets", "y"):
         if hasattr(dataset, attribute):
@@ -158,8 +144,6 @@ def load_coop_dataset(
     name: str, split: str = "test", *, root: str | Path | None = None, image_size: int = IMAGE_SIZE
 ) -> ImageDataset:
     """One CoOp dataset split from torchvision, decoded lazily at ``image_size``."""
-    from vlmlab.data._loaders import OFFLINE_DATASET, SPLITS, data_root
-
     if split not in SPLITS:
         raise ValueError(f"{name}: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     source = COOP_SOURCES[name]

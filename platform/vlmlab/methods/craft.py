@@ -22,7 +22,7 @@ an oracle returns only logits, so here each refinement epoch runs over the
 logits of every prompt of the generation (the population and the mean) on the
 training images: the prompts act as augmented views (our choice).
 
-Modes (ablations): ``craft``, ``prompt_only`` (no refinement module),
+Variants (ablations): ``craft``, ``prompt_only`` (no refinement module),
 ``refine_only`` (the fixed initial prompt, refinement only) and
 ``no_consistency`` (w = 0).
 """
@@ -41,17 +41,18 @@ from torch import nn
 
 from vlmlab.data import ImageDataset, few_shot_split
 from vlmlab.methods._cma import CmaStrategy
+from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle
 
-Mode = Literal["craft", "prompt_only", "refine_only", "no_consistency"]
-MODES: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consistency")
+Variant = Literal["craft", "prompt_only", "refine_only", "no_consistency"]
+VARIANTS: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consistency")
 
 
 @dataclass(frozen=True)
 class CraftConfig:
     """Hyperparameters (methods.md, section 2); defaults are the paper's."""
 
-    mode: Mode = "craft"
+    variant: Variant = "craft"
     init_phrase: str = "a photo of a"
     latent_dim: int = 512
     projection_std: float = 0.2
@@ -67,8 +68,8 @@ class CraftConfig:
     budget: int = 8000
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.popsize < 2 or self.latent_dim < 1 or self.hidden < 1:
             raise ValueError("popsize >= 2, latent_dim >= 1 and hidden >= 1 are required")
         if self.budget < self.popsize + 1:
@@ -224,13 +225,13 @@ class Craft:
         return self.p0 + (z @ self.projection.T).view(len(z), self.n_context, -1)
 
     def mean_contexts(self) -> torch.Tensor:
-        if self.config.mode == "refine_only":
+        if self.config.variant == "refine_only":
             return self.p0.unsqueeze(0)
         return self.contexts(self.strategy.mean[None])
 
     def _consistency_on(self) -> bool:
         config = self.config
-        if config.mode == "no_consistency":
+        if config.variant == "no_consistency":
             return False
         return self.queries_used <= config.budget / config.consistency_cutoff
 
@@ -239,14 +240,14 @@ class Craft:
         return self.generation >= self.generations
 
     # ------------------------------------------------------------------- loop
-    def step(self) -> dict[str, float]:
+    def step(self) -> StepRecord:
         """One generation: one oracle call, an ES update, one refinement epoch."""
         if self.done:
             raise RuntimeError(f"all {self.generations} generations have run")
         config = self.config
         weight = config.consistency_weight if self._consistency_on() else 0.0
         record: dict[str, float] = {}
-        if config.mode == "refine_only":
+        if config.variant == "refine_only":
             if self._fixed_logits is None:
                 self._fixed_logits = self._query(self.p0.unsqueeze(0))
                 self.queries_used += 1
@@ -269,20 +270,25 @@ class Craft:
                 .mean(1)
             )
             fitness = ce
-            if config.mode != "prompt_only" and weight > 0:
+            if config.variant != "prompt_only" and weight > 0:
                 with torch.no_grad():
                     refined = self.head(candidates)
                 fitness = ce + weight * _kl(refined, candidates)
             self.strategy.tell(latents, fitness.double().numpy())
             record["fitness_best"] = float(fitness.min())
-        if config.mode != "prompt_only":
+        if config.variant != "prompt_only":
             record["refine_loss"] = self._refine_epoch(views, weight)
         # The mean's logits came with this call: its training accuracy costs no query.
         predictions = self.predict_logits(mean_logits).argmax(-1)
         record["train_acc"] = float((predictions == self.labels).float().mean())
         self.generation += 1
-        record["queries_used"] = self.queries_used
-        return record
+        return StepRecord(
+            generation=self.generation,
+            queries_used=self.queries_used,
+            images_scored=self.images_scored,
+            metrics={"train": record},
+            summary=f"train acc {record['train_acc']:.3f}",
+        )
 
     def _query(self, contexts: torch.Tensor) -> torch.Tensor:
         task = self.task
@@ -319,12 +325,24 @@ class Craft:
 
     # ------------------------------------------------------------- evaluation
     def predict_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.mode == "prompt_only":
+        if self.config.variant == "prompt_only":
             return logits
         with torch.no_grad():
             return self.head(logits)
 
-    def evaluate(self, split: str = "test") -> float:
+    @property
+    def best_generation(self) -> None:
+        return None  # the final step is the result (the paper's protocol)
+
+    def evaluate(self, split: str = "test") -> Metrics:
+        """Accuracy of the ES mean prompt (refined unless prompt-only): one evaluation query."""
+        return {"acc": self.accuracy(split)}
+
+    def reference(self, split: str, prompt: str) -> Metrics:
+        """Accuracy of the hand-written ``prompt``, unrefined: one evaluation query."""
+        return {"acc": self.zero_shot(split, prompt)}
+
+    def accuracy(self, split: str = "test") -> float:
         """Accuracy of the ES mean prompt (refined unless prompt-only): one evaluation query."""
         images, labels = self.task.split(split)
         logits = self.oracle.logits(

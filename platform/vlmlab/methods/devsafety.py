@@ -21,7 +21,7 @@ and ``L_k(w_old)`` is computed once, before development starts. Each step:
 Baselines in this module: ``finetune`` (minimize F alone) and ``weighted``
 (F plus ``weight`` times the sum of the protected losses).
 
-The model is a :class:`~vlmlab.finetune.FineTunableModel` with per-class
+The model is a :class:`~vlmlab.methods.FineTunableModel` with per-class
 low-rank heads. ``base_epochs > 0`` first develops ``w_old`` itself: the
 shared projection is fitted to the protected classes' training images (the
 model "as released" before this round, which never saw the target), so the
@@ -43,17 +43,18 @@ import torch
 import torch.nn.functional as F
 
 from vlmlab.data import ImageDataset, sample_per_class
-from vlmlab.finetune import TRAINABLE, FineTunableModel, Trainable
+from vlmlab.methods._finetune import TRAINABLE, FineTunableModel, Trainable
+from vlmlab.methods._protocol import Metrics, StepRecord
 
-Mode = Literal["constrained", "finetune", "weighted"]
-MODES: tuple[str, ...] = ("constrained", "finetune", "weighted")
+Variant = Literal["constrained", "finetune", "weighted"]
+VARIANTS: tuple[str, ...] = ("constrained", "finetune", "weighted")
 
 
 @dataclass(frozen=True)
 class DevSafetyConfig:
     """Hyperparameters; defaults follow the paper where it states them."""
 
-    mode: Mode = "constrained"
+    variant: Variant = "constrained"
     epochs: int = 60
     batch_size: int = 256
     lr: float = 1e-3
@@ -72,10 +73,12 @@ class DevSafetyConfig:
     base_epochs: int = 0
     base_lr: float = 1e-3
     prompt: str = "a photo of a {}."
+    safety_tolerance: float = 0.0
+    """What ``safe_gain`` counts as safe: DevSafety(acc) >= -tolerance. Never used in training."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.rank < 1 or self.base_epochs < 0:
@@ -179,6 +182,14 @@ def _class_index(name_or_index: int | str, class_names: Sequence[str]) -> int:
             )
         return list(class_names).index(name_or_index)
     return int(name_or_index)
+
+
+def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
+    """One number for a sweep to maximize: the target gain of a safe run
+    (DevSafety >= -tolerance), else ``-1 + DevSafety`` (below every safe run,
+    closer to safe scores higher)."""
+    devsafety = metrics["devsafety"]
+    return metrics["target_gain"] if devsafety >= -tolerance else -1.0 + devsafety
 
 
 def _warmup_cosine(total_steps: int, warmup: float):
@@ -311,7 +322,29 @@ class DevSafety:
             return (beta * u).clamp_min(0.0)
         return beta * tau * F.softplus(u / tau) * torch.sigmoid(u / tau)
 
-    def step(self) -> dict[str, float]:
+    @property
+    def best_generation(self) -> None:
+        return None  # the final model is the result
+
+    def step(self) -> StepRecord:
+        """One epoch of mini-batches, then the validation metrics (no queries: white-box)."""
+        record = self._train_epoch()
+        val, changes = self.evaluate_with_changes("val")
+        return StepRecord(
+            generation=self.epoch,
+            queries_used=0,
+            images_scored=self.images_seen,
+            metrics={
+                "train": record,  # every constraint value is among them
+                "val": {
+                    **{name: val[name] for name in ("target_acc", "target_gain", "devsafety")},
+                    **{f"acc_change_{c}": change for c, change in changes.items()},
+                },
+            },
+            summary=f"val gain {val['target_gain']:+.3f} DevSafety {val['devsafety']:+.3f}",
+        )
+
+    def _train_epoch(self) -> dict[str, float]:
         """One epoch of mini-batches; returns the epoch's training record."""
         if self.done:
             raise RuntimeError("this run has finished all its epochs")
@@ -329,11 +362,11 @@ class DevSafety:
                 else logits.sum() * 0.0
             )
             loss = objective
-            if config.mode != "finetune":
+            if config.variant != "finetune":
                 class_losses = self._class_losses(logits, batch_labels)
                 present = ~class_losses.isnan()
                 protected_loss = torch.where(present, class_losses, torch.zeros_like(class_losses))
-                if config.mode == "weighted":
+                if config.variant == "weighted":
                     loss = loss + config.weight * protected_loss.sum()
                 else:
                     change = (class_losses.detach() - self.old_losses).nan_to_num(0.0)
@@ -375,13 +408,16 @@ class DevSafety:
                 self.model.logits(features), labels, len(self.task.class_names)
             )
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Target accuracy and gain, DevSafety(acc) and overall accuracy on ``split``."""
-        return self._metrics(self.class_accuracy(split), self.old_accuracy[split])
+    def evaluate(self, split: str) -> Metrics:
+        """Target accuracy and gain, DevSafety(acc), overall accuracy and ``safe_gain`` on ``split``."""
+        return self._scored(self._metrics(self.class_accuracy(split), self.old_accuracy[split]))
 
-    def evaluate_old(self, split: str) -> dict[str, float]:
-        """The same metrics for ``w_old`` (gains of zero by definition)."""
-        return self._metrics(self.old_accuracy[split], self.old_accuracy[split])
+    def reference(self, split: str, prompt: str = "") -> Metrics:
+        """The same metrics for ``w_old`` (gains of zero by definition); ``prompt`` is unused."""
+        return self._scored(self._metrics(self.old_accuracy[split], self.old_accuracy[split]))
+
+    def _scored(self, metrics: Metrics) -> Metrics:
+        return {**metrics, "safe_gain": safe_gain(metrics, self.config.safety_tolerance)}
 
     def evaluate_with_changes(self, split: str) -> tuple[dict[str, float], dict[int, float]]:
         """:meth:`evaluate` and each protected class's accuracy change, from one scoring."""

@@ -41,6 +41,7 @@ import torch
 
 from vlmlab.data import ClassPartition, ImageDataset, few_shot_split
 from vlmlab.methods._cma import CmaStrategy
+from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle, OracleMetadata
 
 Variant = Literal["bbf", "bbt", "wo_lcs"]
@@ -227,22 +228,6 @@ class ForgettingTask:
 
 
 @dataclass
-class GenerationRecord:
-    """What one generation produced (for the steps table and progress display)."""
-
-    generation: int
-    queries_used: int
-    images_scored: int
-    loss_best: float
-    loss_mean: float
-    val_H: float
-    best_val_H: float
-    best_val_err_fgt: float
-    best_val_acc_mem: float
-    improved: bool
-
-
-@dataclass
 class _Best:
     contexts: torch.Tensor | None = None
     val: dict[str, float] = field(
@@ -317,7 +302,7 @@ class BlackBoxForgetting:
             return np.arange(n)
         return np.sort(self._batch_rng.choice(n, self.config.batch_size, replace=False))
 
-    def step(self) -> GenerationRecord:
+    def step(self) -> StepRecord:
         """One generation: ask, one oracle call (batch + validation), tell."""
         if self.done:
             raise RuntimeError(f"all {self.generations} generations have run")
@@ -337,8 +322,7 @@ class BlackBoxForgetting:
 
         val = forgetting_metrics(val_logits.argmax(-1).numpy(), task.val_labels, self._val_forget)
         top = int(np.argmax(val["H"]))  # first best: ties keep the lower index
-        improved = bool(val["H"][top] > self._best.val["H"])
-        if improved:
+        if val["H"][top] > self._best.val["H"]:
             self._best = _Best(
                 contexts=contexts[top : top + 1].clone(),
                 val={key: float(values[top]) for key, values in val.items()},
@@ -347,20 +331,24 @@ class BlackBoxForgetting:
         self.generation += 1
         self.queries_used += len(contexts)
         self.images_scored += len(contexts) * len(indices)
-        return GenerationRecord(
+        best = self._best.val
+        return StepRecord(
             generation=self.generation,
             queries_used=self.queries_used,
             images_scored=self.images_scored,
-            loss_best=float(losses.min()),
-            loss_mean=float(losses.mean()),
-            val_H=float(val["H"][top]),
-            best_val_H=self._best.val["H"],
-            best_val_err_fgt=self._best.val["err_fgt"],
-            best_val_acc_mem=self._best.val["acc_mem"],
-            improved=improved,
+            metrics={
+                "train": {"loss_best": float(losses.min()), "loss_mean": float(losses.mean())},
+                "val": {
+                    "H": float(val["H"][top]),
+                    "best_H": best["H"],
+                    "best_err_fgt": best["err_fgt"],
+                    "best_acc_mem": best["acc_mem"],
+                },
+            },
+            summary=f"best val H {best['H']:.3f}",
         )
 
-    def run(self) -> list[GenerationRecord]:
+    def run(self) -> list[StepRecord]:
         """Run the remaining generations (callers wanting progress call ``step``)."""
         records = []
         while not self.done:
@@ -384,7 +372,15 @@ class BlackBoxForgetting:
         """1-based generation that produced the best prompt (0: none yet)."""
         return self._best.generation + 1
 
-    def evaluate(self, contexts: torch.Tensor, split: str = "test") -> dict[str, float]:
+    def evaluate(self, split: str = "test") -> Metrics:
+        """Err_fgt, Acc_mem and H of the best-validation-H prompt on ``split``."""
+        return self.evaluate_prompt(self.best_contexts, split)
+
+    def reference(self, split: str, prompt: str) -> Metrics:
+        """The same metrics for the hand-written ``prompt`` (its token embeddings as contexts)."""
+        return self.evaluate_prompt(self.oracle.phrase_embeddings(prompt).unsqueeze(0), split)
+
+    def evaluate_prompt(self, contexts: torch.Tensor, split: str = "test") -> Metrics:
         """Err_fgt, Acc_mem and H of one prompt on the test split or validation split."""
         task = self.task
         if split == "test":

@@ -1,21 +1,33 @@
-"""The black box: the Oracle contract, the query ledger and the backends.
+"""The black box: the Oracle contract, the query ledger and the backends (layer 1).
 
 >>> from vlmlab.oracle import create_oracle
 >>> oracle = create_oracle("conse")                      # offline stand-in
 >>> oracle = create_oracle("open_clip:ViT-B-16", pretrained="openai")
+
+Other oracles (the Serve pool's client in ``vlmlab.pool``, the HTTP client in
+``vlmlab.serving``) keep the same contract with the checks and the metering
+exported here, so a refused call does no work wherever it is served.
 """
 
 from __future__ import annotations
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle._base import LocalOracle
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation, Usage
+from vlmlab.oracle._base import FineTunableText, LocalOracle
+from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation, Usage, metered
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, Oracle, OracleMetadata
-from vlmlab.oracle._registry import create_oracle, list_backends
+from vlmlab.oracle._registry import backend_takes_model, create_oracle, list_backends
+from vlmlab.oracle._validation import (
+    check_call,
+    image_set_ref,
+    validate_class_names,
+    validate_contexts,
+    validate_indices,
+)
 
 __all__ = [
     "DEFAULT_BUDGET_KEY",
     "BudgetExceededError",
+    "FineTunableText",
     "ImageSet",
     "ImageSetRef",
     "LocalOracle",
@@ -24,6 +36,13 @@ __all__ = [
     "QueryLedger",
     "Reservation",
     "Usage",
+    "backend_takes_model",
+    "check_call",
     "create_oracle",
+    "image_set_ref",
     "list_backends",
+    "metered",
+    "validate_class_names",
+    "validate_contexts",
+    "validate_indices",
 ]

@@ -12,9 +12,11 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from vlmlab.oracle._cache import FeatureCache
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, metered
@@ -30,8 +32,29 @@ from vlmlab.oracle._validation import (
 )
 
 
+@dataclass(frozen=True)
+class FineTunableText:
+    """A private, trainable copy of a backend's text side (white-box methods only).
+
+    ``tower`` maps prompt strings to pooled text features ``N x W`` (before the
+    projection); ``projection`` is the ``W x E`` matrix onto the image-feature
+    space (CLIP's ``text_projection``; an identity where the backend has none).
+    Training either never touches the backend's own weights.
+    """
+
+    tower: nn.Module
+    projection: torch.Tensor
+
+
 class LocalOracle(ABC):
     """Base of the in-process backends (see :class:`vlmlab.oracle.Oracle`).
+
+    Beyond the black-box contract, an in-process backend offers what serving,
+    white-box methods and the Serve pool need from it, as public capability:
+    :meth:`encode_images`, :meth:`class_embeddings`, :meth:`image_features`,
+    :meth:`has_image_set`, :meth:`text_tower`, :attr:`logit_scale`,
+    :attr:`logit_bias` and :attr:`device`. None of them is metered: they are
+    the model owner's view, never a black-box user's.
 
     Args:
         cache_dir: root of the on-disk feature cache (default ``$VLMLAB_CACHE_DIR``
@@ -42,6 +65,9 @@ class LocalOracle(ABC):
     Thread safety: ``logits`` may be called from several threads; the ledger
     keeps counts exact, and registration is serialized by a lock.
     """
+
+    device: torch.device = torch.device("cpu")
+    """Where the backend's towers compute (backends set it in their constructor)."""
 
     def __init__(
         self,
@@ -107,8 +133,37 @@ class LocalOracle(ABC):
     ) -> torch.Tensor:
         """Unit-norm text features ``P x C x E`` (float32, CPU)."""
 
-    def _logit_bias(self) -> float:
+    @property
+    def logit_bias(self) -> float:
+        """Added to every scaled similarity (SigLIP models have one; CLIP's is 0)."""
         return 0.0
+
+    def text_tower(self) -> FineTunableText:
+        """A trainable copy of the text side, for white-box methods (devsafety, CoOp)."""
+        raise NotImplementedError(
+            f"the {self.metadata.backend} backend offers no fine-tunable text tower"
+        )
+
+    # --------------------------------------------------- owner's capabilities
+    def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """Unit-norm image features ``N x E`` (float32, CPU) of uint8 ``N x H x W x 3`` pixels."""
+        with torch.inference_mode():
+            return self._encode_images(pixels).float().cpu()
+
+    def class_embeddings(self, contexts: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """Unit-norm class embeddings ``P x C x E`` of soft prompts (what ``logits`` scores)."""
+        contexts = validate_contexts(contexts, self.metadata)
+        names = self._validate_class_names(class_names, n_context=contexts.shape[1])
+        with torch.inference_mode():
+            return self._encode_population(contexts, names)
+
+    def has_image_set(self, image_set: ImageSetRef | str) -> bool:
+        """Whether the set's features are held here (registered in this process)."""
+        return image_set_id(image_set) in self._features
+
+    @property
+    def image_set_count(self) -> int:
+        return len(self._features)
 
     # ------------------------------------------------------------- contract
     @property
@@ -136,7 +191,7 @@ class LocalOracle(ABC):
         return ref
 
     def image_features(self, image_set: ImageSetRef | str) -> torch.Tensor:
-        """Cached features of a registered set (used by tests and benchmarks)."""
+        """Cached features of a registered set (white-box methods train on them)."""
         return self._features[self._resolve_image_set(image_set)]
 
     def logits(
@@ -169,7 +224,7 @@ class LocalOracle(ABC):
             text = self._encode_population(contexts, names)
             image = features if index is None else features[index]
             scores = torch.einsum("ne,pce->pnc", image, text) * self.logit_scale
-            scores = scores + self._logit_bias()
+            scores = scores + self.logit_bias
         return scores
 
     # ------------------------------------------------------------ validation

@@ -15,14 +15,17 @@ about 0.25 against a chance of 0.10).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vlmlab.oracle._base import LocalOracle, embedding_table_stats
+from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
 from vlmlab.oracle._protocol import OracleMetadata
 
 _INSTALL_HINT = "the ConSE backend needs the offline extra: pip install 'vlmlab[offline]'"
@@ -185,6 +188,11 @@ class ConseOracle(LocalOracle):
                 features.append(F.normalize(mixed, dim=-1))
         return torch.cat(features)
 
+    def text_tower(self) -> FineTunableText:
+        tower = ConseTextTower(self.bert, self.tokenizer, int(self.text_model.max_seq_length))
+        # ConSE's text and image features share MiniLM's space: the projection is an identity.
+        return FineTunableText(tower, torch.eye(tower.bert.config.hidden_size))
+
     # -------------------------------------------------------------- metadata
     @property
     def metadata(self) -> OracleMetadata:
@@ -193,3 +201,26 @@ class ConseOracle(LocalOracle):
     @property
     def logit_scale(self) -> float:
         return self._scale
+
+
+class ConseTextTower(nn.Module):
+    """MiniLM with sentence-transformers' mean pooling (before its normalization); a private copy."""
+
+    def __init__(self, bert: nn.Module, tokenizer: Any, max_length: int) -> None:
+        super().__init__()
+        self.bert = copy.deepcopy(bert).float()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        device = next(self.bert.parameters()).device
+        tokens = self.tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(device)
+        hidden = self.bert(**tokens).last_hidden_state
+        weights = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)

@@ -38,9 +38,6 @@ class Usage:
     wall_seconds: float = 0.0
     calls: int = 0
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Reservation:

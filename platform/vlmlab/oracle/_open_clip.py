@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vlmlab.oracle._base import LocalOracle, embedding_table_stats
+from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
 from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
 from vlmlab.oracle._protocol import OracleMetadata
 
@@ -213,9 +216,59 @@ class OpenClipOracle(LocalOracle):
     def logit_scale(self) -> float:
         return self._scale
 
-    def _logit_bias(self) -> float:
+    @property
+    def logit_bias(self) -> float:
         return self._bias
+
+    def text_tower(self) -> FineTunableText:
+        tower = OpenClipTextTower(self.model, self.tokenizer)
+        owner = getattr(self.model, "text", None) or self.model
+        projection = getattr(owner, "text_projection", None)
+        if projection is None:
+            return FineTunableText(tower, torch.eye(tower.token_embedding.embedding_dim))
+        if isinstance(projection, nn.Linear):
+            if projection.bias is not None:
+                raise NotImplementedError("a text projection with a bias cannot be fine-tuned here")
+            return FineTunableText(tower, projection.weight.detach().float().T.clone())
+        return FineTunableText(tower, projection.detach().float().clone())
 
     @property
     def uses_prefix_sharing(self) -> bool:
         return self._fast is not None
+
+
+class OpenClipTextTower(nn.Module):
+    """CLIP's text transformer up to the pooled token (a private copy; the projection is apart)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        from open_clip.transformer import text_global_pool
+
+        owner: Any = getattr(model, "text", None) or model
+        if not hasattr(owner, "token_embedding"):
+            raise NotImplementedError(
+                f"{type(owner).__name__} text towers (Hugging Face text models) cannot be "
+                "fine-tuned here; use an open_clip model with a native CLIP text transformer"
+            )
+        self.token_embedding = copy.deepcopy(owner.token_embedding).float()
+        self.positional_embedding = nn.Parameter(
+            owner.positional_embedding.detach().float().clone()
+        )
+        self.transformer = copy.deepcopy(owner.transformer).float()
+        self.ln_final = copy.deepcopy(owner.ln_final).float()
+        mask = getattr(owner, "attn_mask", None)
+        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
+        self.pool_type = getattr(owner, "pool_type", None) or getattr(
+            owner, "text_pool_type", "argmax"
+        )
+        self.eos_id = getattr(owner, "text_eos_id", None)
+        self.tokenizer = tokenizer
+        self._pool = text_global_pool
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        device = self.positional_embedding.device
+        tokens = self.tokenizer(list(prompts)).to(device)
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        return self._pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)

@@ -110,8 +110,10 @@ class ImageSet:
 class Oracle(Protocol):
     """A black-box vision-language model: soft prompts in, logits out.
 
-    Implementations: in-process backends (``open_clip``, ``ConSE``) and,
-    later, the Ray Serve pool client. Methods never know which one they hold.
+    Implementations: the in-process backends (``open_clip``, ``ConSE``,
+    ``latency``), the Ray Serve pool's client (``vlmlab.pool.PoolOracle``) and
+    the HTTP client (``vlmlab.serving.HttpOracle``). Methods never know which
+    one they hold.
     """
 
     @property

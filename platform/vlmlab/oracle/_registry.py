@@ -38,6 +38,22 @@ _BACKENDS: dict[str, tuple[Callable[..., LocalOracle], str]] = {
     "conse": (_conse, "offline ConSE stand-in (EfficientNet-lite0 + MiniLM-L6), not CLIP"),
     "latency": (_latency, "no model: a fixed delay per call ('latency:<ms>'), for benchmarks"),
 }
+_TAKES_WEIGHTS = frozenset({"open_clip"})
+"""Backends whose constructor takes ``pretrained`` (a hub tag or a checkpoint)."""
+_TAKES_MODEL = frozenset({"open_clip", "latency"})
+"""Backends named with a model part (``open_clip:RN50``, ``latency:20``)."""
+
+
+def backend_takes_model(name: str) -> tuple[bool, bool]:
+    """``(takes a model part, takes pretrained weights)`` of a registered backend.
+
+    Raises:
+        ValueError: ``name`` is not a registered backend (the message lists them).
+    """
+    backend = name.partition(":")[0].lower()
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(_BACKENDS))}")
+    return backend in _TAKES_MODEL, backend in _TAKES_WEIGHTS
 
 
 def list_backends() -> dict[str, str]:

@@ -1,36 +1,48 @@
-"""Result tables (Arrow/Parquet), their atomic writer and readers, reports and plots."""
+"""Results (layer 5): Arrow/Parquet tables, their atomic writer and readers, artifacts,
+and the pieces of reports and plots.
+
+Nothing here knows a task: the metric columns of ``runs`` and each task's
+tables come from ``vlmlab.tasks``, which builds them from these parts.
+"""
 
 from __future__ import annotations
 
+from vlmlab.results._artifact import MANIFEST, Artifact, load_artifact, save_artifact
 from vlmlab.results._report import (
     ReportTable,
+    StudyMetrics,
     budget_tables,
-    craft_tables,
-    devsafety_tables,
-    forgetting_tables,
+    completed,
+    finish_panel,
+    mean_curve,
+    mean_std,
+    panels,
     plot_budget,
-    plot_craft,
-    plot_devsafety,
-    plot_forgetting,
+    save_figure,
 )
-from vlmlab.results._schema import METRIC_COLUMNS, RUNS_SCHEMA, STEPS_SCHEMA
+from vlmlab.results._schema import STEPS_SCHEMA, metric_columns, runs_schema
 from vlmlab.results._store import ResultsStore, is_missing, read_table, write_parquet_atomic
 
 __all__ = [
-    "METRIC_COLUMNS",
-    "RUNS_SCHEMA",
+    "MANIFEST",
     "STEPS_SCHEMA",
+    "Artifact",
     "ReportTable",
     "ResultsStore",
+    "StudyMetrics",
     "budget_tables",
-    "craft_tables",
-    "devsafety_tables",
-    "forgetting_tables",
+    "completed",
+    "finish_panel",
     "is_missing",
+    "load_artifact",
+    "mean_curve",
+    "mean_std",
+    "metric_columns",
+    "panels",
     "plot_budget",
-    "plot_craft",
-    "plot_devsafety",
-    "plot_forgetting",
     "read_table",
+    "runs_schema",
+    "save_artifact",
+    "save_figure",
     "write_parquet_atomic",
 ]

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlab._io import atomic_write_bytes, remove_stale_temporaries
-from vlmlab.results._schema import RUNS_SCHEMA, STEPS_SCHEMA
+from vlmlab.results._schema import STEPS_SCHEMA, runs_schema
 
 
 def _table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -45,10 +45,18 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 
 
 class ResultsStore:
-    """A results folder (see the module docstring for its layout)."""
+    """A results folder (see the module docstring for its layout).
 
-    def __init__(self, root: str | Path) -> None:
+    Args:
+        root: the folder (created if missing).
+        schema: the ``runs`` schema (``vlmlab.tasks.runs_schema()`` holds every
+            registered task's metric columns). Without one, rows are written with
+            their own metric columns and reads return the union of the files' columns.
+    """
+
+    def __init__(self, root: str | Path, schema: pa.Schema | None = None) -> None:
         self.root = Path(root)
+        self.schema = schema
         self.runs_dir = self.root / "runs"
         self.steps_dir = self.root / "steps"
         self.artifacts_dir = self.root / "artifacts"
@@ -60,7 +68,8 @@ class ResultsStore:
     # ---------------------------------------------------------------- writing
     def write_run(self, row: dict[str, Any]) -> Path:
         path = self.runs_dir / f"{row['run_id']}.parquet"
-        write_parquet_atomic(_table([row], RUNS_SCHEMA), path)
+        schema = self.schema or runs_schema(_metrics_of(row))
+        write_parquet_atomic(_table([row], schema), path)
         return path
 
     def write_steps(self, run_id: str, first: int, last: int, rows: list[dict[str, Any]]) -> Path:
@@ -83,15 +92,34 @@ class ResultsStore:
 
     # ---------------------------------------------------------------- reading
     def runs(self) -> pd.DataFrame:
-        return read_table(self.runs_dir, RUNS_SCHEMA)
+        return read_table(self.runs_dir, self.schema)
 
     def steps(self) -> pd.DataFrame:
         return read_table(self.steps_dir, STEPS_SCHEMA)
 
 
-def read_table(folder: Path, schema: pa.Schema) -> pd.DataFrame:
-    """All Parquet files of a table folder, read with the current schema."""
+def _metrics_of(row: dict[str, Any]) -> list[str]:
+    """Metric names of a row's ``test_``/``val_`` columns (the schema's metric part)."""
+    fixed = set(runs_schema().names)
+    names = []
+    for key in row:
+        if key not in fixed:
+            for prefix in ("zeroshot_test_", "zeroshot_val_", "test_", "val_"):
+                if key.startswith(prefix):
+                    names.append(key.removeprefix(prefix))
+                    break
+            else:
+                raise ValueError(f"columns not in the schema: [{key!r}]")
+    return names
+
+
+def read_table(folder: Path, schema: pa.Schema | None = None) -> pd.DataFrame:
+    """All Parquet files of a table folder, read with ``schema`` (default: the union of theirs)."""
     files = sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
+    if schema is None:
+        if not files:
+            return runs_schema().empty_table().to_pandas()
+        schema = pa.unify_schemas([pq.read_schema(path) for path in files])
     if not files:
         return schema.empty_table().to_pandas()
     tables = [pq.read_table(path, schema=schema) for path in files]

@@ -1,12 +1,14 @@
-"""Adapted-model artifacts, the classifiers built from them, the HTTP app that serves them,
+"""Serving (layer 9): adapted models as classifiers, the HTTP app that serves them,
 and the oracle service's keys and client.
+
+Artifacts are written and read by ``vlmlab.results``; each task builds its
+classifier from one (``vlmlab.tasks``).
 
 ``vlmlab.serving._http`` (the Ray Serve app) is imported on demand: it needs Ray.
 """
 
 from __future__ import annotations
 
-from vlmlab.serving._artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
 from vlmlab.serving._classifier import (
     AdaptedModel,
     AdapterStore,
@@ -21,12 +23,9 @@ __all__ = [
     "AdapterStore",
     "HttpOracle",
     "KeysFileError",
-    "PromptArtifact",
     "RequestError",
     "add_key",
     "decode_image",
     "hash_key",
     "load_keys",
-    "load_prompt_artifact",
-    "save_prompt_artifact",
 ]

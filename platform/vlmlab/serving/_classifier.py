@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmlab.serving._artifact import MANIFEST, load_prompt_artifact
+from vlmlab.oracle import LocalOracle
+from vlmlab.results import MANIFEST, load_artifact
+from vlmlab.tasks import get_task, list_tasks
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -134,38 +137,29 @@ class AdaptedModel:
 
     adapter_id: str
     manifest: dict[str, Any]
-    oracle: Any
+    oracle: LocalOracle
     class_embeddings: torch.Tensor
     """Unit-norm ``C x E`` classifier over the backend's image features."""
-    head: Any = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Applied to the logits (CraFT's refinement head); None: the logits as they are."""
 
     @classmethod
-    def load(cls, store: AdapterStore, adapter_id: str, oracle: Any) -> AdaptedModel:
-        artifact = load_prompt_artifact(store.folder(adapter_id))
-        manifest, tensors = artifact.manifest, artifact.tensors
-        kind = manifest.get("kind")
-        names = manifest["class_names"]
-        head = None
-        if kind == "devsafety":
-            embeddings = tensors["class_embeddings"].float()
-        elif kind in ("forgetting", "craft"):
-            with torch.inference_mode():
-                embeddings = oracle._encode_population(tensors["contexts"].float(), names)[0]
-            if kind == "craft" and manifest.get("refinement"):
-                from vlmlab.methods.craft import RefinementHead
-
-                head = RefinementHead.from_tensors(tensors)
-        else:
+    def load(cls, store: AdapterStore, adapter_id: str, oracle: LocalOracle) -> AdaptedModel:
+        """The artifact's classifier, as its task (the manifest's ``kind``) builds it."""
+        artifact = load_artifact(store.folder(adapter_id))
+        kind = artifact.manifest.get("kind")
+        if kind not in list_tasks():
             raise ValueError(f"adapter {adapter_id!r}: unknown artifact kind {kind!r}")
-        return cls(adapter_id, manifest, oracle, F.normalize(embeddings, dim=-1), head)
+        embeddings, head = get_task(str(kind)).classifier(artifact, oracle)
+        return cls(adapter_id, artifact.manifest, oracle, F.normalize(embeddings, dim=-1), head)
 
     def classify(self, pixels: np.ndarray, top_k: int = 5) -> list[dict[str, Any]]:
         """The top ``top_k`` classes of one image, with probabilities and flags."""
         names = self.manifest["class_names"]
         with torch.inference_mode():
-            features = self.oracle._encode_images(pixels[None].copy())
+            features = self.oracle.encode_images(pixels[None].copy())
             logits = features @ self.class_embeddings.T * self.oracle.logit_scale
-            logits = logits + self.oracle._logit_bias()
+            logits = logits + self.oracle.logit_bias
             if self.head is not None:
                 logits = self.head(logits)
             probabilities = logits.softmax(-1)[0]

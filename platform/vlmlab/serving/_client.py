@@ -26,9 +26,16 @@ import numpy as np
 import torch
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle import ImageSet, ImageSetRef, OracleMetadata, QueryLedger
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, metered
-from vlmlab.oracle._validation import check_call, image_set_ref
+from vlmlab.oracle import (
+    DEFAULT_BUDGET_KEY,
+    ImageSet,
+    ImageSetRef,
+    OracleMetadata,
+    QueryLedger,
+    check_call,
+    image_set_ref,
+    metered,
+)
 from vlmlab.serving._oracle_service import decode_array, encode_array
 
 

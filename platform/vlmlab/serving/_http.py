@@ -363,7 +363,7 @@ def build_adapters_app(
         oracle_torch_threads: torch threads of each oracle replica (default: its CPUs);
             floats can depend on it, so a client matching it gets its local logits bit for bit.
     """
-    from vlmlab.distributed._pool import _deployment
+    from vlmlab.pool import oracle_deployment
     from vlmlab.specs import BackendSpec
 
     if root is None and keys is None:
@@ -384,7 +384,7 @@ def build_adapters_app(
         backend = BackendSpec.model_validate(
             {"name": oracle} if isinstance(oracle, str) else oracle
         )
-        oracle_app = _deployment(
+        oracle_app = oracle_deployment(
             num_replicas=oracle_replicas, num_cpus=oracle_cpus, num_gpus=oracle_gpus
         ).bind(
             backend.name,
@@ -415,7 +415,7 @@ def serve_adapters(
     Serve keeps one HTTP proxy per cluster: if Serve is already running, its
     proxy (and port) is used as it is.
     """
-    from vlmlab.distributed import ensure_ray
+    from vlmlab.pool import ensure_ray
 
     ensure_ray(address)
     serve.start(http_options={"host": host, "port": port})

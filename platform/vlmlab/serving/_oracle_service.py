@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmlab.oracle import ImageSet
-from vlmlab.oracle._validation import validate_class_names, validate_contexts, validate_indices
+from vlmlab.oracle import ImageSet, validate_class_names, validate_contexts, validate_indices
 from vlmlab.serving._classifier import RequestError, decode_image
 from vlmlab.serving._keys import BUDGET_PREFIX, ApiKey, KeyRing, RateLimiter, retry_after_header
 
@@ -104,7 +103,7 @@ class OracleService:
     """Authentication, limits, image sets and metered logits for the gateway."""
 
     def __init__(self, keys: dict[str, ApiKey], oracle: Any, ledger: Any = None) -> None:
-        from vlmlab.distributed._ledger import ledger_actor
+        from vlmlab.pool import ledger_actor
 
         self.keys = keys
         self.ring = KeyRing(keys)

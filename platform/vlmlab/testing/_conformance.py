@@ -3,8 +3,8 @@
 Subclass :class:`OracleConformance` in a test module and provide two pytest
 fixtures, ``oracle`` (the implementation under test) and ``image_set`` (a
 registered :class:`~vlmlab.oracle.ImageSetRef` of at least 4 images); every
-``test_*`` method then runs against it. The in-process backends use it today;
-the Serve pool client will run through the same suite.
+``test_*`` method then runs against it. The in-process backends, the Serve
+pool's client and the HTTP client all run through it.
 """
 
 from __future__ import annotations

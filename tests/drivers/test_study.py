@@ -27,7 +27,7 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def study(conse_pool, tmp_path_factory):
-    from vlmlab.distributed import run_budget_study
+    from vlmlab.drivers import run_budget_study
 
     results = tmp_path_factory.mktemp("study")
     spec = validate_spec(STUDY, "test")
@@ -52,7 +52,7 @@ def test_every_budget_method_and_seed_is_one_row(study):
 
 
 def test_rerun_skips_completed_trials(study, conse_pool):
-    from vlmlab.distributed import run_budget_study
+    from vlmlab.drivers import run_budget_study
 
     spec, results, _ = study
     before = pd.read_parquet(results / "runs")
@@ -110,7 +110,7 @@ def test_spec_without_study_is_refused(tmp_path):
 
 
 def test_craft_study_reports_accuracy_by_budget(conse_pool, tmp_path):
-    from vlmlab.distributed import run_budget_study
+    from vlmlab.drivers import run_budget_study
 
     tree = {
         "name": "craft-study",

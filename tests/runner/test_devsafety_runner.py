@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from vlmlab.cli import app
-from vlmlab.results import ResultsStore, devsafety_tables
+from vlmlab.results import ResultsStore, load_artifact
 from vlmlab.runner import load_data, run_experiment
-from vlmlab.serving import load_prompt_artifact
 from vlmlab.specs import validate_spec
+from vlmlab.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_steps_hold_per_epoch_held_out_metrics(devsafety_run):
 
 def test_artifact_classifier_reproduces_test_metrics(devsafety_run, conse):
     spec, _, outcomes = devsafety_run
-    artifact = load_prompt_artifact(outcomes[0].artifact)
+    artifact = load_artifact(outcomes[0].artifact)
     manifest = artifact.manifest
     assert manifest["kind"] == "devsafety" and manifest["target"] == [0]
     assert manifest["protected"] == list(range(1, 10))
@@ -101,7 +101,7 @@ def test_artifact_classifier_reproduces_test_metrics(devsafety_run, conse):
 def test_report_shows_the_safety_ratio(devsafety_run):
     _, results, _ = devsafety_run
     runs = ResultsStore(results).runs()
-    (table,) = devsafety_tables(runs, tolerance=0.02)
+    (table,) = get_task("devsafety").tables(runs, tolerance=0.02)
     assert "ConSE" in table.title and "fashion-mnist" in table.title
     rows = {row[0]: row for row in table.rows}
     finetune = runs[runs.method == "finetune"].iloc[0]
@@ -115,7 +115,7 @@ def test_report_shows_the_safety_ratio(devsafety_run):
 
 
 def test_safe_gain_counts_tolerance():
-    from vlmlab.tasks import safe_gain
+    from vlmlab.methods.devsafety import safe_gain
 
     assert safe_gain({"target_gain": 0.3, "devsafety": 0.0}) == 0.3
     assert safe_gain({"target_gain": 0.3, "devsafety": -0.02}) == pytest.approx(-1.02)
@@ -164,7 +164,7 @@ class _Finished:
 
 
 def test_pool_actors_give_the_in_process_numbers(ray_session, cache_dir, devsafety_run, tmp_path):
-    from vlmlab.distributed import run_experiment_on_pool
+    from vlmlab.drivers import run_experiment_on_pool
 
     threads = torch.get_num_threads()
     tree = {
@@ -184,7 +184,7 @@ def test_pool_actors_give_the_in_process_numbers(ray_session, cache_dir, devsafe
 
 
 def test_sweep_searches_beta_and_lr(ray_session, cache_dir, tmp_path):
-    from vlmlab.distributed import run_sweep
+    from vlmlab.drivers import run_sweep
 
     tree = {
         **TREE,

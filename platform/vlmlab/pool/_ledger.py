@@ -57,7 +57,7 @@ def ledger_actor(name: str = LEDGER_NAME):
     """
     import ray
 
-    from vlmlab.distributed._ray import NAMESPACE
+    from vlmlab.pool._ray import NAMESPACE
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_LedgerService)
     return actor_cls.options(

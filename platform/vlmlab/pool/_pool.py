@@ -27,11 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmlab.distributed._ledger import RemoteLedger
-from vlmlab.distributed._ray import NAMESPACE, ensure_ray
-from vlmlab.oracle import DEFAULT_BUDGET_KEY, ImageSet, ImageSetRef, OracleMetadata
-from vlmlab.oracle._ledger import metered
-from vlmlab.oracle._validation import check_call, image_set_ref
+from vlmlab.oracle import (
+    DEFAULT_BUDGET_KEY,
+    ImageSet,
+    ImageSetRef,
+    OracleMetadata,
+    check_call,
+    image_set_ref,
+    metered,
+)
+from vlmlab.pool._ledger import RemoteLedger
+from vlmlab.pool._ray import NAMESPACE, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ class OracleReplica:
         indices: np.ndarray | None,
     ) -> np.ndarray:
         set_id = image_set["id"]
-        if set_id not in self.oracle._features:
+        if not self.oracle.has_image_set(set_id):
             import ray
 
             pixels = ray.get(
@@ -116,14 +122,14 @@ class OracleReplica:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "peak_rss_mb": usage.ru_maxrss / 1024,
-            "image_sets": len(self.oracle._features),
+            "image_sets": self.oracle.image_set_count,
             "queries": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).queries,
             "torch_threads": torch.get_num_threads(),
             "busy_seconds": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).wall_seconds,
         }
 
 
-def _deployment(
+def oracle_deployment(
     *,
     num_replicas: int | str = 1,
     autoscaling: dict[str, Any] | None = None,
@@ -153,11 +159,13 @@ def build_app(args: dict[str, Any]):
     args = dict(args or {})
     backend = args.pop("backend", "conse")
     backend_kwargs = args.pop("backend_kwargs", None) or {}
+    torch_threads = args.pop("torch_threads", None)
     if args:
         raise ValueError(
-            f"unknown oracle app arguments {sorted(args)}; known: backend, backend_kwargs"
+            f"unknown oracle app arguments {sorted(args)}; "
+            "known: backend, backend_kwargs, torch_threads"
         )
-    return _deployment().bind(backend, backend_kwargs)
+    return oracle_deployment().bind(backend, backend_kwargs, torch_threads)
 
 
 def deploy_oracle_pool(
@@ -189,7 +197,7 @@ def deploy_oracle_pool(
 
     ensure_ray(address)
     serve.start(proxy_location="Disabled")
-    app = _deployment(
+    app = oracle_deployment(
         num_replicas=num_replicas,
         autoscaling=autoscaling,
         max_ongoing_requests=max_ongoing_requests,

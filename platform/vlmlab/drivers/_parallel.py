@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmlab.distributed._pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool
-from vlmlab.distributed._ray import ensure_ray
+from vlmlab.pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool, ensure_ray
 from vlmlab.specs import RunSpec
+from vlmlab.tasks import Task, ensure_registered
 
 
 class _TrialWorker:
@@ -46,9 +46,11 @@ class _TrialWorker:
         app_name: str,
         shard_size: int,
         resume: bool,
+        task: Task,
     ):
         from vlmlab.runner import build_oracle, load_data, run_trial
 
+        ensure_registered(task)
         spec = RunSpec.model_validate_json(spec_json)
         if spec.white_box:
             import torch
@@ -126,7 +128,9 @@ def run_experiment_on_pool(
             index = queue.pop(0)
             spec_json, seed = trials[index]
             worker = worker_cls.remote()
-            ref = worker.run.remote(spec_json, seed, results, app_name, shard_size, resume)
+            ref = worker.run.remote(
+                spec_json, seed, results, app_name, shard_size, resume, spec.task_entry
+            )
             running[ref] = (index, worker)
         done, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         if listener is not None:

@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlmlab.distributed._parallel import deploy_for_spec
-from vlmlab.distributed._pool import PoolOracle
-from vlmlab.distributed._ray import ensure_ray
-from vlmlab.distributed._sweep import TUNE_DIR, TuneCheckpointer
+from vlmlab.drivers._parallel import deploy_for_spec
+from vlmlab.drivers._sweep import TUNE_DIR, TuneCheckpointer
+from vlmlab.pool import PoolOracle, ensure_ray
 from vlmlab.specs import BudgetSpec, RunSpec, SpecError
+from vlmlab.tasks import Task, ensure_registered
 
 _DATA_CACHE: dict[str, Any] = {}
 
@@ -46,26 +46,25 @@ def _trial(
     results: str,
     app_name: str,
     shard_size: int,
+    task: Task,
 ) -> None:
     """One Tune trial: one (budget, variant, seed) of the study, on the pool."""
-    from vlmlab.results import ResultsStore
-    from vlmlab.runner import _run_trial, _Silent, load_data
+    from vlmlab.runner import load_data, run_trial
 
     run_id, spec_json, seed = trials[config["trial"]]
+    ensure_registered(task)
     spec = RunSpec.model_validate_json(spec_json)
     data_key = spec.data.model_dump_json()
     if data_key not in _DATA_CACHE:  # reused actors keep the loaded data
         _DATA_CACHE.clear()
         _DATA_CACHE[data_key] = load_data(spec)
-    _run_trial(
+    run_trial(
         spec,
         seed,
-        ResultsStore(results),
+        results,
         PoolOracle(app_name, shard_size=shard_size),
         _DATA_CACHE[data_key],
         resume=True,  # completed trials are skipped; a restarted one resumes its checkpoint
-        listener=_Silent(),
-        stop_after=None,
         run_id=run_id,
         checkpointer=TuneCheckpointer(),
     )
@@ -99,6 +98,7 @@ def run_budget_study(
         tune.with_parameters(
             _trial,
             trials=encoded,
+            task=spec.task_entry,
             results=str(results),
             app_name=pool.app_name,
             shard_size=pool.shard_size,

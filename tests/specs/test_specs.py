@@ -9,7 +9,7 @@ import yaml
 
 from vlmlab.specs import SpecError, apply_overrides, load_spec, validate_spec
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
@@ -21,7 +21,7 @@ def test_every_shipped_spec_validates(path):
 
 
 def test_quickstart_is_offline_and_within_2000_queries():
-    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
+    spec = load_spec(Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml")
     assert spec.backend.name == "conse" and spec.data.dataset == "fashion-mnist"
     assert spec.data.forget == [0, 1, 2, 3] and spec.data.shots == 16
     assert spec.budget.max_queries <= 2000
@@ -49,9 +49,17 @@ MALFORMED = [
     ({"data": {"forget_fraction": 1.5}}, "data.forget_fraction: got 1.5"),
     (
         {"backend": {"name": "clip"}},
-        "backend.name: got 'clip'; must be 'conse' or 'open_clip:<architecture>'",
+        "backend.name: got 'clip'; unknown backend 'clip'; available: conse, latency, open_clip",
     ),
     ({"backend": {"precision": "fp8"}}, "backend.precision: got 'fp8'"),
+    (
+        {"backend": {"name": "conse", "pretrained": "openai"}},
+        "backend.pretrained: the conse backend has no pretrained weights to choose",
+    ),
+    (
+        {"backend": {"name": "conse:big"}},
+        "backend.name: got 'conse:big'; the conse backend takes no model",
+    ),
     ({"budget": {"max_queries": -5}}, "budget.max_queries: got -5"),
     (
         {"budget": {"max_queries": 10}},
@@ -74,7 +82,7 @@ MALFORMED = [
     ),
     (
         {"task": "devsafety", "method": {"name": "bbf"}},
-        "method.name: 'bbf' is not a devsafety method; allowed: constrained, finetune, weighted",
+        "method.name: got 'bbf'; allowed for task devsafety: constrained, finetune, weighted",
     ),
     ({"task": "devsafety", "method": {"gamma": 0}}, "method.gamma: got 0"),
     (
@@ -105,7 +113,7 @@ MALFORMED = [
     ),
     (
         {"task": "craft", "method": {"name": "bbf"}},
-        "method.name: 'bbf' is not a craft method; allowed: craft, prompt_only, refine_only, no_consistency",
+        "method.name: got 'bbf'; allowed for task craft: craft, prompt_only, refine_only, no_consistency",
     ),
     (
         {"task": "craft", "method": {"name": "craft", "sigmaa": 1}},
@@ -167,6 +175,30 @@ def test_all_problems_reported_together():
     text = str(info.value)
     assert "x.yaml: 3 problems" in text
     assert all(f in text for f in ("method.popsize", "method.sigma", "data.shots"))
+
+
+def test_every_cross_field_problem_reported_together():
+    tree = {"name": "t", "budget": {"max_queries": 10}, "study": {"budgets": [5, 100]}}
+    with pytest.raises(SpecError) as info:
+        validate_spec(tree, "x.yaml")
+    text = str(info.value)
+    assert "x.yaml: 2 problems" in text, text
+    assert "study.budgets: [5] cannot pay for one generation" in text
+    assert "budget.max_queries: 10 queries (16-shot) cannot pay for one generation" in text
+
+
+def test_field_and_method_problems_reported_together():
+    tree = {"name": "t", "task": "craft", "method": {"lr": 0}, "seeds": [], "colour": 1}
+    with pytest.raises(SpecError) as info:
+        validate_spec(tree, "x.yaml")
+    text = str(info.value)
+    assert "x.yaml: 3 problems" in text, text
+    assert all(f in text for f in ("method.lr: got 0", "seeds: got []", "colour: unknown field"))
+
+
+def test_registered_backends_are_accepted():
+    spec = validate_spec({"name": "t", "backend": {"name": "latency:5"}}, "x.yaml")
+    assert spec.backend.name == "latency:5" and spec.backend.oracle_kwargs() == {}
 
 
 def test_missing_name_and_non_mapping(tmp_path):

@@ -22,7 +22,6 @@ heads alone up to the whole text side.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -38,88 +37,6 @@ TRAINABLE: tuple[str, ...] = ("target_heads", "heads", "projection", "all")
 """``target_heads``: only the target classes' heads; ``heads``: every class's
 head; ``projection``: heads and the shared projection; ``all``: those and the
 text tower."""
-
-
-class _ConseText(nn.Module):
-    """MiniLM with sentence-transformers' mean pooling (before its normalization)."""
-
-    def __init__(self, oracle: LocalOracle) -> None:
-        super().__init__()
-        self.bert = copy.deepcopy(oracle.bert).float()  # type: ignore[attr-defined]
-        self.tokenizer = oracle.tokenizer  # type: ignore[attr-defined]
-        self.max_length = int(oracle.text_model.max_seq_length)  # type: ignore[attr-defined]
-
-    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        device = next(self.bert.parameters()).device
-        tokens = self.tokenizer(
-            list(prompts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(device)
-        hidden = self.bert(**tokens).last_hidden_state
-        weights = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-
-
-class _OpenClipText(nn.Module):
-    """CLIP's text transformer up to the pooled token (the projection is separate)."""
-
-    def __init__(self, oracle: LocalOracle) -> None:
-        super().__init__()
-        from open_clip.transformer import text_global_pool
-
-        model = oracle.model  # type: ignore[attr-defined]
-        owner = getattr(model, "text", None) or model
-        if not hasattr(owner, "token_embedding"):
-            raise NotImplementedError(
-                f"{type(owner).__name__} text towers (Hugging Face text models) cannot be "
-                "fine-tuned here; use an open_clip model with a native CLIP text transformer"
-            )
-        self.token_embedding = copy.deepcopy(owner.token_embedding).float()
-        self.positional_embedding = nn.Parameter(
-            owner.positional_embedding.detach().float().clone()
-        )
-        self.transformer = copy.deepcopy(owner.transformer).float()
-        self.ln_final = copy.deepcopy(owner.ln_final).float()
-        mask = getattr(owner, "attn_mask", None)
-        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
-        self.pool_type = getattr(owner, "pool_type", None) or getattr(
-            owner, "text_pool_type", "argmax"
-        )
-        self.eos_id = getattr(owner, "text_eos_id", None)
-        self.tokenizer = oracle.tokenizer  # type: ignore[attr-defined]
-        self._pool = text_global_pool
-
-    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        device = self.positional_embedding.device
-        tokens = self.tokenizer(list(prompts)).to(device)
-        x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
-        x = self.ln_final(x)
-        return self._pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
-
-
-def _text_parts(oracle: LocalOracle) -> tuple[nn.Module, torch.Tensor]:
-    """The backend's text tower (a private copy) and its projection matrix."""
-    backend = oracle.metadata.backend
-    if backend == "ConSE":
-        tower = _ConseText(oracle)
-        width = tower.bert.config.hidden_size
-        return tower, torch.eye(width)
-    if backend == "open_clip":
-        tower = _OpenClipText(oracle)
-        model = oracle.model  # type: ignore[attr-defined]
-        projection = getattr(getattr(model, "text", None) or model, "text_projection", None)
-        if projection is None:
-            return tower, torch.eye(tower.token_embedding.embedding_dim)
-        if isinstance(projection, nn.Linear):
-            if projection.bias is not None:
-                raise NotImplementedError("a text projection with a bias cannot be fine-tuned here")
-            return tower, projection.weight.detach().float().T.clone()
-        return tower, projection.detach().float().clone()
-    raise NotImplementedError(f"no fine-tunable model for backend {backend!r}")
 
 
 class FineTunableModel(nn.Module):
@@ -152,7 +69,8 @@ class FineTunableModel(nn.Module):
         self.oracle = oracle
         self.class_names = list(class_names)
         self.prompts = [prompt.format(name) for name in self.class_names]
-        self.tower, projection = _text_parts(oracle)
+        text = oracle.text_tower()
+        self.tower, projection = text.tower, text.projection
         self.projection = nn.Parameter(projection)
         width, dim = projection.shape
         generator = torch.Generator().manual_seed(seed)
@@ -162,8 +80,8 @@ class FineTunableModel(nn.Module):
         )
         self.head_b = nn.Parameter(torch.zeros(n_classes, rank, dim))
         self.logit_scale = float(oracle.logit_scale)
-        self.logit_bias = float(oracle._logit_bias())
-        self.device = torch.device(getattr(oracle, "device", "cpu"))
+        self.logit_bias = float(oracle.logit_bias)
+        self.device = torch.device(oracle.device)
         self.to(self.device)
         self._trainable: Trainable = "all"
         self._pooled_cache: torch.Tensor | None = None

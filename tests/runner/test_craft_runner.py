@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from vlmlab.cli import app
 from vlmlab.methods.craft import RefinementHead
-from vlmlab.results import ResultsStore, craft_tables
+from vlmlab.results import ResultsStore, load_artifact
 from vlmlab.runner import load_data, run_experiment
-from vlmlab.serving import load_prompt_artifact
 from vlmlab.specs import validate_spec
+from vlmlab.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_ladder_writes_one_row_per_shots_and_method(conse, ladder):
 def test_report_table_by_shots_and_method(ladder, tmp_path):
     _, results, _ = ladder
     runs = ResultsStore(results).runs()
-    (table,) = craft_tables(runs)
+    (table,) = get_task("craft").tables(runs)
     assert "ConSE" in table.title and "fashion-mnist" in table.title
     assert table.columns == ["method", "1-shot", "2-shot", "seeds", "queries"]
     assert [row[0] for row in table.rows] == ["zero-shot", "craft", "prompt_only"]
@@ -96,7 +96,7 @@ def test_artifact_reproduces_the_test_accuracy(conse, ladder):
     test = load_data(spec).test
     test_ref = conse.register_images(test.image_set())
 
-    craft = load_prompt_artifact(runs.loc["ladder-craft-k2-s1", "artifact"])
+    craft = load_artifact(runs.loc["ladder-craft-k2-s1", "artifact"])
     assert craft.manifest["kind"] == "craft" and craft.manifest["shots"] == 2
     head = RefinementHead.from_tensors(craft.tensors)
     logits = conse.logits(craft.contexts, craft.manifest["class_names"], test_ref)[0]
@@ -104,7 +104,7 @@ def test_artifact_reproduces_the_test_accuracy(conse, ladder):
     accuracy = float(np.mean(predictions == test.labels))
     assert accuracy == runs.loc["ladder-craft-k2-s1", "test_acc"]
 
-    prompt_only = load_prompt_artifact(runs.loc["ladder-prompt_only-k2-s1", "artifact"])
+    prompt_only = load_artifact(runs.loc["ladder-prompt_only-k2-s1", "artifact"])
     assert not any(name.startswith("refinement.") for name in prompt_only.tensors)
     with pytest.raises(ValueError, match="no refinement head"):
         RefinementHead.from_tensors(prompt_only.tensors)
@@ -140,6 +140,6 @@ def test_the_papers_backend_runs_craft(clip_factory, tmp_path):
     (outcome,) = run_experiment(validate_spec(tree, "test"), tmp_path, oracle=clip_factory("RN50"))
     assert outcome.backend == "open_clip" and outcome.model.startswith("RN50")
     assert outcome.queries_used == 10 and 0 <= outcome.test["acc"] <= 1
-    artifact = load_prompt_artifact(outcome.artifact)
+    artifact = load_artifact(outcome.artifact)
     assert artifact.contexts.shape == (1, 4, 512)  # RN50's text width
     assert RefinementHead.from_tensors(artifact.tensors).mlp[0].in_features == 10

@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from vlmlab.results import ResultsStore
+from vlmlab.results import ResultsStore, load_artifact
 from vlmlab.runner import run_experiment
-from vlmlab.serving import load_prompt_artifact
 from vlmlab.specs import validate_spec
 
 pytestmark = pytest.mark.slow
@@ -64,7 +63,7 @@ def test_run_writes_tables_and_artifact(conse, tmp_path):
     assert set(steps[steps.split == "test"].step) == {4, 8, 12}
     assert steps.groupby(["step", "split", "metric"]).size().max() == 1
     assert steps.queries_used.max() == 96
-    artifact = load_prompt_artifact(row.artifact)
+    artifact = load_artifact(row.artifact)
     assert artifact.contexts.shape == (1, 4, 384)
     assert artifact.manifest["backend"] == "ConSE" and artifact.manifest["forget"] == [0, 1, 2, 3]
     assert artifact.manifest["metrics"]["test_H"] == pytest.approx(row.test_H)

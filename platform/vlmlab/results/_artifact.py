@@ -1,4 +1,4 @@
-"""Adapted-model artifacts: learned prompts (safetensors) plus a JSON manifest.
+"""Adapted-model artifacts: learned tensors (safetensors) plus a JSON manifest.
 
 An artifact folder holds ``contexts.safetensors``: for the prompt methods the
 learned soft prompt ``contexts`` (``1 x m x D``; more tensors, such as a
@@ -26,12 +26,10 @@ from vlmlab._io import atomic_write_bytes, atomic_write_text
 MANIFEST = "manifest.json"
 TENSORS = "contexts.safetensors"
 FORMAT_VERSION = 1
-_MAIN_TENSOR = {"devsafety": "class_embeddings"}
-"""The tensor each artifact kind cannot do without (``contexts`` unless listed)."""
 
 
 @dataclass(frozen=True)
-class PromptArtifact:
+class Artifact:
     """A loaded artifact: its tensors and its manifest."""
 
     path: Path
@@ -43,11 +41,17 @@ class PromptArtifact:
         return self.tensors["contexts"]
 
 
-def save_prompt_artifact(
-    folder: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+def save_artifact(
+    folder: str | Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    *,
+    required: str = "contexts",
 ) -> Path:
-    """Write ``tensors`` and ``manifest`` atomically (the kind's main tensor must be there)."""
-    required = _MAIN_TENSOR.get(str(manifest.get("kind")), "contexts")
+    """Write ``tensors`` and ``manifest`` atomically; ``required`` names the kind's main tensor.
+
+    ``manifest["kind"]`` names the task that wrote it (its registry entry reads it back).
+    """
     if required not in tensors:
         raise ValueError(f"a {manifest.get('kind', 'prompt')} artifact needs a {required!r} tensor")
     folder = Path(folder)
@@ -60,12 +64,12 @@ def save_prompt_artifact(
     return folder
 
 
-def load_prompt_artifact(folder: str | Path) -> PromptArtifact:
-    """Read an artifact folder written by :func:`save_prompt_artifact`."""
+def load_artifact(folder: str | Path) -> Artifact:
+    """Read an artifact folder written by :func:`save_artifact`."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"not an artifact folder (no {MANIFEST}): {str(folder)!r}")
     manifest = json.loads(manifest_path.read_text())
     tensors = load_safetensors((folder / TENSORS).read_bytes())
-    return PromptArtifact(folder, tensors, manifest)
+    return Artifact(folder, tensors, manifest)

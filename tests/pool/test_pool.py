@@ -42,7 +42,7 @@ def test_pool_logits_equal_in_process(conse_pool, conse, small_test):
 
 
 def test_large_population_is_sharded_across_replicas(conse_pool, conse, small_test):
-    from vlmlab.distributed import PoolOracle
+    from vlmlab.pool import PoolOracle
 
     sharded = PoolOracle("test-pool", shard_size=8)
     ctx = random_contexts(conse, 24, seed=12)
@@ -56,7 +56,7 @@ def test_large_population_is_sharded_across_replicas(conse_pool, conse, small_te
 
 
 def test_eight_clients_on_one_budget_get_exactly_the_budget(conse_pool, small_test):
-    from vlmlab.distributed import PoolOracle
+    from vlmlab.pool import PoolOracle
 
     key, budget, population = "eight-clients", 100, 4
     conse_pool.ledger.set_budget(key, budget)
@@ -135,7 +135,7 @@ def test_replica_killed_mid_run_changes_nothing(
 
 
 def test_seeds_and_variants_run_concurrently_on_the_pool(conse_pool, conse, tmp_path):
-    from vlmlab.distributed import run_experiment_on_pool
+    from vlmlab.drivers import run_experiment_on_pool
     from vlmlab.runner import run_experiment
     from vlmlab.specs import validate_spec
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab._io import atomic_write_text
-from vlmlab.distributed._parallel import deploy_for_spec
-from vlmlab.distributed._pool import PoolOracle
-from vlmlab.distributed._ray import ensure_ray
-from vlmlab.results import METRIC_COLUMNS, is_missing
+from vlmlab.drivers._parallel import deploy_for_spec
+from vlmlab.pool import PoolOracle, ensure_ray
+from vlmlab.results import is_missing
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
+from vlmlab.tasks import Task, ensure_registered
 
 SPEC_FILE = "sweep_spec.json"
 TUNE_DIR = "tune"
@@ -58,14 +58,20 @@ _BACKEND_CACHE: dict[str, Any] = {}
 
 
 def _trial(
-    config: dict[str, Any], *, spec_json: str, results: str, app_name: str, shard_size: int
+    config: dict[str, Any],
+    *,
+    spec_json: str,
+    results: str,
+    app_name: str,
+    shard_size: int,
+    task: Task,
 ) -> None:
     """One Tune trial: the spec with this trial's hyperparameters, on the pool."""
     from ray import tune
 
-    from vlmlab.results import ResultsStore
-    from vlmlab.runner import _run_trial, _Silent, build_oracle, load_data
+    from vlmlab.runner import build_oracle, load_data, run_trial
 
+    ensure_registered(task)  # a task registered in the driver only (a plugin, a test)
     tree = json.loads(spec_json)
     tree.pop("sweep", None)
     apply_overrides(tree, [f"{path}={json.dumps(value)}" for path, value in config.items()])
@@ -83,15 +89,13 @@ def _trial(
         oracle = _BACKEND_CACHE[backend_key]
     else:
         oracle = PoolOracle(app_name, shard_size=shard_size)
-    _run_trial(
+    run_trial(
         spec,
         spec.seeds[0],
-        ResultsStore(results),
+        results,
         oracle,
         _DATA_CACHE[data_key],
         resume=True,
-        listener=_Silent(),
-        stop_after=None,
         run_id=f"{spec.name}-{trial_id}",
         checkpointer=TuneCheckpointer(),
     )
@@ -144,6 +148,7 @@ def _tuner(
         tune.with_parameters(
             _trial,
             spec_json=spec.model_dump_json(),
+            task=spec.task_entry,
             results=str(results),
             app_name=pool.app_name if pool is not None else "",
             shard_size=pool.shard_size if pool is not None else 0,
@@ -167,7 +172,7 @@ def _tuner(
             clock, budget, grace = "generation", spec.generations, sweep.grace_epochs
         else:
             clock, grace = "queries_used", sweep.grace_queries
-            budget = spec.query_budget() or spec.method.iterations * spec.method.popsize
+            budget = spec.task_entry.max_queries(spec)
         scheduler = ASHAScheduler(
             time_attr=clock,
             metric=sweep.metric,
@@ -255,11 +260,11 @@ def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
     lost attempt spent after its last checkpoint were served, so they are
     counted there, and ``reserved`` shows calls that died in flight.
     """
-    from vlmlab.distributed._ledger import RemoteLedger
-    from vlmlab.results import ResultsStore
+    from vlmlab.pool import RemoteLedger
+    from vlmlab.runner import results_store
 
     ledger = RemoteLedger()
-    run_ids = set(ResultsStore(results).runs().run_id)  # this folder's trials only
+    run_ids = set(results_store(results).runs().run_id)  # this folder's trials only
     names = ledger.keys()
     accounts = {key: ledger.account(key) for key in names if key.split("@")[0] in run_ids}
     audit = {
@@ -272,9 +277,10 @@ def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
 
 def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
     """Trials ASHA stopped (or that failed for good) never finish their row: close it here."""
-    from vlmlab.results import ResultsStore
+    from vlmlab.runner import results_store
+    from vlmlab.tasks import metric_columns_of_tasks
 
-    store = ResultsStore(results)
+    store = results_store(results)
     runs = store.runs()
     known: set[str] = set()
     for result in grid:
@@ -292,7 +298,11 @@ def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
             queries_used=int(metrics.get("queries_used", 0)),
             generations=int(metrics.get("generation", 0)),
             # The last report's metrics (a stopped trial's latest evaluation).
-            **{column: metrics.get(column) for column in METRIC_COLUMNS if column in metrics},
+            **{
+                column: metrics.get(column)
+                for column in metric_columns_of_tasks()
+                if column in metrics
+            },
         )
         store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})
     # A trial a killed driver started less than a snapshot (~1 s) before it died is

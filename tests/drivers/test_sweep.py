@@ -57,7 +57,7 @@ def _check_tables(results, expected_trials: int) -> pd.DataFrame:
 
 
 def test_sweep_of_six_trials(conse_pool, tmp_path):
-    from vlmlab.distributed import run_sweep
+    from vlmlab.drivers import run_sweep
 
     spec = validate_spec(SWEEP, "test")
     grid = run_sweep(spec, tmp_path, pool=conse_pool)
@@ -70,7 +70,7 @@ def test_sweep_of_six_trials(conse_pool, tmp_path):
 
 
 def test_craft_sweep_scores_trials_on_validation_accuracy(conse_pool, tmp_path):
-    from vlmlab.distributed import run_sweep
+    from vlmlab.drivers import run_sweep
 
     tree = {
         "name": "craft-sweep",
@@ -111,7 +111,7 @@ def test_craft_sweep_scores_trials_on_validation_accuracy(conse_pool, tmp_path):
 
 
 def test_sweep_bad_space_is_refused(conse_pool, tmp_path):
-    from vlmlab.distributed import run_sweep
+    from vlmlab.drivers import run_sweep
     from vlmlab.specs import SpecError
 
     bad = {
@@ -176,7 +176,7 @@ def test_killed_driver_resumes_to_one_row_per_trial(ray_session, conse_pool, tmp
 
 def test_a_trial_unknown_to_the_restored_sweep_is_closed_as_abandoned(tmp_path):
     """A killed driver's last-second trial: its `running` row must not stay open forever."""
-    from vlmlab.distributed._sweep import _close_stopped_trials
+    from vlmlab.drivers._sweep import _close_stopped_trials
     from vlmlab.results import ResultsStore
 
     spec = validate_spec(SWEEP, "test")

@@ -30,7 +30,7 @@ def test_config_names_the_builder():
 def test_serve_run_starts_answers_and_shuts_down(ray_session, tmp_path, cache_dir, fashion_test):
     from ray import serve
 
-    from vlmlab.distributed import PoolOracle
+    from vlmlab.pool import PoolOracle
 
     config = yaml.safe_load(CONFIG.read_text())
     app = config["applications"][0]

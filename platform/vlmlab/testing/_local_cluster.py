@@ -152,9 +152,6 @@ class LocalCluster:
     def node_id(self, name: str) -> str:
         return self.nodes[name].node_id
 
-    def name_of(self, node_id: str) -> str | None:
-        return next((n.name for n in self.nodes.values() if n.node_id == node_id), None)
-
     def kill(self, name: str) -> None:
         """Crash a worker node: SIGKILL to its raylet, object store and workers at once."""
         if name == "head":

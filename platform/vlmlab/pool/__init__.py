@@ -1,0 +1,34 @@
+"""The oracle's Ray backend (layer 2): the Serve replica pool, its client, the ledger actor.
+
+Nothing here knows tasks or specs: a :class:`PoolOracle` is one more
+:class:`~vlmlab.oracle.Oracle`, so a method runs on the pool unchanged, with
+the same numbers as in-process. Ray itself is imported only when a function
+here first needs it (``import vlmlab.pool`` stays light).
+"""
+
+from __future__ import annotations
+
+from vlmlab.pool._ledger import LEDGER_NAME, RemoteLedger, ledger_actor
+from vlmlab.pool._pool import (
+    DEFAULT_APP,
+    OracleReplica,
+    PoolOracle,
+    build_app,
+    deploy_oracle_pool,
+    oracle_deployment,
+)
+from vlmlab.pool._ray import NAMESPACE, ensure_ray
+
+__all__ = [
+    "DEFAULT_APP",
+    "LEDGER_NAME",
+    "NAMESPACE",
+    "OracleReplica",
+    "PoolOracle",
+    "RemoteLedger",
+    "build_app",
+    "deploy_oracle_pool",
+    "ensure_ray",
+    "ledger_actor",
+    "oracle_deployment",
+]

@@ -1,0 +1,248 @@
+"""The sections of an experiment spec (everything but the method, which its task owns)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vlmlab.errors import VlmlabError
+from vlmlab.tasks import StrictModel as _Strict
+
+
+class SpecError(VlmlabError, ValueError):
+    """A spec file or override is malformed; the message lists every problem."""
+
+
+class BackendSpec(_Strict):
+    """Which black box: a registered backend (``vlmlab backends``), e.g. ``conse`` or
+    ``open_clip:<architecture>``."""
+
+    name: str = "conse"
+    pretrained: str | None = None
+    """open_clip: a pretrained tag (e.g. ``openai``) or a local checkpoint path."""
+    device: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    cache_dir: str | None = None
+    """Image-feature cache folder (default ``$VLMLAB_CACHE_DIR`` or ``~/.cache/vlmlab``);
+    a shared filesystem path lets a cluster's workers encode each image set once."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from vlmlab.oracle import backend_takes_model
+
+        takes_model, _ = backend_takes_model(value)  # raises, listing the backends
+        backend, _, model = value.partition(":")
+        if model and not takes_model:
+            raise ValueError(f"the {backend} backend takes no model: use {backend!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_fit_backend(self) -> BackendSpec:
+        from vlmlab.oracle import backend_takes_model
+
+        _, takes_weights = backend_takes_model(self.name)
+        if self.pretrained is not None and not takes_weights:
+            raise ValueError(
+                f"backend.pretrained: the {self.name} backend has no pretrained weights to "
+                "choose; remove the field"
+            )
+        return self
+
+    def oracle_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``create_oracle(self.name, ...)``."""
+        kwargs: dict[str, Any] = {}
+        if self.device is not None:
+            kwargs["device"] = self.device
+        if self.cache_dir is not None:
+            kwargs["cache_dir"] = self.cache_dir
+        if self.name.startswith("open_clip"):
+            kwargs["precision"] = self.precision
+        if self.pretrained is not None:
+            kwargs["pretrained"] = self.pretrained
+        return kwargs
+
+
+class DataSpec(_Strict):
+    """Dataset, few-shot sampling and the forget/memorize partition."""
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    shots: int | list[int] = 16
+    """Shots per class; a list runs a few-shot ladder (every K, every seed)."""
+    val_shots: int | None = Field(None, ge=1)
+    """Validation shots per class (default: same as ``shots``)."""
+    test_size: int = Field(0, ge=0)
+    """Class-balanced test subset size; 0 means the whole test split."""
+    forget: list[int] | None = None
+    """Classes to forget; default the first ``forget_fraction`` of classes."""
+    forget_fraction: float = Field(0.4, gt=0, lt=1)
+    target: list[int | str] | None = None
+    """devsafety: the target classes to improve, by index or class name; default the
+    weakest class on the validation images (every other class is protected)."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from vlmlab.data import list_datasets
+
+        known = list(list_datasets())
+        if value not in known:
+            raise ValueError(f"unknown dataset; allowed: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> DataSpec:
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError(
+                "data.root is required for the imagefolder dataset (root/<split>/<class>/*.jpg)"
+            )
+        return self
+
+    @field_validator("shots")
+    @classmethod
+    def _shot_counts(cls, value: int | list[int]) -> int | list[int]:
+        ladder = [value] if isinstance(value, int) else value
+        if not ladder or any(k < 1 for k in ladder) or len(set(ladder)) != len(ladder):
+            raise ValueError("shots must be a positive integer or a list of distinct ones")
+        return value
+
+    @property
+    def shot_ladder(self) -> list[int]:
+        return [self.shots] if isinstance(self.shots, int) else list(self.shots)
+
+    @field_validator("target")
+    @classmethod
+    def _target_classes(cls, value: list[int | str] | None) -> list[int | str] | None:
+        if value is not None and (
+            not value
+            or any(isinstance(c, int) and c < 0 for c in value)
+            or len(set(value)) != len(value)
+        ):
+            raise ValueError(
+                "must be distinct non-negative class indices (or null for the weakest)"
+            )
+        return value
+
+    @field_validator("forget")
+    @classmethod
+    def _forget_classes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must name at least one class (or be null for the default 40 %)")
+            if any(c < 0 for c in value) or len(set(value)) != len(value):
+                raise ValueError("must be distinct non-negative class indices")
+        return value
+
+
+class PoolSpec(_Strict):
+    """The Serve oracle pool a run uses (ignored with ``--in-process``)."""
+
+    replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+    """A Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}; overrides ``replicas``."""
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    shard_size: int = Field(64, ge=1)
+    """Populations larger than this are split across replicas."""
+    max_parallel_trials: int | None = Field(None, ge=1)
+    """Seeds run concurrently as Ray actors; None runs them all at once."""
+
+
+class ParamSpec(_Strict):
+    """One searched hyperparameter."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ParamSpec:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} range needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform range needs low > 0")
+        return self
+
+
+class SweepSpec(_Strict):
+    """A Ray Tune sweep: Optuna search over ``space``, ASHA on queries used."""
+
+    space: dict[str, ParamSpec]
+    """Dotted spec paths (``method.sigma``) to search ranges."""
+    metric: str = "val_H"
+    """Default: the task's first sweep metric (val_H for forgetting, val_acc for CraFT,
+    val_safe_gain for devsafety: the target gain when DevSafety >= 0, else -1 + DevSafety);
+    each task lists what it measures (``vlmlab.tasks``)."""
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    sampler: Literal["tpe", "cmaes"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_queries: int = Field(200, ge=1)
+    """ASHA stops no trial before it has spent this many queries."""
+    grace_epochs: int = Field(10, ge=1)
+    """White-box tasks (devsafety): ASHA counts epochs and stops no trial before this many."""
+    reduction_factor: int = Field(2, ge=2)
+    max_failures: int = Field(2, ge=0)
+    seed: int = Field(0, ge=0)
+    """Seed of the search (the trials use the spec's first seed)."""
+    trial_cpus: float = Field(0.5, gt=0)
+    trial_gpus: float = Field(0.0, ge=0)
+    """GPUs per trial (a cluster's GPU workers); white-box trials put their model there."""
+
+    @field_validator("space")
+    @classmethod
+    def _searchable_paths(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not value:
+            raise ValueError("the search space is empty")
+        for path in value:
+            head = path.split(".")[0]
+            if head not in ("method", "data", "budget") or "." not in path:
+                raise ValueError(
+                    f"{path!r}: search paths look like method.<field> (or data., budget.)"
+                )
+        return value
+
+
+class StudySpec(_Strict):
+    """A query-budget scaling study: every budget x method variant x seed, as a Tune grid."""
+
+    budgets: list[int] = Field(min_length=1)
+    """Optimization queries per trial, one trial per budget (each variant, each seed)."""
+    max_concurrent: int = Field(2, ge=1)
+    trial_cpus: float = Field(0.5, gt=0)
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct_positive(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value) or len(set(value)) != len(value):
+            raise ValueError("budgets must be distinct positive query counts")
+        return sorted(value)
+
+
+class BudgetSpec(_Strict):
+    max_queries: int | None = Field(None, ge=1)
+    """Optimization queries per run (one query = one candidate on one batch)."""
+    by_shots: dict[int, int] | None = None
+    """Queries per run by shot count, for a ladder (e.g. {1: 2000, 2: 4000, 16: 8000}).
+    CraFT defaults to the paper's budgets by shots when neither field is set."""
+
+    @field_validator("by_shots")
+    @classmethod
+    def _positive(cls, value: dict[int, int] | None) -> dict[int, int] | None:
+        if value is not None and (not value or any(k < 1 or q < 1 for k, q in value.items())):
+            raise ValueError("must map shot counts >= 1 to query budgets >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> BudgetSpec:
+        if self.max_queries is not None and self.by_shots is not None:
+            raise ValueError("set max_queries or by_shots, not both")
+        return self

@@ -1,0 +1,60 @@
+"""Tasks (layer 6): one module per task, and the registry every upper layer reads.
+
+- ``vlmlab.tasks.forgetting``: Black-Box Forgetting (bbf, bbt, wo_lcs).
+- ``vlmlab.tasks.craft``: CraFT (craft, prompt_only, refine_only, no_consistency).
+- ``vlmlab.tasks.devsafety``: Model Developmental Safety (constrained, finetune, weighted).
+
+A task module holds its method spec, metrics (and so its ``runs`` columns),
+sweepable metrics, how it builds a method for one trial, its artifact and
+classifier, and its report. Adding a task is one module and one
+:func:`register_task` call (see :class:`Task`); nothing else changes.
+"""
+
+from __future__ import annotations
+
+from vlmlab.tasks._base import (
+    MethodSpec,
+    StrictModel,
+    Task,
+    TrialData,
+    ensure_registered,
+    get_task,
+    iter_tasks,
+    list_tasks,
+    metric_columns_of_tasks,
+    metric_names,
+    register_task,
+    runs_schema_of_tasks,
+    study_metrics,
+    unregister_task,
+)
+from vlmlab.tasks.craft import CraftMethodSpec, CraftTask, craft_budget
+from vlmlab.tasks.devsafety import DevSafetyMethodSpec, DevSafetyTask
+from vlmlab.tasks.forgetting import Forgetting, ForgettingMethodSpec
+
+for _task in (Forgetting(), CraftTask(), DevSafetyTask()):
+    register_task(_task, replace=True)
+
+__all__ = [
+    "CraftMethodSpec",
+    "CraftTask",
+    "DevSafetyMethodSpec",
+    "DevSafetyTask",
+    "Forgetting",
+    "ForgettingMethodSpec",
+    "MethodSpec",
+    "StrictModel",
+    "Task",
+    "TrialData",
+    "craft_budget",
+    "ensure_registered",
+    "get_task",
+    "iter_tasks",
+    "list_tasks",
+    "metric_columns_of_tasks",
+    "metric_names",
+    "register_task",
+    "runs_schema_of_tasks",
+    "study_metrics",
+    "unregister_task",
+]

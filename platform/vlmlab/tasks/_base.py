@@ -1,0 +1,295 @@
+"""What a task is, and the registry every other layer reads.
+
+A task (forgetting, craft, devsafety, ...) is one :class:`Task` subclass in one
+module: its method spec, its metrics (and so its ``runs`` columns), which of
+them a sweep may optimize, how it builds its method for one trial, what its
+artifact holds and how an artifact classifies images, and its report tables,
+figures and headline. ``vlmlab.specs``, the runner, the drivers, ``vlmlab
+report``, ``vlmlab serve`` and the results schema all read the registry, so a
+new task is one module and one :func:`register_task` call::
+
+    class Toy(Task):
+        name, title = "toy", "Toy task"
+        method_spec = ToyMethodSpec
+        metrics = (("acc", "accuracy"),)
+        sweep_metrics = ("val_acc",)
+
+        def build(self, spec, seed, oracle, data, *, budget_key, eval_key):
+            return ToyMethod(...)
+
+        def artifact(self, method):
+            return {"contexts": method.contexts}, {"class_names": data_names}
+
+    register_task(Toy())
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from vlmlab.data import ImageDataset
+from vlmlab.methods import Method, Metrics
+from vlmlab.oracle import LocalOracle, Oracle
+from vlmlab.results import ReportTable, completed, mean_std, metric_columns, runs_schema
+
+if TYPE_CHECKING:  # the spec layer sits above this one: types only
+    import pyarrow as pa
+
+    from vlmlab.results import Artifact
+    from vlmlab.specs import RunSpec
+
+
+class StrictModel(BaseModel):
+    """A spec section: unknown keys are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodSpec(StrictModel):
+    """A task's method section; ``name`` (a ``Literal`` of the variants) tells them apart.
+
+    A subclass declares ``name: Literal[...] = "<main variant>"`` and its fields;
+    its task turns it into the method's config.
+    """
+
+    name: str
+
+
+class TrialData:
+    """The train split and the (subset of the) test split a trial samples from."""
+
+    def __init__(self, train: ImageDataset, test: ImageDataset) -> None:
+        self.train, self.test = train, test
+
+
+class Task:
+    """One task: override the class attributes and :meth:`build` / :meth:`artifact`.
+
+    The defaults fit a black-box prompt task whose artifact is a learned prompt
+    (``contexts``) and whose report is one table of its metrics by method.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    """Shown in tables and headlines (``Black-Box Forgetting``)."""
+    method_spec: ClassVar[type[MethodSpec]]
+    metrics: ClassVar[tuple[tuple[str, str], ...]]
+    """``(metric, label)``: every final metric, a ``runs`` column ``<split>_<metric>``
+    each; the first is the headline."""
+    table_metrics: ClassVar[tuple[tuple[str, str], ...] | None] = None
+    """The metrics ``vlmlab run`` prints (default: ``metrics``)."""
+    sweep_metrics: ClassVar[tuple[str, ...]]
+    """What a sweep may optimize; the first is the default."""
+    white_box: ClassVar[bool] = False
+    """Trains the model: runs on an in-process backend, never on the oracle pool, spends
+    no queries (its generations are epochs)."""
+    evaluation_splits: ClassVar[tuple[str, ...]] = ("test", "val")
+    """The splits evaluated at every checkpoint."""
+    artifact_tensor: ClassVar[str] = "contexts"
+    """The tensor no artifact of this task may lack."""
+
+    # ------------------------------------------------------------------ specs
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The method names (``name`` values) this task accepts."""
+        annotation = self.method_spec.model_fields["name"].annotation
+        return tuple(getattr(annotation, "__args__", ()))
+
+    @property
+    def default_variant(self) -> str:
+        return str(self.method_spec.model_fields["name"].default)
+
+    def default_budget(self, shots: int) -> int | None:
+        """Queries per trial when the spec sets none (None: no cap)."""
+        return None
+
+    def queries_per_generation(self, method: Any) -> int:
+        """What one generation costs (the population, by default)."""
+        return 0 if self.white_box else int(method.popsize)
+
+    def generations(self, spec: RunSpec) -> int:
+        """Generations of one expanded trial: the iterations, cut by the budget."""
+        budget = spec.query_budget()
+        iterations = int(spec.method.iterations)  # type: ignore[attr-defined]
+        per_generation = self.queries_per_generation(spec.method)
+        return iterations if budget is None else min(iterations, budget // per_generation)
+
+    def max_queries(self, spec: RunSpec) -> int:
+        """ASHA's clock limit in a sweep: the budget, or every generation's queries."""
+        budget = spec.query_budget()
+        return (
+            budget
+            if budget is not None
+            else self.generations(spec) * (self.queries_per_generation(spec.method))
+        )
+
+    def run_id(self, spec: RunSpec, seed: int) -> str:
+        """``<name>-<method>-s<seed>``."""
+        return f"{spec.name}-{spec.method.name}-s{seed}"
+
+    def check(self, spec: RunSpec) -> list[str]:
+        """Problems across a spec's fields that only this task knows (one message each)."""
+        return []
+
+    # ----------------------------------------------------------------- trials
+    def build(
+        self,
+        spec: RunSpec,
+        seed: int,
+        oracle: Oracle,
+        data: TrialData,
+        *,
+        budget_key: str,
+        eval_key: str,
+    ) -> Method:
+        """The method of one expanded spec (one variant, one shot count) and seed."""
+        raise NotImplementedError
+
+    def final_val(self, method: Method, evaluations: dict[str, Metrics]) -> Metrics:
+        """The validation metrics of the reported result (default: the last evaluation's)."""
+        return evaluations.get("val", {})
+
+    def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and manifest facts of a finished trial (``class_names`` at least)."""
+        raise NotImplementedError
+
+    def classifier(
+        self, artifact: Artifact, oracle: LocalOracle
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """Class embeddings ``C x E`` of an artifact, and a function of the logits applied
+        after them (None: the logits as they are). Default: the learned prompt's."""
+        contexts = artifact.tensors["contexts"].float()
+        return oracle.class_embeddings(contexts, artifact.manifest["class_names"])[0], None
+
+    # ----------------------------------------------------------------- report
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
+        """One table per (dataset, backend, model): the metrics by method, zero-shot first."""
+        done = completed(runs, self.name)
+        tables = []
+        for (dataset, backend, model), group in done.groupby(
+            ["dataset", "backend", "model"], sort=True
+        ):
+            columns = ["method", "seeds", *[label for _, label in self.metrics], "queries"]
+            rows = [
+                [
+                    "zero-shot",
+                    str(group.seed.nunique()),
+                    *[
+                        mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+                        for key, _ in self.metrics
+                    ],
+                    "0",
+                ]
+            ]
+            for method, of_method in group.groupby("method", sort=True):
+                rows.append(
+                    [
+                        str(method),
+                        str(len(of_method)),
+                        *[mean_std(of_method[f"test_{key}"]) for key, _ in self.metrics],
+                        f"{int(of_method.queries_used.median())}",
+                    ]
+                )
+            title = f"{self.title} — {backend} {model} on {dataset} (test, %)"
+            tables.append(ReportTable(title, columns, rows))
+        return tables
+
+    def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
+        """PNG figures written into ``folder`` (none by default)."""
+        return []
+
+    def headline(self, outcomes: list[Any], backend: str, dataset: str) -> list[str]:
+        """One line per (method, shots): the headline metric, zero-shot -> mean ± std over seeds."""
+        key, label = self.metrics[0]
+        lines = []
+        finished = [o for o in outcomes if o.test]
+        for method, shots in dict.fromkeys((o.method, o.shots) for o in finished):
+            group = [o for o in finished if o.method == method and o.shots == shots]
+            values = [o.test[key] for o in group]
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            zero_shot = statistics.mean(o.zeroshot_test[key] for o in group)
+            lines.append(
+                f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.3f} -> {method} "
+                f"{statistics.mean(values):.3f}{spread} (mean over {len(values)} "
+                f"seed{'s' if len(values) > 1 else ''}; {backend}, {dataset})"
+            )
+        return lines
+
+
+# ------------------------------------------------------------------ registry
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task, *, replace: bool = False) -> Task:
+    """Make ``task`` known to specs, runs, sweeps, studies, reports and serving."""
+    if not replace and task.name in _TASKS:
+        raise ValueError(f"a task named {task.name!r} is registered already (replace=True)")
+    metric_names = [name for name, _ in task.metrics]
+    for sweep_metric in task.sweep_metrics:
+        split, _, name = sweep_metric.partition("_")
+        if split not in ("val", "test") or name not in metric_names:
+            raise ValueError(
+                f"task {task.name!r}: sweep metric {sweep_metric!r} is not val_/test_ "
+                f"of one of its metrics ({', '.join(metric_names)})"
+            )
+    _TASKS[task.name] = task
+    return task
+
+
+def ensure_registered(task: Task) -> None:
+    """Register ``task`` where it is unknown: drivers ship the task object to Ray workers,
+    so a task registered in the driver alone (a plugin, a test's toy task) runs there too."""
+    if task.name not in _TASKS:
+        register_task(task)
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task (tests register toy tasks and remove them)."""
+    _TASKS.pop(name, None)
+
+
+def get_task(name: str) -> Task:
+    """The registered task ``name``.
+
+    Raises:
+        ValueError: no such task (the message lists the registered ones).
+    """
+    task = _TASKS.get(name)
+    if task is None:
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(_TASKS)}")
+    return task
+
+
+def list_tasks() -> dict[str, str]:
+    """Registered task names and their titles."""
+    return {name: task.title for name, task in _TASKS.items()}
+
+
+def iter_tasks() -> Iterator[Task]:
+    return iter(list(_TASKS.values()))
+
+
+def metric_names() -> list[str]:
+    """Every registered task's metric names, in registration order, each once."""
+    return list(dict.fromkeys(name for task in _TASKS.values() for name, _ in task.metrics))
+
+
+def runs_schema_of_tasks() -> pa.Schema:
+    """The ``runs`` schema with the metric columns of every registered task."""
+    return runs_schema(metric_names())
+
+
+def metric_columns_of_tasks() -> tuple[str, ...]:
+    return metric_columns(metric_names())
+
+
+def study_metrics() -> dict[str, tuple[tuple[str, str], ...]]:
+    """The test metrics a budget study reports, by black-box task."""
+    return {task.name: task.metrics for task in _TASKS.values() if not task.white_box}

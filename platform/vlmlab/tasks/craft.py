@@ -1,0 +1,188 @@
+"""The craft task: CraFT and its ablations, in one place.
+
+Spec section ``method`` (:class:`CraftMethodSpec`, the paper's defaults),
+metric ``acc`` (``runs`` columns ``test_acc`` ...), sweepable ``val_acc`` /
+``test_acc``; the budget defaults to the paper's by shots; one generation
+costs ``popsize + 1`` queries (the ES mean is scored with its population);
+the result is the ES mean prompt and the refinement head at the final step;
+the report is accuracy by shots (K) and method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+
+from vlmlab.methods import Method
+from vlmlab.methods.craft import Craft, CraftConfig, RefinementHead, make_craft_task
+from vlmlab.oracle import LocalOracle, Oracle
+from vlmlab.results import (
+    ReportTable,
+    completed,
+    finish_panel,
+    mean_curve,
+    mean_std,
+    panels,
+    save_figure,
+)
+from vlmlab.tasks._base import MethodSpec, Task, TrialData
+
+if TYPE_CHECKING:
+    from vlmlab.results import Artifact
+    from vlmlab.specs import RunSpec
+
+
+class CraftMethodSpec(MethodSpec):
+    """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's."""
+
+    name: Literal["craft", "prompt_only", "refine_only", "no_consistency"] = "craft"
+    init_phrase: str = Field("a photo of a", min_length=1)
+    latent_dim: int = Field(512, ge=1)
+    projection_std: float = Field(0.2, gt=0)
+    popsize: int = Field(40, ge=2)
+    sigma: float = Field(1.0, gt=0)
+    bounds: float | None = Field(5.0, gt=0)
+    hidden: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    consistency_weight: float = Field(0.1, ge=0)
+    consistency_cutoff: int = Field(1, ge=1)
+    refine_batch: int = Field(256, ge=1)
+
+    def to_config(self, budget: int) -> CraftConfig:
+        return CraftConfig(variant=self.name, budget=budget, **self.model_dump(exclude={"name"}))
+
+
+def craft_budget(shots: int) -> int:
+    """The paper's budget by shots (methods.md): 2,000 for 1 shot, 4,000 for 2-4, 8,000 above."""
+    return 2000 if shots <= 1 else 4000 if shots <= 4 else 8000
+
+
+class CraftTask(Task):
+    """CraFT: the ES mean prompt and the refinement head at the final step are the result."""
+
+    name = "craft"
+    title = "CraFT"
+    method_spec = CraftMethodSpec
+    metrics = (("acc", "accuracy"),)
+    sweep_metrics = ("val_acc", "test_acc")
+
+    def default_budget(self, shots: int) -> int:
+        return craft_budget(shots)
+
+    def queries_per_generation(self, method: Any) -> int:
+        return int(method.popsize) + 1  # the ES mean is scored with its population
+
+    def generations(self, spec: RunSpec) -> int:
+        return (spec.query_budget() or 0) // self.queries_per_generation(spec.method)
+
+    def run_id(self, spec: RunSpec, seed: int) -> str:
+        """``<name>-<method>-k<K>-s<seed>``: a CraFT spec is often a few-shot ladder."""
+        return f"{spec.name}-{spec.method.name}-k{spec.shots}-s{seed}"
+
+    def build(
+        self,
+        spec: RunSpec,
+        seed: int,
+        oracle: Oracle,
+        data: TrialData,
+        *,
+        budget_key: str,
+        eval_key: str,
+    ) -> Craft:
+        assert isinstance(spec.method, CraftMethodSpec)
+        budget = spec.query_budget()
+        assert budget is not None  # craft specs always resolve a budget
+        task = make_craft_task(
+            oracle,
+            data.train,
+            data.test,
+            shots=spec.shots,
+            val_shots=spec.data.val_shots,
+            seed=seed,
+        )
+        return Craft(
+            oracle,
+            task,
+            spec.method.to_config(budget),
+            seed=seed,
+            budget_key=budget_key,
+            eval_key=eval_key,
+        )
+
+    def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        assert isinstance(method, Craft)
+        refinement = method.config.variant != "prompt_only"
+        tensors = {"contexts": method.mean_contexts()}
+        if refinement:
+            tensors.update(method.head_tensors())
+        return tensors, {
+            "class_names": method.task.class_names,
+            "mode": method.config.variant,
+            "refinement": refinement,
+            "train_images": len(method.task.train_labels),
+        }
+
+    def classifier(
+        self, artifact: Artifact, oracle: LocalOracle
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        embeddings, _ = super().classifier(artifact, oracle)
+        head = (
+            RefinementHead.from_tensors(artifact.tensors)
+            if artifact.manifest.get("refinement")
+            else None
+        )
+        return embeddings, head
+
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
+        """One table per (dataset, backend, model): accuracy by shots (K) and method."""
+        done = completed(runs, self.name)
+        tables = []
+        for (dataset, backend, model), group in done.groupby(
+            ["dataset", "backend", "model"], sort=True
+        ):
+            ladder = sorted(int(k) for k in group.shots.dropna().unique())
+            columns = ["method", *[f"{k}-shot" for k in ladder], "seeds", "queries"]
+            by_shots = {k: group[group.shots == k] for k in ladder}
+            # The zero-shot prompt's test accuracy does not depend on K: one value per run.
+            rows = [
+                [
+                    "zero-shot",
+                    *[mean_std(by_shots[k].zeroshot_test_acc.drop_duplicates()) for k in ladder],
+                    str(group.seed.nunique()),
+                    "0",
+                ]
+            ]
+            for method, of_method in group.groupby("method", sort=True):
+                cells = [mean_std(of_method[of_method.shots == k].test_acc) for k in ladder]
+                queries = "/".join(
+                    str(int(of_method[of_method.shots == k].queries_used.median()))
+                    if (of_method.shots == k).any()
+                    else "-"
+                    for k in ladder
+                )
+                rows.append([str(method), *cells, str(of_method.seed.nunique()), queries])
+            title = f"CraFT — {backend} {model} on {dataset} (test accuracy, %, by shots)"
+            tables.append(ReportTable(title, columns, rows))
+        return tables
+
+    def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
+        """Test accuracy against shots, one line per method (mean over seeds)."""
+        done = completed(runs, self.name)
+        if done.empty:
+            return []
+        fig, grid = panels(done, width=6.0)
+        for ax, key, group in grid:
+            for method, of_method in group.groupby("method", sort=True):
+                curve = of_method.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
+                mean_curve(ax, curve.index, curve["mean"], curve["std"], str(method))
+            ax.set_xscale("log", base=2)
+            zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
+            finish_panel(ax, key, zero_shot, "zero-shot", "shots per class", "test accuracy (%)")
+        path = folder / "craft_accuracy_vs_shots.png"
+        return [save_figure(fig, "CraFT: accuracy by shots", path)]

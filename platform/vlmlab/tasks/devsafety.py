@@ -1,0 +1,251 @@
+"""The devsafety task: Model Developmental Safety and its baselines, in one place.
+
+A white-box task: it trains the model (a :class:`~vlmlab.methods.FineTunableModel`
+over an in-process backend), never runs on the oracle pool, and spends no
+queries; a generation is an epoch. ``data.shots`` is the training images per
+class (target data and control set), ``data.val_shots`` the held-out
+validation images per class. Metrics: target accuracy and gain, DevSafety(acc),
+protected accuracy and ``safe_gain`` (the sweep's default); the reference
+(``zeroshot_*`` columns) is ``w_old``, the model before development. The
+artifact is a ready classifier (``class_embeddings``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
+import torch
+from pydantic import Field, field_validator
+
+from vlmlab.methods import FineTunableModel, Method
+from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_task
+from vlmlab.oracle import LocalOracle, Oracle
+from vlmlab.results import ReportTable, completed, finish_panel, mean_std, panels, save_figure
+from vlmlab.tasks._base import MethodSpec, Task, TrialData
+
+if TYPE_CHECKING:
+    from vlmlab.results import Artifact
+    from vlmlab.specs import RunSpec
+
+
+class DevSafetyMethodSpec(MethodSpec):
+    """Model Developmental Safety and its baselines (see ``vlmlab.methods.devsafety``)."""
+
+    name: Literal["constrained", "finetune", "weighted"] = "constrained"
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    tower_lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    rank: int = Field(32, ge=1)
+    trainable: Literal["target_heads", "heads", "projection", "all"] = "all"
+    beta: float = Field(300.0, ge=0)
+    gamma: float = Field(0.8, gt=0, le=1)
+    tau: float = Field(0.05, ge=0)
+    weight: float = Field(1.0, ge=0)
+    base_epochs: int = Field(0, ge=0)
+    base_lr: float = Field(1e-3, gt=0)
+    prompt: str = "a photo of a {}."
+    safety_tolerance: float = Field(0.0, ge=0, lt=1)
+    """What ``safe_gain`` (the sweep metric) counts as safe: DevSafety(acc) >= -tolerance.
+    0 is the paper's definition; a small slack suits validation sets where one image
+    moves a class's accuracy by more than that. Never used in training."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if "{}" not in value:
+            raise ValueError("must contain '{}' where the class name goes")
+        return value
+
+    def to_config(self) -> DevSafetyConfig:
+        return DevSafetyConfig(variant=self.name, **self.model_dump(exclude={"name"}))
+
+
+class DevSafetyTask(Task):
+    """Improve the target classes, keep every protected one: the final model is the result."""
+
+    name = "devsafety"
+    title = "Model Developmental Safety"
+    method_spec = DevSafetyMethodSpec
+    metrics = (
+        ("target_acc", "target acc"),
+        ("target_gain", "target gain"),
+        ("devsafety", "DevSafety(acc)"),
+        ("protected_acc", "protected acc"),
+        ("safe_gain", "safe gain"),
+    )
+    table_metrics = (
+        ("target_gain", "target gain"),
+        ("devsafety", "DevSafety(acc)"),
+        ("target_acc", "target acc"),
+        ("protected_acc", "protected acc"),
+    )
+    sweep_metrics = ("val_safe_gain", "val_target_gain", "val_devsafety")
+    white_box = True
+    artifact_tensor = "class_embeddings"
+
+    def generations(self, spec: RunSpec) -> int:
+        return int(spec.method.epochs)  # type: ignore[attr-defined]
+
+    def check(self, spec: RunSpec) -> list[str]:
+        if spec.budget.max_queries or spec.budget.by_shots:
+            return [
+                f"budget: the {self.name} task trains the model and spends no oracle queries; "
+                "remove the budget section (method.epochs sets its length)"
+            ]
+        return []
+
+    def build(
+        self,
+        spec: RunSpec,
+        seed: int,
+        oracle: Oracle,
+        data: TrialData,
+        *,
+        budget_key: str,
+        eval_key: str,
+    ) -> DevSafety:
+        if not isinstance(oracle, LocalOracle):
+            raise TypeError(
+                f"the {self.name} task trains the model: it needs an in-process backend, "
+                f"not {type(oracle).__name__}"
+            )
+        assert isinstance(spec.method, DevSafetyMethodSpec)
+        config = spec.method.to_config()
+        model = FineTunableModel(
+            oracle, data.train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
+        )
+        task = make_devsafety_task(
+            model,
+            data.train,
+            data.test,
+            per_class=spec.shots,
+            val_per_class=spec.data.val_shots or spec.shots,
+            seed=seed,
+            target=spec.data.target,
+        )
+        return DevSafety(model, task, config, seed=seed)
+
+    def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        assert isinstance(method, DevSafety)
+        model = method.model
+        with torch.no_grad():
+            embeddings = model.class_embeddings().detach().cpu().clone()
+        tensors = {
+            **model.trainable_state(),
+            "class_embeddings": embeddings,
+            "old_class_embeddings": method.old_embeddings.detach().cpu().clone(),
+        }
+        config = method.config
+        return tensors, {
+            "class_names": method.task.class_names,
+            "target": list(method.task.target),
+            "protected": list(method.task.protected),
+            "trainable": config.trainable,
+            "rank": config.rank,
+            "prompt": config.prompt,
+            "logit_scale": model.logit_scale,
+            "logit_bias": model.logit_bias,
+        }
+
+    def classifier(
+        self, artifact: Artifact, oracle: LocalOracle
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        return artifact.tensors["class_embeddings"].float(), None
+
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
+        """One table per (experiment, dataset, backend, model) of completed devsafety runs.
+
+        Rows are methods; cells are test-split figures in percent, mean ± std over
+        seeds. The safety ratio is the share of seeds with DevSafety(acc) >= 0 (the
+        paper's definition); the next column allows ``tolerance`` (a stated slack).
+        """
+        done = completed(runs, self.name)
+        tables = []
+        for (experiment, dataset, backend, model), group in done.groupby(
+            ["experiment", "dataset", "backend", "model"], sort=True
+        ):
+            slack = f"{tolerance * 100:g}"
+            columns = [
+                "method",
+                "seeds",
+                "target acc (w_old)",
+                "target acc",
+                "target gain",
+                "DevSafety(acc)",
+                "worst DevSafety",
+                "safety ratio",
+                f"safe within {slack} pt",
+            ]
+            rows = []
+            for method, of_method in group.groupby("method", sort=True):
+                safety = of_method.test_devsafety.astype(float)
+                rows.append(
+                    [
+                        str(method),
+                        str(len(of_method)),
+                        mean_std(of_method.zeroshot_test_target_acc),
+                        mean_std(of_method.test_target_acc),
+                        mean_std(of_method.test_target_gain),
+                        mean_std(safety),
+                        f"{safety.min() * 100:.2f}",
+                        f"{int((safety >= 0).sum())}/{len(safety)}",
+                        f"{int((safety >= -tolerance - 1e-12).sum())}/{len(safety)}",
+                    ]
+                )
+            title = f"{self.title} — {experiment}: {backend} {model} on {dataset} (test, %)"
+            tables.append(ReportTable(title, columns, rows))
+        return tables
+
+    def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
+        """Each run's test target gain against its DevSafety(acc), by method.
+
+        Safe runs sit on or above the dashed line; the best are far to the right.
+        """
+        done = completed(runs, self.name)
+        if done.empty:
+            return []
+        fig, grid = panels(done, width=6.0)
+        for ax, key, group in grid:
+            for method, of_method in group.groupby("method", sort=True):
+                ax.scatter(
+                    of_method.test_target_gain * 100,
+                    of_method.test_devsafety * 100,
+                    s=28,
+                    label=f"{method} ({len(of_method)} runs)",
+                )
+            finish_panel(
+                ax,
+                key,
+                0.0,
+                "DevSafety = 0 (safe above)",
+                "target gain (points)",
+                "DevSafety(acc) (points)",
+            )
+        path = folder / "devsafety_gain_vs_safety.png"
+        return [
+            save_figure(fig, "Model Developmental Safety: target gain vs DevSafety (test)", path)
+        ]
+
+    def headline(self, outcomes: list[Any], backend: str, dataset: str) -> list[str]:
+        """Per method: target accuracy w_old -> adapted, DevSafety(acc) and the safety ratio."""
+        lines = []
+        finished = [o for o in outcomes if o.test]
+        for method in dict.fromkeys(o.method for o in finished):
+            group = [o for o in finished if o.method == method]
+            old = statistics.mean(o.zeroshot_test["target_acc"] for o in group)
+            new = statistics.mean(o.test["target_acc"] for o in group)
+            safety = [o.test["devsafety"] for o in group]
+            safe = sum(value >= 0 for value in safety)
+            lines.append(
+                f"{method}: target accuracy {old:.3f} -> {new:.3f}, DevSafety(acc) mean "
+                f"{statistics.mean(safety):+.3f} (worst {min(safety):+.3f}), safe (>= 0) in "
+                f"{safe}/{len(group)} seeds (test split; {backend}, {dataset})"
+            )
+        return lines

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data demo test test-fast layers lint bench clean
 
 install: $(STAMP) data
 
@@ -33,9 +33,20 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/vlmlab run experiments/quickstart.yaml --results results/quickstart
 	$(BIN)/vlmlab report results/quickstart
 
-test: install
+test: install layers
 	$(BIN)/ruff check platform tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop: no slow and no multi-node tests (under 3 minutes on 2 cores).
+test-fast: install layers
+	$(BIN)/ruff check platform tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+# The layer contract (pyproject.toml, [tool.importlinter]): imports point up the layers only;
+# and the types (mypy, [tool.mypy]).
+layers: install
+	PYTHONPATH=platform $(BIN)/lint-imports
+	$(BIN)/mypy
 
 lint: install
 	$(BIN)/ruff check platform tests benchmarks

@@ -211,19 +211,19 @@ def run(
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     try:
-        oracle = None
+        oracle = pool_oracle = None
         if in_process:
             with console.status(f"loading {loaded.backend.name}..."):
                 oracle = build_oracle(loaded)
             where = "in-process"
         elif loaded.white_box:  # trains the model: each trial builds its backend on an actor
-            pool = loaded.pool
-            where = f"Ray actors ({pool.num_cpus:g} CPU, {pool.num_gpus:g} GPU each)"
+            resources = loaded.pool
+            where = f"Ray actors ({resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU each)"
         else:
             from vlmlab.drivers import deploy_for_spec
 
             with console.status(f"starting Ray and the {loaded.backend.name} oracle pool..."):
-                oracle = deploy_for_spec(loaded, address=address)
+                oracle = pool_oracle = deploy_for_spec(loaded, address=address)
             where = f"oracle pool ({loaded.pool.replicas} replica(s))"
         shown = oracle.metadata.display_name if oracle is not None else loaded.backend.name
         console.print(
@@ -248,7 +248,12 @@ def run(
                 from vlmlab.drivers import run_experiment_on_pool
 
                 outcomes = run_experiment_on_pool(
-                    loaded, results, resume=resume, address=address, pool=oracle, listener=listener
+                    loaded,
+                    results,
+                    resume=resume,
+                    address=address,
+                    pool=pool_oracle,
+                    listener=listener,
                 )
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
@@ -566,7 +571,8 @@ def report(
     report_dir = root / "report"
     atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
     figures = [figure for task in tasks for figure in task.figures(runs, steps, report_dir)]
-    figures.append(plot_budget(runs, study_metrics(), report_dir / "budget_study.png"))
+    budget_figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
+    figures += [budget_figure] if budget_figure is not None else []
     written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
     console.print(f"wrote {written}")
 

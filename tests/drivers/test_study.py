@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from vlmlab.cli import app
 from vlmlab.results import budget_tables
+from vlmlab.tasks import study_metrics
 from vlmlab.specs import validate_spec
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def test_rerun_skips_completed_trials(study, conse_pool):
 def test_tables_are_method_by_budget(study):
     _, results, _ = study
     runs = pd.read_parquet(results / "runs")
-    tables = budget_tables(runs)
+    tables = budget_tables(runs, study_metrics())
     assert [t.title.split(":")[1].split(" by")[0].strip() for t in tables] == [
         "H",
         "Err_fgt",
@@ -126,5 +127,5 @@ def test_craft_study_reports_accuracy_by_budget(conse_pool, tmp_path):
     assert run_ids == ["craft-study-craft-q18-s3", "craft-study-craft-q27-s3"]
     runs = pd.read_parquet(tmp_path / "runs").set_index("run_id").loc[run_ids]
     assert runs.queries_used.tolist() == [18, 27] and runs.test_acc.between(0, 1).all()
-    (table,) = budget_tables(runs.reset_index())
+    (table,) = budget_tables(runs.reset_index(), study_metrics())
     assert "accuracy" in table.title and table.columns[1:3] == ["18 queries", "27 queries"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vlmlab.oracle import Oracle
 from vlmlab.pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool, ensure_ray
 from vlmlab.specs import RunSpec
 from vlmlab.tasks import Task, ensure_registered
@@ -52,6 +53,7 @@ class _TrialWorker:
 
         ensure_registered(task)
         spec = RunSpec.model_validate_json(spec_json)
+        oracle: Oracle
         if spec.white_box:
             import torch
 
@@ -105,13 +107,13 @@ def run_experiment_on_pool(
     ensure_ray(address)
     if spec.white_box:
         app_name, shard_size = "", 0  # no pool: each actor trains its own model
-        worker_cls = ray.remote(
+        worker_cls = ray.remote(  # type: ignore[call-overload]  # actor options
             num_cpus=spec.pool.num_cpus, num_gpus=spec.pool.num_gpus, max_concurrency=2
         )(_TrialWorker)
     else:
         pool = pool if pool is not None else deploy_for_spec(spec, address=address)
         app_name, shard_size = pool.app_name, pool.shard_size
-        worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)
+        worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)  # type: ignore[call-overload]
     results = str(Path(results_dir).resolve())
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds

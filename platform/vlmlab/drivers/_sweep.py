@@ -104,15 +104,17 @@ def _trial(
 def _optuna_space(spec: RunSpec) -> dict[str, Any]:
     from optuna import distributions as d
 
-    space = {}
+    space: dict[str, d.BaseDistribution] = {}
     assert spec.sweep is not None
     for path, param in spec.sweep.space.items():
         if param.type == "choice":
-            space[path] = d.CategoricalDistribution(param.values)
-        elif param.type == "int":
-            space[path] = d.IntDistribution(int(param.low), int(param.high))
+            space[path] = d.CategoricalDistribution(param.choices())
+            continue
+        low, high = param.bounds()
+        if param.type == "int":
+            space[path] = d.IntDistribution(int(low), int(high))
         else:
-            space[path] = d.FloatDistribution(param.low, param.high, log=param.type == "loguniform")
+            space[path] = d.FloatDistribution(low, high, log=param.type == "loguniform")
     return space
 
 
@@ -124,9 +126,9 @@ def _check_space_paths(spec: RunSpec) -> None:
     probe = []
     for path, param in spec.sweep.space.items():
         value = (
-            param.values[0]
+            param.choices()[0]
             if param.type == "choice"
-            else (int(param.low) if param.type == "int" else param.low)
+            else (int(param.bounds()[0]) if param.type == "int" else param.bounds()[0])
         )
         probe.append(f"{path}={json.dumps(value)}")
     apply_overrides(tree, probe)
@@ -173,7 +175,7 @@ def _tuner(
         else:
             clock, grace = "queries_used", sweep.grace_queries
             budget = spec.task_entry.max_queries(spec)
-        scheduler = ASHAScheduler(
+        scheduler: Any = ASHAScheduler(
             time_attr=clock,
             metric=sweep.metric,
             mode=sweep.mode,

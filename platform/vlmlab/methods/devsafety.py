@@ -138,8 +138,7 @@ def make_devsafety_task(
     Every other class is protected.
     """
     n_classes = train.num_classes
-    if target is not None:
-        target = [_class_index(c, train.class_names) for c in target]
+    targets = None if target is None else [_class_index(c, train.class_names) for c in target]
     train_rows = sample_per_class(train.labels, per_class, seed)
     val_rows = sample_per_class(train.labels, val_per_class, seed + 1_000_003, exclude=train_rows)
 
@@ -149,21 +148,21 @@ def make_devsafety_task(
     train_x, train_y = features(train.subset(train_rows))
     val_x, val_y = features(train.subset(val_rows))
     test_x, test_y = features(test)
-    if target is None:
+    if targets is None:
         with torch.no_grad():
             accuracy = per_class_accuracy(model.logits(val_x), val_y, n_classes)
-        target = [int(torch.nan_to_num(accuracy, nan=2.0).argmin())]
-    bad = [c for c in target if not 0 <= c < n_classes]
-    if bad or not target or len(set(target)) != len(target):
+        targets = [int(torch.nan_to_num(accuracy, nan=2.0).argmin())]
+    bad = [c for c in targets if not 0 <= c < n_classes]
+    if bad or not targets or len(set(targets)) != len(targets):
         raise ValueError(
-            f"target classes must be distinct indices in [0, {n_classes}); got {list(target)}"
+            f"target classes must be distinct indices in [0, {n_classes}); got {targets}"
         )
-    if len(target) == n_classes:
+    if len(targets) == n_classes:
         raise ValueError("every class is a target: nothing is left to protect")
     return DevSafetyTask(
         class_names=list(train.class_names),
-        target=tuple(sorted(target)),
-        protected=tuple(c for c in range(n_classes) if c not in target),
+        target=tuple(sorted(targets)),
+        protected=tuple(c for c in range(n_classes) if c not in targets),
         train_features=train_x,
         train_labels=train_y,
         val_features=val_x,

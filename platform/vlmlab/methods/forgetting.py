@@ -34,7 +34,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -139,7 +139,11 @@ class LatentContextSearch:
             np.float32
         )
         self.center = metadata.embedding_mean.numpy().astype(np.float32)
-        common = {"popsize": config.popsize, "sigma": config.sigma, "diagonal": config.sep_cma}
+        common: dict[str, Any] = {
+            "popsize": config.popsize,
+            "sigma": config.sigma,
+            "diagonal": config.sep_cma,
+        }
         if config.variant == "bbf":
             dims = [config.shared_dim] + [config.unique_dim] * m
         elif config.variant == "bbt":

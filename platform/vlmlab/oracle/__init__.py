@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle._base import FineTunableText, LocalOracle
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation, Usage, metered
+from vlmlab.oracle._ledger import (
+    DEFAULT_BUDGET_KEY,
+    Ledger,
+    QueryLedger,
+    Reservation,
+    Usage,
+    metered,
+)
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, Oracle, OracleMetadata
 from vlmlab.oracle._registry import backend_takes_model, create_oracle, list_backends
 from vlmlab.oracle._validation import (
@@ -30,6 +37,7 @@ __all__ = [
     "FineTunableText",
     "ImageSet",
     "ImageSetRef",
+    "Ledger",
     "LocalOracle",
     "Oracle",
     "OracleMetadata",

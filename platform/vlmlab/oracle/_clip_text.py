@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +44,14 @@ class TextTower:
 
     token_embedding: nn.Embedding
     positional_embedding: torch.Tensor
-    blocks: Sequence[nn.Module]
+    blocks: Sequence[Any]
+    """open_clip residual attention blocks (``attn``, ``ln_1``, ``ls_1``, ``mlp`` ...)."""
     ln_final: nn.Module
     text_projection: torch.Tensor | nn.Module | None
     causal: bool
     pool_type: str
     has_cls_embedding: bool
-    encode_text: object  # the model's own encode_text, for the reference path
+    encode_text: Any  # the model's own encode_text, for the reference path
 
     @classmethod
     def from_model(cls, model: nn.Module) -> TextTower:
@@ -59,7 +61,7 @@ class TextTower:
                 f"{type(text).__name__} text towers (Hugging Face text models) are not supported; "
                 "use an open_clip model with a native CLIP text transformer"
             )
-        owner = text if text is not None else model
+        owner: Any = text if text is not None else model
         pool_type = getattr(owner, "pool_type", None) or getattr(owner, "text_pool_type", "argmax")
         return cls(
             token_embedding=owner.token_embedding,
@@ -68,7 +70,7 @@ class TextTower:
             ln_final=owner.ln_final,
             text_projection=owner.text_projection,
             causal=getattr(owner, "attn_mask", None) is not None,
-            pool_type=pool_type,
+            pool_type=str(pool_type),
             has_cls_embedding=getattr(owner, "cls_emb", None) is not None,
             encode_text=model.encode_text,
         )
@@ -258,7 +260,7 @@ class PrefixSharingEncoder:
         With ``ends_only`` only the [EOS] queries are computed (last layer), and the
         result has one row per class instead of one per token.
         """
-        attn: nn.MultiheadAttention = block.attn
+        attn: Any = block.attn  # nn.MultiheadAttention
         heads = attn.num_heads
         population, seq_len, width = hidden.shape
         head_dim = width // heads

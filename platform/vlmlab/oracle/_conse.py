@@ -191,7 +191,8 @@ class ConseOracle(LocalOracle):
     def text_tower(self) -> FineTunableText:
         tower = ConseTextTower(self.bert, self.tokenizer, int(self.text_model.max_seq_length))
         # ConSE's text and image features share MiniLM's space: the projection is an identity.
-        return FineTunableText(tower, torch.eye(tower.bert.config.hidden_size))
+        width = int(self.word_embeddings.embedding_dim)  # MiniLM's hidden size
+        return FineTunableText(tower, torch.eye(width))
 
     # -------------------------------------------------------------- metadata
     @property

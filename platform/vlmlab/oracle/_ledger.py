@@ -1,6 +1,6 @@
 """The query ledger: what each budget key has spent, and the budgets that cap it.
 
-Counting protocol (exact under threads, and later under Ray replicas):
+Counting protocol (exact under threads, and under Ray replicas through the pool's ledger actor):
 
 1. ``reserve(key, queries)`` before any work. It refuses the call whole, with
    :class:`~vlmlab.errors.BudgetExceededError`, when spent + reserved +
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vlmlab.errors import BudgetExceededError
 
@@ -57,6 +57,41 @@ class _Account:
     @property
     def held(self) -> int:
         return self.usage.queries + sum(self.reserved.values())
+
+
+class Ledger(Protocol):
+    """What an oracle's ledger offers (in-process :class:`QueryLedger`, or the pool's
+    ledger actor through ``vlmlab.pool.RemoteLedger``): budgets and counts by key.
+
+    Invariants: ``reserve`` refuses a call its budget cannot pay for, before any
+    work; ``commit`` turns a reservation into spent queries; ``release`` drops one
+    whose work failed. Counts are exact under concurrency.
+    """
+
+    def set_budget(self, key: str, max_queries: int | None) -> None: ...
+
+    def budget(self, key: str) -> int | None: ...
+
+    def remaining(self, key: str) -> int | None: ...
+
+    def reserve(self, key: str, queries: int) -> Reservation: ...
+
+    def commit(
+        self,
+        reservation: Reservation,
+        *,
+        images_scored: int,
+        prompts_encoded: int,
+        wall_seconds: float,
+    ) -> None: ...
+
+    def release(self, reservation: Reservation) -> None: ...
+
+    def usage(self, key: str = ...) -> Usage: ...
+
+    def keys(self) -> list[str]: ...
+
+    def account(self, key: str) -> dict[str, Any]: ...
 
 
 class QueryLedger:

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from vlmlab.oracle._ledger import QueryLedger
+from vlmlab.oracle._ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Oracle(Protocol):
         ...
 
     @property
-    def ledger(self) -> QueryLedger:
+    def ledger(self) -> Ledger:
         """Per-budget-key counts of queries, images scored, prompts and time."""
         ...
 

@@ -61,11 +61,11 @@ class OracleReplica:
         # Every call computes on this one thread: torch's OpenMP team stays warm on it.
         # torch_threads pins its thread count (default: Ray's, from the replica's CPUs);
         # floats can depend on it, so matching a client's count makes results equal bit for bit.
+        threads = torch_threads
         self._compute = concurrent.futures.ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="oracle",
-            initializer=torch.set_num_threads if torch_threads else None,
-            initargs=(torch_threads,) if torch_threads else (),
+            initializer=(lambda: torch.set_num_threads(threads)) if threads else None,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class Gateway:
         self.max_request_bytes = max_request_bytes
         self._facts: dict[str, dict[str, Any]] = {}  # manifests do not change while served
         self.service = (
-            OracleService({n: ApiKey(**k) for n, k in keys.items()}, oracle)
+            OracleService({n: ApiKey(**k) for n, k in (keys or {}).items()}, oracle)
             if oracle is not None
             else None
         )
@@ -149,8 +149,8 @@ class Gateway:
     @api.get("/v1/adapters")
     async def adapters(self) -> dict[str, Any]:
         """Every adapter: kind, backend, model, dataset, classes (and forget / target sets)."""
-        ids = self.store.ids() if self.store else []
-        return {"adapters": [self.store.describe(i) for i in ids]}
+        store = self.store
+        return {"adapters": [store.describe(i) for i in store.ids()] if store else []}
 
     @api.post(
         "/v1/classify",
@@ -244,13 +244,13 @@ class Gateway:
             uploads = form.getlist("images")
             if any(not hasattr(u, "read") for u in uploads):
                 raise RequestError(422, "images must be file parts (multipart upload)")
-            images = [await u.read() for u in uploads]
+            images: list[Any] = [await u.read() for u in uploads]
         else:
             fields = await self._json(request, "{images: [base64, ...]}")
-            images = fields.get("images")
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            sent = fields.get("images")
+            if not isinstance(sent, list) or not all(isinstance(i, str) for i in sent):
                 raise RequestError(422, "images must be a list of base64 strings")
-            images = [_b64(i, f"images[{n}]") for n, i in enumerate(images)]
+            images = [_b64(i, f"images[{n}]") for n, i in enumerate(sent)]
         return await service.register(name, images)
 
     @api.post(
@@ -327,9 +327,12 @@ class Gateway:
         adapter = fields["adapter"]
         if not isinstance(adapter, str):
             raise RequestError(422, "adapter must be a string (an id from GET /v1/adapters)")
+        assert self.store is not None  # classify() answers 404 without adapters
         self.store.folder(adapter)  # 400 malformed, 404 unknown
         if isinstance(image, str):
             image = _b64(image, "image")
+        if not isinstance(image, bytes):
+            raise RequestError(422, "image must be a base64 string or a file part")
         top_k = fields.get("top_k", 5)
         if isinstance(top_k, str) and top_k.strip().isdigit():
             top_k = int(top_k)
@@ -377,7 +380,7 @@ def build_adapters_app(
             num_replicas=num_replicas,
             ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         )
-        replicas = replica.bind(root, backend_kwargs)
+        replicas = replica.bind(root, backend_kwargs)  # type: ignore[attr-defined]
     oracle_app, key_records = None, None
     if keys is not None:
         key_records = {name: key.model_dump() for name, key in load_keys(keys).items()}
@@ -392,7 +395,7 @@ def build_adapters_app(
             oracle_torch_threads,
         )
     # One gateway replica: rate limits and each key's image sets live in it.
-    gateway = Gateway.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    gateway = Gateway.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1})  # type: ignore[attr-defined]
     return gateway.bind(replicas, root, max_request_bytes, oracle_app, key_records)
 
 

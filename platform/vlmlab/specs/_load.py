@@ -61,7 +61,8 @@ def _describe(error: Any, model: type[BaseModel], prefix: tuple[str, ...] = ()) 
     if error["type"] == "extra_forbidden":
         owner: Any = model
         for part in loc[:-1]:
-            field = owner.model_fields.get(str(part)) if isinstance(owner, type) else None
+            is_model = isinstance(owner, type) and issubclass(owner, BaseModel)
+            field = owner.model_fields.get(str(part)) if is_model else None
             owner = field.annotation if field is not None else None
             owner = next(
                 (a for a in getattr(owner, "__args__", ()) if isinstance(a, type)), owner

@@ -170,6 +170,18 @@ class ParamSpec(_Strict):
             raise ValueError("a loguniform range needs low > 0")
         return self
 
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a range (validated present for every type but ``choice``)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter has no range")
+        return self.low, self.high
+
+    def choices(self) -> list[Any]:
+        """The values of a ``choice`` (validated non-empty)."""
+        if not self.values:
+            raise ValueError(f"a {self.type} parameter has no values")
+        return self.values
+
 
 class SweepSpec(_Strict):
     """A Ray Tune sweep: Optuna search over ``space``, ASHA on queries used."""

@@ -43,8 +43,7 @@ def main(calls: int = 15) -> None:
     from vlmlab.data import load_dataset
     from vlmlab.oracle import ImageSet, create_oracle
     from vlmlab.pool import ensure_ray
-    from vlmlab.serving import HttpOracle, add_key
-    from vlmlab.serving._http import serve_adapters
+    from vlmlab.serving import HttpOracle, add_key, serve_adapters
     from vlmlab.testing import random_contexts
 
     test = load_dataset("fashion-mnist", "test")

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from vlmlab.oracle._clip_text import encode_padded
-from vlmlab.oracle._open_clip import OpenClipOracle
+from vlmlab.oracle import OpenClipOracle
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # CIFAR-100 fine labels in label order, underscores as spaces (as prompts use them).
@@ -151,15 +150,12 @@ def run_case(
         population, n_context, meta.token_dim, generator=generator
     )
     contexts = contexts.to(oracle.device)
-    assert oracle._fast is not None
-    suffixes = [oracle._suffix(n) for n in names]
-    rows = oracle.padded_token_rows(names, n_context)
 
     def fast():
-        return oracle._fast.encode(contexts, oracle._fast.plan(suffixes, n_context))
+        return oracle.text_features(contexts, names, prefix_sharing=True)
 
     def reference():
-        return encode_padded(oracle.tower, contexts, rows, n_context)
+        return oracle.text_features(contexts, names, prefix_sharing=False)
 
     t_ref, ref = _time(reference, repeats)
     t_fast, out = _time(fast, repeats)

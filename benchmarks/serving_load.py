@@ -1,7 +1,7 @@
 """Bounded load test of the adapted-model HTTP app, on loopback only.
 
 Trains one small adapter (ConSE, Fashion-MNIST developmental safety, 2 epochs),
-serves it with `vlmlab.serving._http.serve_adapters`, then measures side by side
+serves it with `vlmlab.serving.serve_adapters`, then measures side by side
 in this one run:
 
 - in-process: ``AdaptedModel.classify`` on the same image (the model's own cost);
@@ -41,8 +41,7 @@ def main(clients: int = 4, per_client: int = 50) -> None:
     from vlmlab.oracle import create_oracle
     from vlmlab.pool import ensure_ray
     from vlmlab.runner import run_experiment
-    from vlmlab.serving import AdaptedModel, AdapterStore
-    from vlmlab.serving._http import serve_adapters
+    from vlmlab.serving import AdaptedModel, AdapterStore, serve_adapters
     from vlmlab.specs import validate_spec
 
     work = Path(tempfile.mkdtemp(prefix="vlmlab-serving-bench-"))

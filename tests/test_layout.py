@@ -29,3 +29,38 @@ def test_import_vlmlab_stays_light():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == ""
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``vlmlab.<pkg>._<mod>`` imports in ``path`` that reach into another package."""
+    import ast
+
+    relative = (
+        path.relative_to(ROOT / "platform").with_suffix("") if "platform" in path.parts else None
+    )
+    own = ".".join(relative.parts[:2]) if relative is not None else ""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "vlmlab":
+                continue
+            private = next((i for i, part in enumerate(parts) if part.startswith("_")), None)
+            if private is None:
+                continue
+            owner = ".".join(parts[:private])  # the package whose private name it is
+            if not (own == owner or own.startswith(owner + ".")):
+                found.append(f"{path.relative_to(ROOT)}: {name}")
+    return found
+
+
+def test_no_module_reaches_into_another_packages_private_names():
+    files = [*(ROOT / "platform" / "vlmlab").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    found = [hit for path in files for hit in _private_imports(path)]
+    assert not found, "\n".join(found)

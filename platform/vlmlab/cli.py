@@ -368,7 +368,7 @@ def serve_command(
         served = [f"{len(ids)} adapter(s)"] if root is not None else []
         if keys is not None:
             served.append(f"the {oracle} oracle for {len(load_keys(keys))} key(s)")
-        from vlmlab.serving._http import APP_NAME, serve_adapters
+        from vlmlab.serving import APP_NAME, serve_adapters
 
         with console.status(f"starting Ray Serve with {' and '.join(served)}..."):
             url = serve_adapters(

@@ -32,7 +32,7 @@ from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
-from vlmlab.tasks import TrialData, runs_schema_of_tasks
+from vlmlab.tasks import DEFAULT_TASK, TrialData, runs_schema_of_tasks
 
 CHECKPOINT_VERSION = 1
 
@@ -56,7 +56,7 @@ class TrialOutcome:
     artifact: Path
     resumed_from: int = 0
     skipped: bool = False
-    task: str = "forgetting"
+    task: str = DEFAULT_TASK
     shots: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

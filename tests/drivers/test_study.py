@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from vlmlab.cli import app
 from vlmlab.results import budget_tables
-from vlmlab.tasks import study_metrics
 from vlmlab.specs import validate_spec
+from vlmlab.tasks import study_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -187,4 +187,11 @@ def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fas
     state = method.state_dict()["model"]
     assert "tower.ln_final.weight" in state and state["head_b"].abs().sum() > 0
     metrics = method.evaluate("test")
-    assert set(metrics) == {"target_acc", "target_gain", "devsafety", "protected_acc", "acc"}
+    assert set(metrics) == {
+        "target_acc",
+        "target_gain",
+        "devsafety",
+        "protected_acc",
+        "acc",
+        "safe_gain",
+    }

@@ -23,6 +23,7 @@ from vlmlab.results import ResultsStore
 from vlmlab.serving import AdaptedModel, AdapterStore
 from vlmlab.tasks import MethodSpec, Task, register_task, unregister_task
 
+
 class ToyMethodSpec(MethodSpec):
     name: Literal["toy"] = "toy"
     popsize: int = 4

@@ -50,7 +50,7 @@ class FewShotSplit:
 def few_shot_split(
     labels: np.ndarray, shots: int, seed: int, *, val_shots: int | None = None
 ) -> FewShotSplit:
-    """A k-shot training set and a disjoint k-shot validation set (methods.md's protocol)."""
+    """A k-shot training set and a disjoint k-shot validation set (the Black-Box Forgetting protocol: model selection on validation)."""
     train = sample_per_class(labels, shots, seed)
     val = sample_per_class(labels, val_shots or shots, seed + 1_000_003, exclude=train)
     return FewShotSplit(train, val)

@@ -20,6 +20,11 @@ class _SweepTable(Callback):
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its RunConfig; the screen stays here
         return {"spec": self.spec, "rows": {}, "live": None}
 
+    @property
+    def _metric(self) -> str:
+        sweep = self.spec.sweep
+        return sweep.metric if sweep else self.spec.task_entry.sweep_metrics[0]
+
     def _update(
         self, trial: Any, result: dict[str, Any] | None = None, status: str | None = None
     ) -> None:
@@ -27,14 +32,14 @@ class _SweepTable(Callback):
         row["status"] = status or trial.status
         if result:
             row["queries"] = result.get("queries_used")
-            row["metric"] = result.get(self.spec.sweep.metric if self.spec.sweep else "val_H")
+            row["metric"] = result.get(self._metric)
         if self.live is not None:
             self.live.update(self.render())
 
     def render(self):
         from rich.table import Table
 
-        metric = self.spec.sweep.metric if self.spec.sweep else "val_H"
+        metric = self._metric
         table = Table(title=f"sweep {self.spec.name}", expand=False)
         for column in ("trial", "status", "params", "queries", metric):
             table.add_column(column)

@@ -4,7 +4,7 @@
 unless given another ``randn``. Each :class:`CmaStrategy` passes a callable
 bound to its own ``numpy.random.Generator``, so strategies never disturb each
 other or the caller, and pickling the strategy captures its random state:
-``state_bytes`` / ``from_state_bytes`` resume bit-for-bit.
+``state_bytes`` / ``load_state_bytes`` resume bit-for-bit.
 """
 
 from __future__ import annotations

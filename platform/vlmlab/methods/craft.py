@@ -50,7 +50,7 @@ VARIANTS: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consiste
 
 @dataclass(frozen=True)
 class CraftConfig:
-    """Hyperparameters (methods.md, section 2); defaults are the paper's."""
+    """Hyperparameters (Wang et al. 2024 and the official craft_configs); defaults are the paper's."""
 
     variant: Variant = "craft"
     init_phrase: str = "a photo of a"

@@ -1,6 +1,6 @@
 """Model Developmental Safety (Li et al., 2024): improve a target task, keep every protected one.
 
-The problem (methods.md, section 3)::
+The problem (Li et al. 2024, "Model Developmental Safety")::
 
     minimize F(w)   subject to   L_k(w) - L_k(w_old) <= 0   for every protected class k
 

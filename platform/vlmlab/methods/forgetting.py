@@ -50,7 +50,7 @@ VARIANTS: tuple[str, ...] = ("bbf", "bbt", "wo_lcs")
 
 @dataclass(frozen=True)
 class ForgettingConfig:
-    """Hyperparameters (methods.md, section 1). Defaults: the paper's CIFAR-10 setting."""
+    """Hyperparameters (Kuwana et al. 2024 and its official code). Defaults: the paper's CIFAR-10 setting."""
 
     variant: Variant = "bbf"
     n_context: int = 4

@@ -11,6 +11,8 @@ exported here, so a refused call does no work wherever it is served.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle._base import FineTunableText, LocalOracle
 from vlmlab.oracle._ledger import (
@@ -31,14 +33,30 @@ from vlmlab.oracle._validation import (
     validate_indices,
 )
 
+
+def __getattr__(name: str) -> Any:
+    # Backend classes load their model libraries (open_clip, sentence-transformers): on demand.
+    if name == "OpenClipOracle":
+        from vlmlab.oracle._open_clip import OpenClipOracle
+
+        return OpenClipOracle
+    if name == "ConseOracle":
+        from vlmlab.oracle._conse import ConseOracle
+
+        return ConseOracle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_BUDGET_KEY",
     "BudgetExceededError",
+    "ConseOracle",
     "FineTunableText",
     "ImageSet",
     "ImageSetRef",
     "Ledger",
     "LocalOracle",
+    "OpenClipOracle",
     "Oracle",
     "OracleMetadata",
     "QueryLedger",

@@ -174,6 +174,31 @@ class OpenClipOracle(LocalOracle):
             rows[c, : len(tokens)] = torch.tensor(tokens)
         return rows
 
+    def text_features(
+        self,
+        contexts: torch.Tensor,
+        class_names: Sequence[str],
+        *,
+        prefix_sharing: bool | None = None,
+    ) -> torch.Tensor:
+        """Projected text features ``P x C x E`` before normalization, on the model's device.
+
+        ``prefix_sharing`` picks the path: the shared-prefix encoder (True), the
+        model's own ``encode_text`` on padded prompts (False), or this oracle's
+        setting (None). Both give the same features within float tolerance; the
+        text-path benchmark times one against the other.
+        """
+        n_context = contexts.shape[1]
+        fast = self._fast if prefix_sharing is not False else None
+        if prefix_sharing and fast is None:
+            raise ValueError("this architecture has no prefix-sharing path")
+        with torch.inference_mode():
+            if fast is not None:
+                plan = fast.plan([self._suffix(name) for name in class_names], n_context)
+                return fast.encode(contexts, plan)
+            rows = self.padded_token_rows(class_names, n_context)
+            return encode_padded(self.tower, contexts, rows, n_context)
+
     def _encode_population(
         self, contexts: torch.Tensor, class_names: Sequence[str]
     ) -> torch.Tensor:

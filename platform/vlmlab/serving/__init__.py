@@ -9,6 +9,8 @@ classifier from one (``vlmlab.tasks``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from vlmlab.serving._classifier import (
     AdaptedModel,
     AdapterStore,
@@ -18,14 +20,27 @@ from vlmlab.serving._classifier import (
 from vlmlab.serving._client import HttpOracle
 from vlmlab.serving._keys import KeysFileError, add_key, hash_key, load_keys
 
+
+def __getattr__(name: str) -> Any:
+    # The Ray Serve app needs Ray: it loads when asked for.
+    if name in ("APP_NAME", "build_adapters_app", "serve_adapters"):
+        from vlmlab.serving import _http
+
+        return getattr(_http, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "APP_NAME",
     "AdaptedModel",
     "AdapterStore",
     "HttpOracle",
     "KeysFileError",
     "RequestError",
     "add_key",
+    "build_adapters_app",
     "decode_image",
     "hash_key",
     "load_keys",
+    "serve_adapters",
 ]

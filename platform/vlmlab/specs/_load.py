@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from vlmlab.specs._run import RunSpec, method_with_default_name
 from vlmlab.specs._sections import SpecError
-from vlmlab.tasks import get_task, list_tasks
+from vlmlab.tasks import DEFAULT_TASK, get_task, list_tasks
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -89,7 +89,7 @@ def _method_problems(tree: dict[str, Any]) -> list[str]:
     A valid section is replaced by the task's method spec; an invalid one is
     removed (the task's default stands in, so every other section is still checked).
     """
-    name = tree.get("task", "forgetting")
+    name = tree.get("task", DEFAULT_TASK)
     if not isinstance(name, str) or name not in list_tasks():
         return []  # the task field reports it
     task = get_task(name)

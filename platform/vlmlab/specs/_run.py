@@ -27,7 +27,7 @@ from vlmlab.specs._sections import (
     StudySpec,
     SweepSpec,
 )
-from vlmlab.tasks import MethodSpec, StrictModel, Task, get_task, list_tasks
+from vlmlab.tasks import DEFAULT_TASK, MethodSpec, StrictModel, Task, get_task, list_tasks
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -46,7 +46,7 @@ class RunSpec(StrictModel):
 
     name: str
     description: str | None = None
-    task: str = "forgetting"
+    task: str = DEFAULT_TASK
     """A registered task (``vlmlab tasks``): forgetting, craft, devsafety, ..."""
     backend: BackendSpec = BackendSpec()
     data: DataSpec = DataSpec()
@@ -76,7 +76,7 @@ class RunSpec(StrictModel):
         and the sweep metric defaults to the task's first."""
         if not isinstance(data, dict):
             return data
-        name = data.get("task", "forgetting")
+        name = data.get("task", DEFAULT_TASK)
         if name not in list_tasks():
             return data  # the task field reports it
         task = get_task(name)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from vlmlab.errors import VlmlabError
+from vlmlab.tasks import DEFAULT_TASK, get_task
 from vlmlab.tasks import StrictModel as _Strict
 
 
@@ -188,7 +189,7 @@ class SweepSpec(_Strict):
 
     space: dict[str, ParamSpec]
     """Dotted spec paths (``method.sigma``) to search ranges."""
-    metric: str = "val_H"
+    metric: str = Field(default_factory=lambda: get_task(DEFAULT_TASK).sweep_metrics[0])
     """Default: the task's first sweep metric (val_H for forgetting, val_acc for CraFT,
     val_safe_gain for devsafety: the target gain when DevSafety >= 0, else -1 + DevSafety);
     each task lists what it measures (``vlmlab.tasks``)."""

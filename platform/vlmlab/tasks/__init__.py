@@ -13,6 +13,7 @@ classifier, and its report. Adding a task is one module and one
 from __future__ import annotations
 
 from vlmlab.tasks._base import (
+    DEFAULT_TASK,
     MethodSpec,
     StrictModel,
     Task,
@@ -36,6 +37,7 @@ for _task in (Forgetting(), CraftTask(), DevSafetyTask()):
     register_task(_task, replace=True)
 
 __all__ = [
+    "DEFAULT_TASK",
     "CraftMethodSpec",
     "CraftTask",
     "DevSafetyMethodSpec",

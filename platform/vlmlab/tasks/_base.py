@@ -226,6 +226,9 @@ class Task:
 # ------------------------------------------------------------------ registry
 _TASKS: dict[str, Task] = {}
 
+DEFAULT_TASK = "forgetting"
+"""The task of a spec that names none."""
+
 
 def register_task(task: Task, *, replace: bool = False) -> Task:
     """Make ``task`` known to specs, runs, sweeps, studies, reports and serving."""

@@ -59,7 +59,7 @@ class CraftMethodSpec(MethodSpec):
 
 
 def craft_budget(shots: int) -> int:
-    """The paper's budget by shots (methods.md): 2,000 for 1 shot, 4,000 for 2-4, 8,000 above."""
+    """The paper's budget by shots (CraFT, Wang et al. 2024, section 4): 2,000 for 1 shot, 4,000 for 2-4, 8,000 above."""
     return 2000 if shots <= 1 else 4000 if shots <= 4 else 8000
 
 

@@ -1,0 +1,125 @@
+"""The results layer on its own: store, schema, artifacts, report pieces (fast, no models)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vlmlab.results import (
+    ReportTable,
+    ResultsStore,
+    budget_tables,
+    load_artifact,
+    metric_columns,
+    runs_schema,
+    save_artifact,
+)
+from vlmlab.tasks import runs_schema_of_tasks, study_metrics
+
+
+def _row(run_id: str, **metrics: float) -> dict:
+    return {
+        "run_id": run_id,
+        "experiment": "e",
+        "task": "forgetting",
+        "method": "bbf",
+        "backend": "ConSE",
+        "model": "m",
+        "dataset": "d",
+        "seed": 1,
+        "status": "completed",
+        "started_at": datetime.now(UTC),
+        **metrics,
+    }
+
+
+def test_metric_columns_cover_splits_and_references():
+    assert metric_columns(["H", "acc"]) == (
+        "test_H",
+        "test_acc",
+        "val_H",
+        "val_acc",
+        "zeroshot_test_H",
+        "zeroshot_test_acc",
+        "zeroshot_val_H",
+        "zeroshot_val_acc",
+    )
+    schema = runs_schema_of_tasks()
+    for column in ("test_H", "zeroshot_val_acc", "test_devsafety", "val_safe_gain"):
+        assert column in schema.names
+
+
+def test_store_with_the_task_schema_writes_every_column(tmp_path):
+    store = ResultsStore(tmp_path, runs_schema_of_tasks())
+    path = store.write_run(_row("a", test_H=0.5))
+    assert pq.read_schema(path).names == runs_schema_of_tasks().names
+    runs = store.runs()
+    assert runs.loc[0, "test_H"] == 0.5 and pd.isna(runs.loc[0, "test_acc"])
+
+
+def test_store_without_a_schema_reads_the_union_of_its_files(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.write_run(_row("a", test_H=0.5))
+    store.write_run(_row("b", test_custom=0.25, zeroshot_test_custom=0.1))
+    runs = store.runs().set_index("run_id")
+    assert runs.loc["a", "test_H"] == 0.5 and pd.isna(runs.loc["a", "test_custom"])
+    assert runs.loc["b", "test_custom"] == 0.25
+    with pytest.raises(ValueError, match="columns not in the schema"):
+        store.write_run(_row("c", colour=1.0))
+    with pytest.raises(ValueError, match="columns not in the schema"):
+        ResultsStore(tmp_path, runs_schema(["H"])).write_run(_row("d", test_acc=1.0))
+
+
+def test_a_stale_temporary_is_never_read_and_is_cleaned(tmp_path):
+    store = ResultsStore(tmp_path, runs_schema_of_tasks())
+    store.write_run(_row("a", test_H=0.5))
+    stale = tmp_path / "runs" / ".a.parquet.x1y2.tmp"
+    stale.write_bytes(b"half a file")
+    assert list(store.runs().run_id) == ["a"]
+    ResultsStore(tmp_path)  # a new writer removes what a killed one left
+    assert not stale.exists()
+
+
+def test_artifact_round_trip_and_its_main_tensor(tmp_path):
+    tensors = {"contexts": torch.randn(1, 4, 8)}
+    save_artifact(tmp_path / "a", tensors, {"kind": "toy", "class_names": ["x"]})
+    artifact = load_artifact(tmp_path / "a")
+    assert torch.equal(artifact.contexts, tensors["contexts"])
+    assert artifact.manifest["kind"] == "toy" and artifact.manifest["format_version"] == 1
+    with pytest.raises(ValueError, match="needs a 'class_embeddings' tensor"):
+        save_artifact(tmp_path / "b", tensors, {"kind": "k"}, required="class_embeddings")
+    with pytest.raises(FileNotFoundError, match="not an artifact folder"):
+        load_artifact(tmp_path / "missing")
+
+
+def test_budget_tables_compare_methods_by_budget():
+    rows = []
+    for budget, h in ((100, 0.5), (200, 0.7)):
+        for seed in (1, 2):
+            rows.append(
+                {
+                    **_row(f"r{budget}{seed}", test_H=h + seed / 100, zeroshot_test_H=0.3),
+                    "seed": seed,
+                    "budget": budget,
+                    "queries_used": budget,
+                    "test_err_fgt": 0.9,
+                    "test_acc_mem": 0.8,
+                    "zeroshot_test_err_fgt": 0.2,
+                    "zeroshot_test_acc_mem": 0.9,
+                }
+            )
+    tables = budget_tables(pd.DataFrame(rows), study_metrics())
+    h_table = next(t for t in tables if ": H by query budget" in t.title)
+    assert h_table.columns == ["method", "100 queries", "200 queries", "seeds"]
+    assert h_table.rows[0][:2] == ["zero-shot", "30.00"]
+    assert h_table.rows[1] == ["bbf", "51.50 ± 0.71", "71.50 ± 0.71", "2"]
+    assert budget_tables(pd.DataFrame(rows[:2]), study_metrics()) == []  # one budget
+
+
+def test_report_table_markdown():
+    table = ReportTable("T", ["a", "b"], [["1", "2"]])
+    assert table.markdown() == "### T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"

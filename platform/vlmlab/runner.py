@@ -185,7 +185,8 @@ class FileCheckpointer:
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
-        return pickle.loads(self.path.read_bytes())
+        state: dict[str, Any] = pickle.loads(self.path.read_bytes())
+        return state
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         atomic_write_bytes(self.path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))

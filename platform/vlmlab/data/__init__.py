@@ -7,13 +7,9 @@
 
 from __future__ import annotations
 
+from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
-from vlmlab.data._loaders import (
-    FASHION_MNIST_CLASSES,
-    OFFLINE_DATASET,
-    list_datasets,
-    load_dataset,
-)
+from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
 from vlmlab.data._splits import (
     ClassPartition,
     FewShotSplit,

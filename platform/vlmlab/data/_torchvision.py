@@ -130,7 +130,9 @@ def holdout_rows(labels: np.ndarray, split: str, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def build_torchvision_dataset(source: TorchvisionSource, root: Path, arguments: dict[str, Any]):
+def build_torchvision_dataset(
+    source: TorchvisionSource, root: Path, arguments: dict[str, Any]
+) -> Any:
     """The torchvision dataset object (a seam: tests put a small fake here)."""
     from torchvision import datasets
 

@@ -117,7 +117,8 @@ class FineTunableModel(nn.Module):
     # ------------------------------------------------------------ inference
     def _pooled(self) -> torch.Tensor:
         if self._trainable == "all" and torch.is_grad_enabled():
-            return self.tower(self.prompts)
+            pooled: torch.Tensor = self.tower(self.prompts)
+            return pooled
         if self._pooled_cache is None or self._trainable == "all":
             # A frozen tower gives the same pooled text every step: compute it once.
             with torch.no_grad():
@@ -133,7 +134,9 @@ class FineTunableModel(nn.Module):
         )
         return F.normalize(text, dim=-1)
 
-    def logits(self, image_features: torch.Tensor, class_embeddings: torch.Tensor | None = None):
+    def logits(
+        self, image_features: torch.Tensor, class_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scaled cosine similarities ``N x C`` of unit-norm image features."""
         text = self.class_embeddings() if class_embeddings is None else class_embeddings
         return image_features @ text.T * self.logit_scale + self.logit_bias

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import pickle
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -93,7 +93,8 @@ class RefinementHead(nn.Module):
         )
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.mlp(logits)
+        correction: torch.Tensor = self.mlp(logits)
+        return logits + correction
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RefinementHead:
@@ -328,7 +329,8 @@ class Craft:
         if self.config.variant == "prompt_only":
             return logits
         with torch.no_grad():
-            return self.head(logits)
+            refined: torch.Tensor = self.head(logits)
+        return refined
 
     @property
     def best_generation(self) -> None:
@@ -369,7 +371,7 @@ class Craft:
         }
 
     # ------------------------------------------------------------- checkpoint
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
             "seed": self.seed,
@@ -383,7 +385,7 @@ class Craft:
             "fixed_logits": self._fixed_logits,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["config"] != asdict(self.config) or state["seed"] != self.seed:
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = state["generation"]

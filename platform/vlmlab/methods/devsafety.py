@@ -34,9 +34,9 @@ when >= 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -191,7 +191,7 @@ def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
     return metrics["target_gain"] if devsafety >= -tolerance else -1.0 + devsafety
 
 
-def _warmup_cosine(total_steps: int, warmup: float):
+def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
     warm = max(1, round(warmup * total_steps))
 
     def factor(step: int) -> float:
@@ -272,7 +272,7 @@ class DevSafety:
     def images_scored(self) -> int:
         return self.images_seen
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "images_seen": self.images_seen,
@@ -283,7 +283,7 @@ class DevSafety:
             "generator": self._generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
         self.model.load_trainable_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -197,13 +197,13 @@ class LatentContextSearch:
             latents = np.stack(means, axis=1)
         return self.to_contexts(latents)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "strategies": [strategy.state_bytes() for strategy in self.strategies],
             "pending": self._pending,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for strategy, blob in zip(self.strategies, state["strategies"], strict=True):
             strategy.load_state_bytes(blob)
         self._pending = state["pending"]
@@ -410,7 +410,7 @@ class BlackBoxForgetting:
         return {key: float(values[0]) for key, values in metrics.items()}
 
     # ------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
             "config": asdict(self.config),
@@ -429,7 +429,7 @@ class BlackBoxForgetting:
             },
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != asdict(self.config) or state.get("seed") != self.seed:
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = int(state["generation"])

@@ -53,7 +53,8 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            return np.load(path, allow_pickle=False)
+            loaded: np.ndarray = np.load(path, allow_pickle=False)
+            return loaded
         except (OSError, ValueError):
             return None  # unreadable entry: recompute and overwrite it
 

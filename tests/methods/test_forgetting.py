@@ -13,7 +13,7 @@ from vlmlab.methods.forgetting import (
     LatentContextSearch,
     forgetting_loss,
     forgetting_metrics,
-    make_forgetting_task,
+    make_forgetting_data,
 )
 from vlmlab.oracle import OracleMetadata
 
@@ -48,25 +48,94 @@ def _meta(dim: int = 16) -> OracleMetadata:
 
 @pytest.mark.parametrize("variant", ["bbf", "bbt", "wo_lcs"])
 def test_search_shapes_and_projection(variant):
-    config = ForgettingConfig(variant=variant, n_context=3, shared_dim=4, unique_dim=2, popsize=6)
+    config = ForgettingConfig(variant=variant, n_context=3, shared_dim=3, unique_dim=2, popsize=6)
     search = LatentContextSearch(config, _meta(), seed=0)
     contexts = search.ask()
     assert contexts.shape == (6, 3, 16)
     samples = search._pending
     latents = search.latents(samples)
-    assert latents.shape == (6, 3, 6)
+    # LCS: ds + du = 5 a token; the baselines: the same total, (ds + m du) / m = 3 a token.
+    assert latents.shape == (6, 3, 5 if variant == "bbf" else 3)
     expected = latents.astype(np.float32) @ search.projection.T + search.center
     assert np.allclose(contexts.numpy(), expected, atol=1e-5)
     if variant == "bbf":
         # LCS: m + 1 strategies; the shared part is the same for every token of a candidate.
         assert len(search.strategies) == 4
-        assert np.array_equal(latents[:, 0, :4], latents[:, 2, :4])
-        assert not np.array_equal(latents[:, 0, 4:], latents[:, 1, 4:])
+        assert np.array_equal(latents[:, 0, :3], latents[:, 2, :3])
+        assert not np.array_equal(latents[:, 0, 3:], latents[:, 1, 3:])
     else:
         assert len(search.strategies) == (1 if variant == "bbt" else 3)
     search.tell(np.arange(6.0))
     with pytest.raises(RuntimeError, match="before ask"):
         search.tell(np.arange(6.0))
+
+
+@pytest.mark.parametrize(
+    ("setting", "variant", "dims"),
+    [
+        # The official code's sizes (README: `bbt 10 1`, `bbt 125 1`, `ind 125 16`).
+        ({"n_context": 4, "shared_dim": 20, "unique_dim": 5}, "bbt", [40]),
+        ({"n_context": 4, "shared_dim": 20, "unique_dim": 5}, "wo_lcs", [10] * 4),
+        ({"n_context": 16, "shared_dim": 400, "unique_dim": 100}, "bbt", [2000]),
+        ({"n_context": 16, "shared_dim": 400, "unique_dim": 100}, "wo_lcs", [125] * 16),
+        ({"n_context": 4, "shared_dim": 20, "unique_dim": 5}, "bbf", [20, 5, 5, 5, 5]),
+        ({"n_context": 4, "shared_dim": 20, "unique_dim": 5, "baseline_dim": 7}, "bbt", [28]),
+    ],
+)
+def test_baselines_have_the_total_size_of_lcs(setting, variant, dims):
+    config = ForgettingConfig(variant=variant, popsize=4, **setting)
+    search = LatentContextSearch(config, _meta(), seed=0)
+    assert [strategy.dim for strategy in search.strategies] == dims
+    per_token = dims[0] // setting["n_context"] if variant == "bbt" else dims[-1]
+    if variant == "bbf":
+        per_token = dims[0] + dims[1]  # [z_s, z_u,i]
+    assert config.latent_dim == per_token and search.projection.shape == (16, per_token)
+
+
+def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train):
+    """Official protocol: every candidate on the whole training set, mean of its batch losses."""
+    from vlmlab.oracle import create_oracle
+
+    oracle = _CountingOracle(create_oracle("latency:0"))
+    small_test = fashion_train.subset(stratified_subset(fashion_train.labels, 20, seed=5))
+    task = make_forgetting_data(
+        oracle, fashion_train, small_test, shots=2, seed=1, partition=partition_classes(10)
+    )
+    config = ForgettingConfig(n_context=2, shared_dim=3, unique_dim=2, popsize=4, batch_size=7)
+    method = BlackBoxForgetting(oracle, task, config, seed=1, budget_key="full-fitness")
+    seen = {}
+    inner_logits = oracle.inner.logits
+
+    def logits(*args, **kwargs):
+        seen["indices"] = kwargs["indices"]
+        seen["out"] = inner_logits(*args, **kwargs)
+        return seen["out"]
+
+    oracle.inner.logits = logits
+    record = method.step()
+    n_train = len(task.train_index)  # 2 shots x 10 classes = 20: batches of 7, 7 and 6
+    assert n_train == 20 and list(seen["indices"][:n_train]) == list(task.train_index)
+    train_logits = seen["out"][:, :n_train]
+    labels = torch.from_numpy(task.train_labels.astype(np.int64))
+    forget = torch.from_numpy(np.isin(task.train_labels, task.partition.forget))
+    by_hand = torch.stack(
+        [
+            forgetting_loss(train_logits[:, a:b], labels[a:b], forget[a:b])
+            for a, b in ((0, 7), (7, 14), (14, 20))
+        ]
+    ).mean(0)
+    assert record.metrics["train"]["loss_mean"] == pytest.approx(float(by_hand.mean()), abs=1e-9)
+    assert record.metrics["train"]["loss_best"] == pytest.approx(float(by_hand.min()), abs=1e-9)
+    assert oracle.calls == 1 and method.queries_used == 4  # one call, P queries
+    minibatch = BlackBoxForgetting(
+        oracle,
+        task,
+        ForgettingConfig(**{**config.__dict__, "fitness": "minibatch"}),
+        seed=1,
+        budget_key="minibatch-fitness",
+    )
+    minibatch.step()
+    assert len(seen["indices"]) == 7 + len(task.val_index)  # one random batch of 7
 
 
 def test_projection_std_defaults_to_table_std():
@@ -106,7 +175,7 @@ def test_images(fashion_test):
 
 
 def _method(conse, train, test, *, seed=1, key, **overrides) -> BlackBoxForgetting:
-    task = make_forgetting_task(
+    task = make_forgetting_data(
         conse, train, test, shots=16, seed=seed, partition=partition_classes(10)
     )
     base = {"n_context": 4, "shared_dim": 20, "unique_dim": 5, "popsize": 20, "iterations": 50}

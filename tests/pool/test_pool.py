@@ -11,7 +11,7 @@ import torch
 
 from vlmlab.data import partition_classes, stratified_subset
 from vlmlab.errors import BudgetExceededError
-from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_task
+from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_data
 from vlmlab.testing import OracleConformance, random_contexts
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_replica_killed_mid_run_changes_nothing(
     ray_session, conse_pool, conse, fashion_train, small_test
 ):
     def method(oracle, key):
-        task = make_forgetting_task(
+        task = make_forgetting_data(
             oracle, fashion_train, small_test, shots=2, seed=3, partition=partition_classes(10)
         )
         config = ForgettingConfig(popsize=8, iterations=30, batch_size=20)

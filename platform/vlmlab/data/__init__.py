@@ -13,6 +13,7 @@ from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_data
 from vlmlab.data._splits import (
     ClassPartition,
     FewShotSplit,
+    class_indices,
     few_shot_split,
     partition_classes,
     sample_per_class,
@@ -25,6 +26,7 @@ __all__ = [
     "ClassPartition",
     "FewShotSplit",
     "ImageDataset",
+    "class_indices",
     "few_shot_split",
     "list_datasets",
     "load_dataset",

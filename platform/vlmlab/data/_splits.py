@@ -96,3 +96,28 @@ def partition_classes(
         )
     memorize = [c for c in range(num_classes) if c not in set(chosen)]
     return ClassPartition(tuple(chosen), tuple(memorize))
+
+
+def class_indices(
+    classes: Sequence[int | str], class_names: Sequence[str], *, field: str = "classes"
+) -> list[int]:
+    """Class indices from indices or names (``[0, "dog"]``), each checked against ``class_names``.
+
+    Raises:
+        ValueError: a name that is not a class, or an index out of range; the message
+            names ``field`` and lists the classes.
+    """
+    names = list(class_names)
+    indices = []
+    for item in classes:
+        if isinstance(item, str):
+            if item not in names:
+                raise ValueError(
+                    f"{field}: {item!r} is not a class of this dataset; classes: {', '.join(names)}"
+                )
+            indices.append(names.index(item))
+        elif not 0 <= int(item) < len(names):
+            raise ValueError(f"{field}: class index {item} out of range for {len(names)} classes")
+        else:
+            indices.append(int(item))
+    return indices

@@ -13,8 +13,9 @@ and the ES mean together on the k-shot training set (P + 1 queries); each
 candidate's fitness is ``CE(logits, y) + w KL(softmax(refined) || softmax(logits))``;
 then one refinement epoch trains the MLP on the mean's logits with
 ``CE(refined, y) + w KL(softmax(logits) || softmax(refined))``. The
-consistency terms are active while the queries spent are at most
-``budget / consistency_cutoff``. The test prediction is the refined logits of
+refinement loss's consistency term is active while the queries spent are at
+most ``budget / consistency_cutoff``; the fitness keeps its weight throughout
+(the official ``main_craft.py``). The test prediction is the refined logits of
 the ES mean prompt.
 
 Black-box note: the paper trains the refinement on augmented image features;
@@ -63,7 +64,8 @@ class CraftConfig:
     lr: float = 1e-3
     consistency_weight: float = 0.1
     consistency_cutoff: int = 1
-    """n: the consistency terms stay on while queries used <= budget / n."""
+    """n: the refinement loss's consistency term stays on while queries used <= budget / n
+    (the fitness keeps its term throughout)."""
     refine_batch: int = 256
     budget: int = 8000
 
@@ -120,7 +122,7 @@ def _kl(target_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor
 
 
 @dataclass(frozen=True)
-class CraftTask:
+class CraftData:
     """Registered k-shot training images, an optional k-shot validation set and the test set.
 
     Validation images never train anything: they score a run for sweeps (tuning on
@@ -147,7 +149,7 @@ class CraftTask:
         )
 
 
-def make_craft_task(
+def make_craft_data(
     oracle: Oracle,
     train: ImageDataset,
     test: ImageDataset,
@@ -155,13 +157,13 @@ def make_craft_task(
     shots: int,
     seed: int,
     val_shots: int | None = None,
-) -> CraftTask:
+) -> CraftData:
     """Sample k-shot train and validation sets from ``train``; register every split."""
     if train.class_names != test.class_names:
         raise ValueError("train and test splits disagree on class names")
     split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
     train_set, val_set = train.subset(split.train), train.subset(split.val)
-    return CraftTask(
+    return CraftData(
         class_names=list(train.class_names),
         train=oracle.register_images(train_set.image_set()),
         train_labels=train_set.labels,
@@ -178,7 +180,7 @@ class Craft:
     def __init__(
         self,
         oracle: Oracle,
-        task: CraftTask,
+        task: CraftData,
         config: CraftConfig,
         *,
         seed: int,
@@ -246,6 +248,8 @@ class Craft:
         if self.done:
             raise RuntimeError(f"all {self.generations} generations have run")
         config = self.config
+        # The cutoff (budget / n) ends the refinement loss's consistency term only.
+        fitness_weight = 0.0 if config.variant == "no_consistency" else config.consistency_weight
         weight = config.consistency_weight if self._consistency_on() else 0.0
         record: dict[str, float] = {}
         if config.variant == "refine_only":
@@ -271,10 +275,10 @@ class Craft:
                 .mean(1)
             )
             fitness = ce
-            if config.variant != "prompt_only" and weight > 0:
+            if config.variant != "prompt_only" and fitness_weight > 0:
                 with torch.no_grad():
                     refined = self.head(candidates)
-                fitness = ce + weight * _kl(refined, candidates)
+                fitness = ce + fitness_weight * _kl(refined, candidates)
             self.strategy.tell(latents, fitness.double().numpy())
             record["fitness_best"] = float(fitness.min())
         if config.variant != "prompt_only":

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmlab.data import ImageDataset, sample_per_class
+from vlmlab.data import ImageDataset, class_indices, sample_per_class
 from vlmlab.methods._finetune import TRAINABLE, FineTunableModel, Trainable
 from vlmlab.methods._protocol import Metrics, StepRecord
 
@@ -88,7 +88,7 @@ class DevSafetyConfig:
 
 
 @dataclass
-class DevSafetyTask:
+class DevSafetyData:
     """Features and labels of the three splits, and which classes are target / protected."""
 
     class_names: list[str]
@@ -121,7 +121,7 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, n_classes: in
     return per_class_mean((logits.argmax(-1) == labels).float(), labels, n_classes)
 
 
-def make_devsafety_task(
+def make_devsafety_data(
     model: FineTunableModel,
     train: ImageDataset,
     test: ImageDataset,
@@ -130,7 +130,7 @@ def make_devsafety_task(
     val_per_class: int,
     seed: int,
     target: Sequence[int | str] | None = None,
-) -> DevSafetyTask:
+) -> DevSafetyData:
     """Sample ``per_class`` training and ``val_per_class`` disjoint validation images a class.
 
     ``target`` names classes by index or by name; None picks the weakest class
@@ -138,7 +138,9 @@ def make_devsafety_task(
     Every other class is protected.
     """
     n_classes = train.num_classes
-    targets = None if target is None else [_class_index(c, train.class_names) for c in target]
+    targets = (
+        None if target is None else class_indices(target, train.class_names, field="data.target")
+    )
     train_rows = sample_per_class(train.labels, per_class, seed)
     val_rows = sample_per_class(train.labels, val_per_class, seed + 1_000_003, exclude=train_rows)
 
@@ -159,7 +161,7 @@ def make_devsafety_task(
         )
     if len(targets) == n_classes:
         raise ValueError("every class is a target: nothing is left to protect")
-    return DevSafetyTask(
+    return DevSafetyData(
         class_names=list(train.class_names),
         target=tuple(sorted(targets)),
         protected=tuple(c for c in range(n_classes) if c not in targets),
@@ -170,17 +172,6 @@ def make_devsafety_task(
         test_features=test_x,
         test_labels=test_y,
     )
-
-
-def _class_index(name_or_index: int | str, class_names: Sequence[str]) -> int:
-    if isinstance(name_or_index, str):
-        if name_or_index not in class_names:
-            raise ValueError(
-                f"target class {name_or_index!r} is not a class of this dataset; "
-                f"classes: {', '.join(class_names)}"
-            )
-        return list(class_names).index(name_or_index)
-    return int(name_or_index)
 
 
 def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
@@ -211,7 +202,7 @@ class DevSafety:
     """
 
     def __init__(
-        self, model: FineTunableModel, task: DevSafetyTask, config: DevSafetyConfig, *, seed: int
+        self, model: FineTunableModel, task: DevSafetyData, config: DevSafetyConfig, *, seed: int
     ) -> None:
         self.model, self.task, self.config, self.seed = model, task, config, seed
         self.epoch = 0

@@ -15,11 +15,18 @@ Variants (``ForgettingConfig.variant``):
 - ``"bbt"`` - one CMA-ES over the concatenation of m independent latents.
 - ``"wo_lcs"`` - m independent CMA-ES strategies, nothing shared.
 
+The baselines give each token a latent of the same total size as LCS's,
+``(ds + m du) / m`` (the official code: 10 dims a token on CIFAR-10, 125
+elsewhere), or ``baseline_dim``.
+
 Per generation, :meth:`BlackBoxForgetting.step` makes exactly one oracle call
-for the whole population, on the training mini-batch and the k-shot
-validation split together (P queries). The loss on the batch is
-``CE(memorize samples) + L_forget`` with ``L_forget`` the cross-entropy to the
-uniform distribution on forget samples; the validation split scores every
+for the whole population, on the training images and the k-shot validation
+split together (P queries). The loss is ``CE(memorize samples) + L_forget``
+with ``L_forget`` the cross-entropy to the uniform distribution on forget
+samples. ``fitness="full"`` (the official protocol, default) scores every
+candidate on the whole k-shot training set: the mean of the losses of its
+consecutive batches of ``batch_size``; ``fitness="minibatch"`` scores one
+random ``batch_size`` subset a generation (cheaper per call on large sets); the validation split scores every
 candidate's H, and the candidate with the best validation H so far is the
 prompt that is tested. Test metrics: Err_fgt (error on forget classes),
 Acc_mem (accuracy on memorized classes) and their harmonic mean H.
@@ -64,6 +71,12 @@ class ForgettingConfig:
     sep_cma: bool = False
     """Sep-CMA-ES (diagonal covariance) instead of full CMA-ES."""
     batch_size: int = 160
+    """Images per loss batch (the official 160)."""
+    fitness: Literal["full", "minibatch"] = "full"
+    """``full``: the whole training set a generation, the mean of its batch losses (official);
+    ``minibatch``: one random ``batch_size`` subset a generation."""
+    baseline_dim: int | None = None
+    """BBT / w/o LCS: each token's latent size; None: ``(ds + m du) / m``, rounded."""
     iterations: int = 400
     projection_std: float | None = None
     """Std of A's entries; None means sigma_hat, the token-embedding table's std."""
@@ -78,11 +91,21 @@ class ForgettingConfig:
             raise ValueError(f"popsize must be >= 2, got {self.popsize}")
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.fitness not in ("full", "minibatch"):
+            raise ValueError(f"fitness must be 'full' or 'minibatch', got {self.fitness!r}")
+        if self.baseline_dim is not None and self.baseline_dim < 1:
+            raise ValueError(f"baseline_dim must be >= 1, got {self.baseline_dim}")
 
     @property
     def latent_dim(self) -> int:
-        """d, the latent dimension of one context token (ds + du)."""
-        return self.shared_dim + self.unique_dim
+        """d, the latent dimension of one context token: ds + du for LCS; for the
+        baselines the same total size as LCS's, ``(ds + m du) / m`` (or ``baseline_dim``)."""
+        if self.variant == "bbf":
+            return self.shared_dim + self.unique_dim
+        if self.baseline_dim is not None:
+            return self.baseline_dim
+        total = self.shared_dim + self.n_context * self.unique_dim
+        return max(1, round(total / self.n_context))
 
 
 # --------------------------------------------------------------------- metrics
@@ -211,7 +234,7 @@ class LatentContextSearch:
 
 # -------------------------------------------------------------------- the task
 @dataclass(frozen=True)
-class ForgettingTask:
+class ForgettingData:
     """What a forgetting run works on: images registered with the oracle, and labels.
 
     ``pool`` holds the k-shot training and validation images together, so one
@@ -245,7 +268,7 @@ class BlackBoxForgetting:
 
     Args:
         oracle: the black box (in-process or a pool client).
-        task: registered images and labels (see :class:`ForgettingTask`).
+        task: registered images and labels (see :class:`ForgettingData`).
         config: hyperparameters.
         seed: seeds the projection, every strategy and the batch sampler.
         max_queries: optimization budget; generations = min(iterations,
@@ -257,7 +280,7 @@ class BlackBoxForgetting:
     def __init__(
         self,
         oracle: Oracle,
-        task: ForgettingTask,
+        task: ForgettingData,
         config: ForgettingConfig,
         *,
         seed: int,
@@ -302,9 +325,20 @@ class BlackBoxForgetting:
 
     def _sample_batch(self) -> np.ndarray:
         n = len(self.task.train_index)
-        if self.config.batch_size >= n:
+        if self.config.fitness == "full" or self.config.batch_size >= n:
             return np.arange(n)
         return np.sort(self._batch_rng.choice(n, self.config.batch_size, replace=False))
+
+    def _losses(self, logits: torch.Tensor, batch: np.ndarray) -> np.ndarray:
+        """Each candidate's loss: the mean over consecutive ``batch_size`` batches of ``batch``."""
+        per_batch = []
+        for start in range(0, len(batch), self.config.batch_size):
+            rows = torch.from_numpy(batch[start : start + self.config.batch_size])
+            part = logits[:, start : start + len(rows)]
+            per_batch.append(
+                forgetting_loss(part, self._train_labels[rows], self._train_forget[rows])
+            )
+        return torch.stack(per_batch).mean(0).numpy()
 
     def step(self) -> StepRecord:
         """One generation: ask, one oracle call (batch + validation), tell."""
@@ -318,10 +352,7 @@ class BlackBoxForgetting:
             contexts, task.class_names, task.pool, indices=indices, budget_key=self.budget_key
         )
         train_logits, val_logits = logits[:, : len(batch)], logits[:, len(batch) :]
-        batch_t = torch.from_numpy(batch)
-        losses = forgetting_loss(
-            train_logits, self._train_labels[batch_t], self._train_forget[batch_t]
-        ).numpy()
+        losses = self._losses(train_logits, batch)
         self.search.tell(losses)
 
         val = forgetting_metrics(val_logits.argmax(-1).numpy(), task.val_labels, self._val_forget)
@@ -455,7 +486,7 @@ class BlackBoxForgetting:
         self.load_state_dict(pickle.loads(blob))
 
 
-def make_forgetting_task(
+def make_forgetting_data(
     oracle: Oracle,
     train: ImageDataset,
     test: ImageDataset,
@@ -464,7 +495,7 @@ def make_forgetting_task(
     seed: int,
     partition: ClassPartition,
     val_shots: int | None = None,
-) -> ForgettingTask:
+) -> ForgettingData:
     """Sample k-shot train/validation sets from ``train`` and register images with ``oracle``.
 
     ``test`` is used as given (pass a subset for quick runs).
@@ -475,7 +506,7 @@ def make_forgetting_task(
     pool_rows = np.concatenate([split.train, split.val])
     pool = train.subset(pool_rows)
     n_train = len(split.train)
-    return ForgettingTask(
+    return ForgettingData(
         dataset=train.name,
         class_names=list(train.class_names),
         partition=partition,

@@ -76,8 +76,8 @@ class DataSpec(_Strict):
     """Validation shots per class (default: same as ``shots``)."""
     test_size: int = Field(0, ge=0)
     """Class-balanced test subset size; 0 means the whole test split."""
-    forget: list[int] | None = None
-    """Classes to forget; default the first ``forget_fraction`` of classes."""
+    forget: list[int | str] | None = None
+    """Classes to forget, by index or class name; default the first ``forget_fraction``."""
     forget_fraction: float = Field(0.4, gt=0, lt=1)
     target: list[int | str] | None = None
     """devsafety: the target classes to improve, by index or class name; default the
@@ -128,12 +128,12 @@ class DataSpec(_Strict):
 
     @field_validator("forget")
     @classmethod
-    def _forget_classes(cls, value: list[int] | None) -> list[int] | None:
+    def _forget_classes(cls, value: list[int | str] | None) -> list[int | str] | None:
         if value is not None:
             if not value:
                 raise ValueError("must name at least one class (or be null for the default 40 %)")
-            if any(c < 0 for c in value) or len(set(value)) != len(value):
-                raise ValueError("must be distinct non-negative class indices")
+            if any(isinstance(c, int) and c < 0 for c in value) or len(set(value)) != len(value):
+                raise ValueError("must be distinct class names or non-negative class indices")
         return value
 
 

@@ -31,9 +31,9 @@ from vlmlab.tasks._base import (
 )
 from vlmlab.tasks.craft import CraftMethodSpec, CraftTask, craft_budget
 from vlmlab.tasks.devsafety import DevSafetyMethodSpec, DevSafetyTask
-from vlmlab.tasks.forgetting import Forgetting, ForgettingMethodSpec
+from vlmlab.tasks.forgetting import ForgettingMethodSpec, ForgettingTask
 
-for _task in (Forgetting(), CraftTask(), DevSafetyTask()):
+for _task in (ForgettingTask(), CraftTask(), DevSafetyTask()):
     register_task(_task, replace=True)
 
 __all__ = [
@@ -42,8 +42,8 @@ __all__ = [
     "CraftTask",
     "DevSafetyMethodSpec",
     "DevSafetyTask",
-    "Forgetting",
     "ForgettingMethodSpec",
+    "ForgettingTask",
     "MethodSpec",
     "StrictModel",
     "Task",

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from vlmlab.methods import Method
-from vlmlab.methods.craft import Craft, CraftConfig, RefinementHead, make_craft_task
+from vlmlab.methods.craft import Craft, CraftConfig, RefinementHead, make_craft_data
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import (
     ReportTable,
@@ -98,7 +98,7 @@ class CraftTask(Task):
         assert isinstance(spec.method, CraftMethodSpec)
         budget = spec.query_budget()
         assert budget is not None  # craft specs always resolve a budget
-        task = make_craft_task(
+        task = make_craft_data(
             oracle,
             data.train,
             data.test,

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 
 from vlmlab.methods import FineTunableModel, Method
-from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_task
+from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_data
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import ReportTable, completed, finish_panel, mean_std, panels, save_figure
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
@@ -121,7 +121,7 @@ class DevSafetyTask(Task):
         model = FineTunableModel(
             oracle, data.train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
         )
-        task = make_devsafety_task(
+        task = make_devsafety_data(
             model,
             data.train,
             data.test,

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from vlmlab.data import partition_classes
+from vlmlab.data import class_indices, partition_classes
 from vlmlab.methods import Method, Metrics
-from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_task
+from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_data
 from vlmlab.oracle import Oracle
 from vlmlab.results import completed, finish_panel, panels, save_figure
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
@@ -38,6 +38,12 @@ class ForgettingMethodSpec(MethodSpec):
     sigma: float = Field(1.0, gt=0)
     sep_cma: bool = False
     batch_size: int = Field(160, ge=1)
+    fitness: Literal["full", "minibatch"] = "full"
+    """``full``: each candidate on the whole k-shot training set, the mean of its batch
+    losses (the official protocol); ``minibatch``: one random ``batch_size`` subset a
+    generation (vlmlab's earlier default: cheaper on large sets, noisier)."""
+    baseline_dim: int | None = Field(None, ge=1)
+    """BBT / w/o LCS: each token's latent size; default ``(ds + m du) / m`` (official)."""
     iterations: int = Field(400, ge=1)
     projection_std: float | None = Field(None, gt=0)
 
@@ -45,7 +51,7 @@ class ForgettingMethodSpec(MethodSpec):
         return ForgettingConfig(variant=self.name, **self.model_dump(exclude={"name"}))
 
 
-class Forgetting(Task):
+class ForgettingTask(Task):
     """Forget the chosen classes, keep the rest: the best-validation-H prompt is the result."""
 
     name = "forgetting"
@@ -66,12 +72,15 @@ class Forgetting(Task):
         eval_key: str,
     ) -> BlackBoxForgetting:
         assert isinstance(spec.method, ForgettingMethodSpec)
+        forget = spec.data.forget
         partition = partition_classes(
             data.train.num_classes,
-            forget=spec.data.forget,
+            forget=None
+            if forget is None
+            else class_indices(forget, data.train.class_names, field="data.forget"),
             forget_fraction=spec.data.forget_fraction,
         )
-        task = make_forgetting_task(
+        task = make_forgetting_data(
             oracle,
             data.train,
             data.test,

@@ -1,0 +1,34 @@
+"""The forgetting task's spec rules: forget classes by name, the official defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmlab.results import load_artifact
+from vlmlab.runner import run_experiment
+from vlmlab.specs import validate_spec
+
+TREE = {
+    "name": "by-name",
+    "backend": {"name": "latency:0"},
+    "data": {"dataset": "fashion-mnist", "shots": 1, "test_size": 20},
+    "method": {"popsize": 4, "iterations": 1, "n_context": 2, "shared_dim": 2, "unique_dim": 1},
+}
+
+
+def test_forget_classes_by_name_or_index(tmp_path):
+    tree = {**TREE, "data": {**TREE["data"], "forget": ["trousers", "T-shirt", 4]}}
+    (outcome,) = run_experiment(validate_spec(tree, "t"), tmp_path)
+    manifest = load_artifact(outcome.artifact).manifest
+    assert manifest["forget"] == [0, 1, 4] and manifest["memorize"] == [2, 3, 5, 6, 7, 8, 9]
+
+
+def test_unknown_forget_class_names_the_field_and_the_classes(tmp_path):
+    tree = {**TREE, "data": {**TREE["data"], "forget": ["jacket"]}}
+    with pytest.raises(ValueError, match=r"data\.forget: 'jacket' is not a class .*T-shirt"):
+        run_experiment(validate_spec(tree, "t"), tmp_path)
+
+
+def test_official_defaults():
+    method = validate_spec({"name": "d"}, "t").method
+    assert method.fitness == "full" and method.baseline_dim is None  # type: ignore[attr-defined]

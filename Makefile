@@ -56,4 +56,4 @@ bench: install
 	$(BIN)/python benchmarks/oracle_text_path.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -32,10 +33,25 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(folder: Path | str) -> int:
-    """Delete temporaries a killed writer left behind; returns how many."""
+STALE_AFTER_SECONDS = 3600.0
+"""A temporary this old belongs to a writer that died: every write finishes in seconds."""
+
+
+def remove_stale_temporaries(folder: Path | str, *, older_than: float = STALE_AFTER_SECONDS) -> int:
+    """Delete temporaries a killed writer left behind; returns how many.
+
+    Only temporaries untouched for ``older_than`` seconds go: a younger one may be
+    another process's write in flight (concurrent trials share a results folder,
+    on one machine or a shared filesystem), and readers skip temporaries anyway.
+    """
     removed = 0
+    now = time.time()
     for tmp in Path(folder).glob("**/.*.tmp"):
-        tmp.unlink(missing_ok=True)
+        try:
+            if now - tmp.stat().st_mtime < older_than:
+                continue
+            tmp.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
         removed += 1
     return removed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -79,9 +81,14 @@ def test_a_stale_temporary_is_never_read_and_is_cleaned(tmp_path):
     store.write_run(_row("a", test_H=0.5))
     stale = tmp_path / "runs" / ".a.parquet.x1y2.tmp"
     stale.write_bytes(b"half a file")
+    in_flight = tmp_path / "runs" / ".b.parquet.z3w4.tmp"
+    in_flight.write_bytes(b"another trial writing now")
+    an_hour_ago = time.time() - 3700
+    os.utime(stale, (an_hour_ago, an_hour_ago))
     assert list(store.runs().run_id) == ["a"]
-    ResultsStore(tmp_path)  # a new writer removes what a killed one left
-    assert not stale.exists()
+    # A new writer removes what a killed one left, never a concurrent writer's file.
+    ResultsStore(tmp_path)
+    assert not stale.exists() and in_flight.exists()
 
 
 def test_artifact_round_trip_and_its_main_tensor(tmp_path):

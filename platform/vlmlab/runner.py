@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import vlmlab
 from vlmlab._io import atomic_write_bytes
-from vlmlab.data import load_dataset, stratified_subset
+from vlmlab.data import load_dataset, read_class_names, rename_classes, stratified_subset
 from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore, is_missing, save_artifact
@@ -121,6 +121,10 @@ def load_data(spec: RunSpec) -> TrialData:
     options = {"root": spec.data.root} if spec.data.root else {}
     train = load_dataset(spec.data.dataset, "train", **options)
     test = load_dataset(spec.data.dataset, "test", **options)
+    names = spec.data.class_names
+    if names is not None:
+        mapping = read_class_names(names) if isinstance(names, str) else names
+        train, test = rename_classes(train, mapping), rename_classes(test, mapping)
     if spec.data.test_size:
         # The same test subset for every seed: seeds vary the shots and the search only.
         test = test.subset(stratified_subset(test.labels, spec.data.test_size, seed=0))

@@ -9,6 +9,9 @@ from vlmlab.data import (
     list_datasets,
     load_dataset,
     partition_classes,
+    prompt_name,
+    read_class_names,
+    rename_classes,
     sample_per_class,
     stratified_subset,
 )
@@ -121,6 +124,70 @@ def test_imagefolder(tmp_path):
         load_dataset("imagefolder", "train", root=tmp_path / "missing")
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("imagefolder", "train")
+
+
+@pytest.mark.parametrize(
+    ("folder", "prompt"),
+    [
+        ("001.Black_footed_Albatross", "Black footed Albatross"),
+        ("12_sea_lion", "sea lion"),
+        ("3-oak", "oak"),
+        ("aquarium_fish", "aquarium fish"),
+        ("T-shirt", "T-shirt"),
+        ("7", "7"),
+        ("747-400", "747-400"),
+    ],
+)
+def test_prompt_names_from_folders(folder, prompt):
+    assert prompt_name(folder) == prompt
+
+
+def _two_class_folder(root, names):
+    from PIL import Image
+
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / name / "a.png")
+
+
+def test_imagefolder_cleans_cub_style_names_and_maps_by_folder(tmp_path):
+    _two_class_folder(tmp_path, ["001.Black_footed_Albatross", "002.Laysan_Albatross"])
+    data = load_dataset("imagefolder", "test", root=tmp_path, image_size=8)
+    assert data.class_names == ["Black footed Albatross", "Laysan Albatross"]
+    renamed = load_dataset(
+        "imagefolder",
+        "test",
+        root=tmp_path,
+        image_size=8,
+        class_names={"002.Laysan_Albatross": "Laysan albatross"},
+    )
+    assert renamed.class_names == ["Black footed Albatross", "Laysan albatross"]
+
+
+def test_class_name_files_rename_any_dataset(tmp_path, fashion_test):
+    small = fashion_test.subset([0, 1])
+    as_list = tmp_path / "names.txt"
+    as_list.write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    assert rename_classes(small, read_class_names(as_list)).class_names[9] == "class 9"
+    as_map = tmp_path / "names.yaml"
+    as_map.write_text("trousers: pair of trousers\n'0': tee\n")
+    renamed = rename_classes(small, read_class_names(as_map))
+    assert renamed.class_names[:2] == ["tee", "pair of trousers"]
+    assert renamed.class_names[2:] == FASHION_MNIST_CLASSES[2:]
+    assert np.array_equal(renamed.labels, small.labels)
+    as_json = tmp_path / "names.json"
+    as_json.write_text('{"trowsers": "x"}')
+    with pytest.raises(ValueError, match=r"'trowsers' match no class of fashion-mnist"):
+        rename_classes(small, read_class_names(as_json))
+    with pytest.raises(ValueError, match="3 names given but fashion-mnist has 10"):
+        rename_classes(small, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="repeated: \\['bag'\\]"):
+        rename_classes(small, {"coat": "bag"})
+    with pytest.raises(FileNotFoundError, match=r"data\.class_names: no such file"):
+        read_class_names(tmp_path / "missing.txt")
+    (tmp_path / "names.csv").write_text("a")
+    with pytest.raises(ValueError, match=r"must be \.txt"):
+        read_class_names(tmp_path / "names.csv")
 
 
 class _FakeFood:

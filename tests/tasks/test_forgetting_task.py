@@ -23,6 +23,19 @@ def test_forget_classes_by_name_or_index(tmp_path):
     assert manifest["forget"] == [0, 1, 4] and manifest["memorize"] == [2, 3, 5, 6, 7, 8, 9]
 
 
+def test_a_class_name_file_renames_prompts_and_forget_names(tmp_path):
+    names = tmp_path / "names.yaml"
+    names.write_text("T-shirt: tee shirt\ntrousers: pants\n")
+    tree = {**TREE, "data": {**TREE["data"], "class_names": str(names), "forget": ["pants", 4]}}
+    (outcome,) = run_experiment(validate_spec(tree, "t"), tmp_path / "out")
+    manifest = load_artifact(outcome.artifact).manifest
+    assert manifest["forget"] == [1, 4]
+    assert manifest["class_names"][:3] == ["tee shirt", "pants", "pullover sweater"]
+    inline = {**TREE, "data": {**TREE["data"], "class_names": ["c"] * 10}}
+    with pytest.raises(ValueError, match="names must be distinct"):
+        run_experiment(validate_spec(inline, "t"), tmp_path / "inline")
+
+
 def test_unknown_forget_class_names_the_field_and_the_classes(tmp_path):
     tree = {**TREE, "data": {**TREE["data"], "forget": ["jacket"]}}
     with pytest.raises(ValueError, match=r"data\.forget: 'jacket' is not a class .*T-shirt"):

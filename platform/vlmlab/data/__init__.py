@@ -10,6 +10,7 @@ from __future__ import annotations
 from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
 from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
+from vlmlab.data._names import ClassNames, prompt_name, read_class_names, rename_classes
 from vlmlab.data._splits import (
     ClassPartition,
     FewShotSplit,
@@ -23,6 +24,7 @@ from vlmlab.data._splits import (
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "OFFLINE_DATASET",
+    "ClassNames",
     "ClassPartition",
     "FewShotSplit",
     "ImageDataset",
@@ -31,6 +33,9 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "partition_classes",
+    "prompt_name",
+    "read_class_names",
+    "rename_classes",
     "sample_per_class",
     "stratified_subset",
 ]

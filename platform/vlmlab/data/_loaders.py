@@ -16,6 +16,7 @@ import numpy as np
 
 from vlmlab.data._common import DATA_ENV, OFFLINE_DATASET, SPLITS, data_root, square_crop
 from vlmlab.data._dataset import ImageDataset
+from vlmlab.data._names import ClassNames, prompt_name, rename_classes
 from vlmlab.data._torchvision import COOP_SOURCES, load_coop_dataset
 from vlmlab.errors import DatasetUnavailableError
 
@@ -146,13 +147,15 @@ def load_imagefolder(
     *,
     root: str | Path | None = None,
     image_size: int = 224,
-    class_names: dict[str, str] | None = None,
+    class_names: ClassNames | None = None,
 ) -> ImageDataset:
     """A user's own images: ``root/<split>/<class>/*.jpg`` or ``root/<class>/*.jpg``.
 
-    Classes are the sub-folder names in sorted order; underscores become spaces
-    in prompts unless ``class_names`` maps a folder to a name. Images are resized
-    (shorter side) and centre-cropped to ``image_size`` so one array holds them.
+    Classes are the sub-folder names in sorted order. Prompts get them cleaned
+    (``001.Black_footed_Albatross`` → ``Black footed Albatross``, see
+    ``prompt_name``) unless ``class_names`` renames them (mapping keys may be
+    folder names). Images are resized (shorter side) and centre-cropped to
+    ``image_size`` so one array holds them.
     """
     from PIL import Image
 
@@ -180,16 +183,18 @@ def load_imagefolder(
             labels.append(label)
     if not images:
         raise ValueError(f"imagefolder {str(folder)!r} holds no images ({sorted(_IMAGE_SUFFIXES)})")
-    mapping = class_names or {}
-    names = [mapping.get(name, name.replace("_", " ")) for name in classes]
-    return ImageDataset(
+    dataset = ImageDataset(
         "imagefolder",
         split,
         np.stack(images).astype(np.uint8),
         np.asarray(labels, dtype=np.int64),
-        names,
-        meta={"root": str(folder)},
+        [prompt_name(name) for name in classes],
+        meta={"root": str(folder), "folders": classes},
     )
+    if isinstance(class_names, dict):  # keys may be the raw folder names
+        by_folder = dict(zip(classes, dataset.class_names, strict=True))
+        class_names = {by_folder.get(key) or key: value for key, value in class_names.items()}
+    return dataset if class_names is None else rename_classes(dataset, class_names)
 
 
 # ------------------------------------------------------------------ registry

@@ -70,6 +70,10 @@ class DataSpec(_Strict):
 
     dataset: str = "fashion-mnist"
     root: str | None = None
+    class_names: str | list[str] | dict[str, str] | None = None
+    """Prompt names for the classes: a file (``.txt`` a name a line in class order,
+    ``.json``/``.yaml`` a list or a mapping old name or index → name) or the list or
+    mapping inline. Default: the dataset's own names (folder names cleaned)."""
     shots: int | list[int] = 16
     """Shots per class; a list runs a few-shot ladder (every K, every seed)."""
     val_shots: int | None = Field(None, ge=1)

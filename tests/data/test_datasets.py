@@ -246,6 +246,45 @@ def test_datasets_without_a_split_get_a_fixed_holdout(monkeypatch, tmp_path):
     assert np.array_equal(np.asarray(again.images), np.asarray(test.images))
 
 
+class _FakeCaltech(_FakeFood):
+    def __init__(self, root, **arguments):
+        super().__init__(root, split="train")
+        self.classes = None
+        self.categories = ["Faces", "Faces_easy", "Leopards", "airplanes", "sea_horse"]
+        self.y = [i % 5 for i in range(50)]
+        self._labels = self.y
+
+
+@pytest.mark.parametrize(
+    ("dataset", "raw", "coop"),
+    [
+        ("eurosat", ["AnnualCrop", "SeaLake"], ["Annual Crop Land", "Sea or Lake"]),
+        ("stanford_cars", ["AM General Hummer SUV 2000"], ["2000 AM General Hummer SUV"]),
+        (
+            "sun397",
+            ["apartment_building/outdoor", "abbey"],
+            ["outdoor apartment building", "abbey"],
+        ),
+    ],
+)
+def test_coop_class_names(dataset, raw, coop):
+    from vlmlab.data._torchvision import COOP_SOURCES, coop_class_names
+
+    assert coop_class_names(COOP_SOURCES[dataset], raw) == (coop, list(range(len(raw))))
+
+
+def test_caltech101_drops_faces_easy_like_coop(monkeypatch, tmp_path):
+    from vlmlab.data import _torchvision
+
+    monkeypatch.setattr(_torchvision, "build_torchvision_dataset", lambda s, r, a: _FakeCaltech(r))
+    train = load_dataset("caltech101", "train", root=tmp_path)
+    test = load_dataset("caltech101", "test", root=tmp_path)
+    assert train.class_names == ["face", "leopard", "airplane", "sea horse"]
+    assert len(train) + len(test) == 40  # Faces_easy's 10 images are gone
+    assert set(train.labels.tolist()) == {0, 1, 2, 3}
+    assert np.bincount(test.labels).tolist() == [4, 4, 4, 4]
+
+
 def test_coop_dataset_unavailable_says_what_to_do(monkeypatch, tmp_path):
     from vlmlab.data import _torchvision
 
@@ -257,3 +296,26 @@ def test_coop_dataset_unavailable_says_what_to_do(monkeypatch, tmp_path):
         load_dataset("stanford_cars", "test", root=tmp_path)
     with pytest.raises(DatasetUnavailableError, match=r"dtd.*download it once.*fashion-mnist"):
         load_dataset("dtd", "train", root=tmp_path)
+
+
+def test_augmented_views_are_seeded_crops_of_the_same_shape(fashion_test):
+    from vlmlab.data import augmented_view
+
+    small = fashion_test.subset(stratified_subset(fashion_test.labels, 20, seed=0))
+    a = augmented_view(small, seed=1, view=0)
+    assert a.images.shape == small.images.shape and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, augmented_view(small, seed=1, view=0).images)
+    assert not np.array_equal(a.images, augmented_view(small, seed=1, view=1).images)
+    assert not np.array_equal(a.images, small.images)
+    assert np.array_equal(a.labels, small.labels)
+    assert a.image_set().meta["augmentation"] == {
+        "seed": 1,
+        "view": 0,
+        "scale": [0.5, 1.0],
+        "flip": True,
+    }
+    # scale (1, 1) without flips keeps every full-area crop close to the original
+    whole = augmented_view(small, seed=1, view=0, scale=(1.0, 1.0), flip=False)
+    assert np.abs(whole.images.astype(int) - small.images.astype(int)).mean() < 8
+    with pytest.raises(ValueError, match="augmentation scale"):
+        augmented_view(small, seed=1, view=0, scale=(0.0, 1.0))

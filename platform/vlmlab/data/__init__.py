@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from vlmlab.data._augment import augmented_view
 from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
 from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
@@ -28,6 +29,7 @@ __all__ = [
     "ClassPartition",
     "FewShotSplit",
     "ImageDataset",
+    "augmented_view",
     "class_indices",
     "few_shot_split",
     "list_datasets",

@@ -72,4 +72,6 @@ class ImageDataset:
         meta: dict[str, Any] = {"dataset": self.name, "split": self.split}
         if self.indices is not None:
             meta["indices"] = self.indices.tolist()
+        if "augmentation" in self.meta:
+            meta["augmentation"] = self.meta["augmentation"]
         return ImageSet(np.asarray(self.images), meta)  # lazy images decode here

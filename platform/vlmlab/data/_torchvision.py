@@ -7,6 +7,13 @@ through ``imagefolder``. These splits are large (Food101 alone is ~100k
 photos), so images are decoded only for the rows a run uses: the k-shot
 sample and the test subset. Labels come from the dataset's index, unread.
 
+Class names are CoOp's (the ones CraFT's prompts read, from CoOp's split
+files): EuroSAT's land-use names ("Annual Crop Land" ...), Caltech101 without
+``Faces_easy`` (100 classes; torchvision already drops ``BACKGROUND_Google``)
+and with singular names, Stanford Cars with the year first, SUN397 with the
+qualifier first ("outdoor apartment building"). ImageNet keeps torchvision's
+first synonym; CLIP's hand-picked names come through ``data.class_names``.
+
 Datasets without an official train/test split (Caltech101, SUN397, EuroSAT)
 are split here deterministically: 40 % of each class, chosen by a fixed seed,
 is the test split. This is not CoOp's split files; for exact protocol, lay
@@ -38,10 +45,51 @@ class TorchvisionSource:
     """Our split -> constructor arguments; None: no official split (held out here)."""
     description: str
     downloadable: bool = True
+    rename: Callable[[str], str] | None = None
+    """torchvision's class name -> CoOp's (after ``_`` became a space)."""
+    drop: tuple[str, ...] = ()
+    """torchvision classes CoOp leaves out (their images are dropped, labels renumbered)."""
+
+
+EUROSAT_COOP_NAMES = {
+    "AnnualCrop": "Annual Crop Land",
+    "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings",
+    "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land",
+    "Residential": "Residential Buildings",
+    "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+CALTECH101_COOP_NAMES = {
+    "airplanes": "airplane",
+    "Faces": "face",
+    "Leopards": "leopard",
+    "Motorbikes": "motorbike",
+}
+
+
+def _year_first(name: str) -> str:
+    """Stanford Cars as CoOp names them: ``AM General Hummer SUV 2000`` -> ``2000 AM ...``."""
+    *model, year = name.split(" ")
+    return " ".join([year, *model]) if model and year.isdigit() else name
+
+
+def _qualifier_first(name: str) -> str:
+    """SUN397 as CoOp names them: ``apartment building/outdoor`` -> ``outdoor apartment building``."""
+    return " ".join(reversed(name.split("/")))
 
 
 COOP_SOURCES: dict[str, TorchvisionSource] = {
-    "caltech101": TorchvisionSource("Caltech101", None, "Caltech101, 101 objects + background"),
+    "caltech101": TorchvisionSource(
+        "Caltech101",
+        None,
+        "Caltech101, 100 objects (CoOp: no Faces_easy)",
+        rename=lambda name: CALTECH101_COOP_NAMES.get(name, name),
+        drop=("Faces_easy", "BACKGROUND_Google"),
+    ),
     "oxford_pets": TorchvisionSource(
         "OxfordIIITPet",
         {"train": {"split": "trainval"}, "test": {"split": "test"}},
@@ -52,6 +100,7 @@ COOP_SOURCES: dict[str, TorchvisionSource] = {
         {"train": {"split": "train"}, "test": {"split": "test"}},
         "Stanford Cars, 196 models (torchvision cannot download it: give root)",
         downloadable=False,
+        rename=_year_first,
     ),
     "food101": TorchvisionSource(
         "Food101", {"train": {"split": "train"}, "test": {"split": "test"}}, "Food-101"
@@ -61,11 +110,16 @@ COOP_SOURCES: dict[str, TorchvisionSource] = {
         {"train": {"split": "trainval"}, "test": {"split": "test"}},
         "FGVC Aircraft, 100 variants",
     ),
-    "sun397": TorchvisionSource("SUN397", None, "SUN397 scenes"),
+    "sun397": TorchvisionSource("SUN397", None, "SUN397 scenes", rename=_qualifier_first),
     "dtd": TorchvisionSource(
         "DTD", {"train": {"split": "train"}, "test": {"split": "test"}}, "DTD textures, 47"
     ),
-    "eurosat": TorchvisionSource("EuroSAT", None, "EuroSAT satellite images, 10 land uses"),
+    "eurosat": TorchvisionSource(
+        "EuroSAT",
+        None,
+        "EuroSAT satellite images, 10 land uses",
+        rename=lambda name: EUROSAT_COOP_NAMES.get(name, name),
+    ),
     "imagenet": TorchvisionSource(
         "ImageNet",
         {"train": {"split": "train"}, "test": {"split": "val"}},
@@ -111,12 +165,19 @@ def _labels_of(dataset: Any) -> np.ndarray:
     raise TypeError(f"{type(dataset).__name__}: cannot read labels without decoding images")
 
 
-def _class_names_of(dataset: Any) -> list[str]:
+def _raw_class_names(dataset: Any) -> list[str]:
     names = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
     if names is None:
         raise TypeError(f"{type(dataset).__name__} carries no class names")
     # ImageNet lists synonyms per class: the first one prompts best.
-    return [(n[0] if isinstance(n, tuple) else n).replace("_", " ") for n in names]
+    return [n[0] if isinstance(n, tuple) else n for n in names]
+
+
+def coop_class_names(source: TorchvisionSource, raw: list[str]) -> tuple[list[str], list[int]]:
+    """CoOp's prompt names for ``raw`` torchvision classes, and which raw labels are kept."""
+    kept = [label for label, name in enumerate(raw) if name not in source.drop]
+    rename = source.rename or (lambda name: name)
+    return [rename(raw[label]).replace("_", " ") for label in kept], kept
 
 
 def holdout_rows(labels: np.ndarray, split: str, seed: int = 0) -> np.ndarray:
@@ -159,9 +220,12 @@ def load_coop_dataset(
             f"{name} could not be loaded from {folder} ({error}); {how}. Offline, use "
             f"'{OFFLINE_DATASET}' or your own photos through 'imagefolder'"
         ) from error
-    labels = _labels_of(dataset)
+    names, kept = coop_class_names(source, _raw_class_names(dataset))
+    raw_labels = _labels_of(dataset)
+    renumber = np.full(max(raw_labels.max(initial=0) + 1, len(kept)) + 1, -1, dtype=np.int64)
+    renumber[kept] = np.arange(len(kept))
+    labels = renumber[raw_labels]  # -1: a class CoOp leaves out
     rows = np.arange(len(labels)) if source.splits is not None else holdout_rows(labels, split)
+    rows = rows[labels[rows] >= 0]
     images = LazyImages(lambda row: square_crop(dataset[row][0], image_size), rows, image_size)
-    return ImageDataset(
-        name, split, images, labels[rows], _class_names_of(dataset), meta={"root": str(folder)}
-    )
+    return ImageDataset(name, split, images, labels[rows], names, meta={"root": str(folder)})

@@ -351,7 +351,7 @@ def run_trial(
 
     if not evaluations:  # resumed at the very end: nothing ran in this process
         evaluations = evaluate()
-    zero_shot = {split: trial.reference(split, spec.zeroshot_prompt) for split in ("test", "val")}
+    zero_shot = {split: trial.reference(split, spec.prompt_phrase) for split in ("test", "val")}
     evaluations = {
         **evaluations,
         "zeroshot_test": zero_shot["test"],

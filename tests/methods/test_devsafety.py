@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,8 @@ def test_per_class_accuracy_marks_absent_classes():
 
 
 # The quickstart's recipe, scaled down: 60 training and 20 validation images a
-# class, 500 test images, w_old = the projection fitted to the protected classes.
+# class, 500 test images, w_old = the projection fitted to the protected classes;
+# everything else is the official default.
 SMALL = {"trainable": "target_heads", "base_epochs": 25, "beta": 1000.0, "epochs": 30}
 
 
@@ -115,19 +117,20 @@ def test_weakest_class_is_the_target_and_the_rest_protected(three_methods):
 
 @pytest.mark.slow
 def test_constrained_improves_the_target_and_keeps_the_protected(three_methods):
-    # Measured (seed 1, 500 test images): constrained gain +0.46 with DevSafety 0.00;
-    # finetune +1.00 / -0.88; weighted +0.80 / -0.06. Seeds 2-3 gave gains of
-    # +0.06 / +0.12, both with DevSafety 0.00 (one test image a class is 0.02).
+    # Measured with the official defaults (contrastive objective, mean_k max(beta u, 0)
+    # L_k tau, constraints at 1/tau, paired w_old losses), 500 test images:
+    # constrained gains +0.60 / +0.38 / +0.44 (seeds 1-3) with DevSafety 0.00 / -0.02 /
+    # -0.02 (one test image a class is 0.02); finetune +1.00 / -0.86; weighted +0.36 / 0.00.
     constrained = three_methods["constrained"].evaluate("test")
     finetune = three_methods["finetune"].evaluate("test")
     weighted = three_methods["weighted"].evaluate("test")
-    assert constrained["target_gain"] >= 0.2
+    assert constrained["target_gain"] >= 0.3
     assert constrained["devsafety"] >= -0.02
     assert finetune["target_gain"] >= 0.9 and finetune["devsafety"] <= -0.5
-    assert weighted["devsafety"] < constrained["devsafety"]
+    assert weighted["target_gain"] < constrained["target_gain"] - 0.1
     # The constraints hold on the control set up to the penalty's small slack.
     assert float(three_methods["constrained"].constraint_values().max()) < 0.05
-    assert float(three_methods["finetune"].constraint_values().max()) > 1.0
+    assert float(three_methods["finetune"].constraint_values().max()) > 0.5
 
 
 @pytest.mark.slow
@@ -184,7 +187,10 @@ def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fas
     method = DevSafety(model, task, config, seed=1)
     while not method.done:
         record = method.step()
-    assert record.metrics["train"]["target_loss"] > 0 and method.images_seen == 2 * 40
+    # The contrastive objective may go below zero (as the official loss does).
+    assert np.isfinite(record.metrics["train"]["target_loss"])
+    # 2 epochs x 3 steps (40 images / 16) of 16 target-batch rows + 9 classes x 10 control rows
+    assert method.images_seen == 2 * 3 * (16 + 9 * 10)
     assert not torch.equal(model.tower.ln_final.weight, tower_before)
     state = method.state_dict()["model"]
     assert "tower.ln_final.weight" in state and state["head_b"].abs().sum() > 0
@@ -197,3 +203,67 @@ def test_open_clip_runs_with_its_text_tower_training(vit_b32, fashion_train, fas
         "acc",
         "safe_gain",
     }
+
+
+# ------------------------------------------------- the official protocol, pinned
+@pytest.fixture(scope="module")
+def tiny_task(conse, fashion_train, fashion_test):
+    test = fashion_test.subset(stratified_subset(fashion_test.labels, 50, seed=0))
+
+    def build(**config):
+        model = FineTunableModel(conse, fashion_train.class_names, rank=2, seed=1)
+        task = make_devsafety_data(
+            model, fashion_train, test, per_class=6, val_per_class=2, seed=1, target=["bag"]
+        )
+        defaults = {"epochs": 3, "batch_size": 8, "steps_per_epoch": 1, "control_per_class": 3}
+        return DevSafety(model, task, DevSafetyConfig(**{**defaults, **config}), seed=1)
+
+    return build
+
+
+def test_official_penalty_is_zero_until_violated_then_beta_u_tau(tiny_task):
+    method = tiny_task(beta=100.0, tau=0.05)
+    method.estimates = torch.linspace(-0.4, 0.4, len(method.task.protected))
+    weights = method.penalty_weights()
+    u = method.estimates
+    assert torch.equal(weights[u <= 0], torch.zeros(int((u <= 0).sum())))
+    assert torch.allclose(weights[u > 0], 100.0 * u[u > 0] * 0.05)
+    smoothed = tiny_task(beta=100.0, tau=0.05, penalty="smoothed")
+    smoothed.estimates = torch.zeros(len(smoothed.task.protected))
+    # The smoothed hinge pushes back before a violation: beta tau softplus(0) sigmoid(0) > 0.
+    assert torch.allclose(
+        smoothed.penalty_weights(), torch.full_like(smoothed.estimates, 1.733), atol=1e-3
+    )
+
+
+def test_constraints_pair_each_sample_with_its_w_old_loss_and_start_at_the_first_value(tiny_task):
+    method = tiny_task()
+    method.step()  # the first step scores w_old itself: every paired difference is exactly 0
+    assert bool(method.estimated.all())  # every protected class is in each control batch
+    assert torch.equal(method.estimates, torch.zeros_like(method.estimates))
+    shifted = tiny_task()
+    shifted.old_sample_losses = shifted.old_sample_losses - 1.0
+    shifted.step()  # first value used as it is (a moving average from 0 would give 0.8)
+    assert torch.allclose(shifted.estimates, torch.ones_like(shifted.estimates))
+
+
+def test_control_batches_are_class_balanced_and_never_hold_the_target(tiny_task):
+    method = tiny_task(control_classes=3, control_per_class=2)
+    labels = method.task.train_labels
+    for _ in range(5):
+        rows = method._control_rows()
+        counts = torch.bincount(labels[rows], minlength=10)
+        assert len(rows) == 6 and sorted(counts[counts > 0].tolist()) == [2, 2, 2]
+        assert counts[8] == 0  # bag is the target
+
+
+def test_contrastive_objective_trains_the_target_head(tiny_task):
+    method = tiny_task(objective="contrastive", trainable="target_heads", lr=0.05, epochs=4)
+    before = method.model.class_embeddings().detach().clone()
+    while not method.done:
+        record = method.step()
+    after = method.model.class_embeddings().detach()
+    moved = (after - before).norm(dim=-1)
+    assert moved[8] > 0 and torch.equal(moved[:8], torch.zeros(8))
+    assert bool((method.image_averages[method._positives] > 0).any())
+    assert np.isfinite(record.metrics["train"]["target_loss"])

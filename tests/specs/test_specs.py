@@ -90,9 +90,14 @@ MALFORMED = [
         "method.trainable: got 'backbone'",
     ),
     (
-        {"task": "devsafety", "method": {"prompt": "a photo"}},
-        "method.prompt: got 'a photo'; must contain '{}'",
+        {"task": "devsafety", "prompt": "a photo"},
+        "prompt: got 'a photo'; must contain '{}' exactly once",
     ),
+    (
+        {"task": "craft", "prompt": "a photo of a {}, a type of pet."},
+        "prompt: the craft task learns the words before the class name",
+    ),
+    ({"prompt": "{}."}, "prompt: the forgetting task learns the words before the class name"),
     (
         {"task": "devsafety", "data": {"target": [2, 2]}},
         "data.target: got [2, 2]; must be distinct",
@@ -117,7 +122,7 @@ MALFORMED = [
     ),
     (
         {"task": "craft", "method": {"name": "craft", "sigmaa": 1}},
-        "method.sigmaa: unknown field; allowed: name, init_phrase",
+        "method.sigmaa: unknown field; allowed: name, latent_dim",
     ),
     ({"task": "craft", "method": {"popsize": 1}}, "method.popsize: got 1"),
     ({"task": "craft", "method": {"lr": 0}}, "method.lr: got 0"),
@@ -129,7 +134,7 @@ MALFORMED = [
     ),
     (
         {"task": "craft", "budget": {"by_shots": {16: 30}}},
-        "budget.by_shots: 30 queries (16-shot) cannot pay for one generation (41 queries",
+        "budget.by_shots: 30 queries (16-shot) cannot pay for one generation (40 queries",
     ),
     (
         {"budget": {"max_queries": 100, "by_shots": {16: 100}}},

@@ -52,8 +52,16 @@ class CmaStrategy:
             raise ValueError(
                 f"need dim >= 1, popsize >= 2, sigma > 0; got {dim}, {popsize}, {sigma}"
             )
+        # Step-size adaptation as the official BBT / BBF / CraFT code ran it (pycma 3):
+        # TPA only for a diagonal ES above 299 variables, else CSA. pycma 4 moved every
+        # ES of 300+ variables to TPA (CraFT's 512-dim search among them), which also
+        # forbids a second ask() before tell(), as CraFT's head prompt does.
+        tpa = diagonal and dim > 299
         options = {
             "popsize": popsize,
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaTPA
+            if tpa
+            else cma.sigma_adaptation.CMAAdaptSigmaCSA,
             "randn": _GeneratorRandn(seed),
             "seed": math.nan,  # unused: sampling goes through randn
             "verbose": -9,
@@ -85,6 +93,12 @@ class CmaStrategy:
     @property
     def mean(self) -> np.ndarray:
         return np.array(self._es.mean, copy=True)
+
+    @property
+    def best(self) -> np.ndarray | None:
+        """The best candidate told so far (pycma's ``result.xbest``); None before any."""
+        best = self._es.result.xbest
+        return None if best is None else np.array(best, dtype=float, copy=True)
 
     @property
     def sigma(self) -> float:

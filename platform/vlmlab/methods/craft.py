@@ -8,20 +8,35 @@ Two modules learn together, through prompts and outputs only:
 - the **prediction-refinement module**: ``refined = logits + MLP(logits)``,
   an MLP C -> 256 -> C trained with Adam on the oracle's logits.
 
-Per generation (:meth:`Craft.step`): one oracle call scores the population
-and the ES mean together on the k-shot training set (P + 1 queries); each
-candidate's fitness is ``CE(logits, y) + w KL(softmax(refined) || softmax(logits))``;
-then one refinement epoch trains the MLP on the mean's logits with
-``CE(refined, y) + w KL(softmax(logits) || softmax(refined))``. The
-refinement loss's consistency term is active while the queries spent are at
-most ``budget / consistency_cutoff``; the fitness keeps its weight throughout
-(the official ``main_craft.py``). The test prediction is the refined logits of
-the ES mean prompt.
+Per generation (:meth:`Craft.step`), as the official ``main_craft.py`` does by
+default (``head_data="views"``):
 
-Black-box note: the paper trains the refinement on augmented image features;
-an oracle returns only logits, so here each refinement epoch runs over the
-logits of every prompt of the generation (the population and the mean) on the
-training images: the prompts act as augmented views (our choice).
+1. one oracle call scores the P candidates on the k-shot training set, seen
+   through one fixed augmented view (``fitness_images="augmented"``); each
+   candidate's fitness is ``CE(logits, y) + w KL(softmax(refined) || softmax(logits))``;
+   P queries are charged to the budget, so a budget B runs B // P generations;
+2. the **head prompt** is chosen: the mean of a fresh, unscored ``ask()``
+   sample (``head_prompt="sample_mean"``, ``main_craft.py``), the best candidate
+   so far (``"xbest"``, the ImageNet script) or the ES mean (``"mean"``);
+3. one refinement epoch (batches of ``refine_batch``) trains the MLP on that
+   prompt's logits over a freshly augmented view of the training images
+   (RandomResizedCrop(scale) + flip), with
+   ``CE(refined, y) + w KL(softmax(logits) || softmax(refined))``. Its query is
+   counted under ``<budget key>:head``, outside the budget, as the official
+   code does not charge it. ``views`` = K registers K views (each once, lazily)
+   and cycles them; None draws a new one every generation, as the official code.
+
+The consistency term of the refinement loss is on while the budget queries
+spent, this generation's included, are at most ``budget // consistency_cutoff``
+(official: ``steps += popsize`` comes before the check); the fitness keeps its
+weight throughout. The result is the head prompt, refined, at the final step.
+
+``head_data="prompts"`` is vlmlab's earlier black-box reading, kept as a named
+option: the ES mean is scored with its population (P + 1 budget queries a
+generation), and the refinement epoch runs over the logits of all P + 1
+prompts on the un-augmented training images (the prompts act as augmented
+views: 41x the rows, needs no image augmentation from the oracle), and the
+result is the ES mean prompt.
 
 Variants (ablations): ``craft``, ``prompt_only`` (no refinement module),
 ``refine_only`` (the fixed initial prompt, refinement only) and
@@ -31,6 +46,7 @@ Variants (ablations): ``craft``, ``prompt_only`` (no refinement module),
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -40,13 +56,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmlab.data import ImageDataset, few_shot_split
+from vlmlab.data import ImageDataset, augmented_view, few_shot_split
 from vlmlab.methods._cma import CmaStrategy
 from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle
 
 Variant = Literal["craft", "prompt_only", "refine_only", "no_consistency"]
 VARIANTS: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consistency")
+HeadData = Literal["views", "prompts"]
+HeadPrompt = Literal["sample_mean", "xbest", "mean"]
+FitnessImages = Literal["augmented", "plain"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,9 @@ class CraftConfig:
     init_phrase: str = "a photo of a"
     latent_dim: int = 512
     projection_std: float = 0.2
+    projection_init: Literal["normal", "uniform"] = "normal"
+    """normal: A ~ N(0, projection_std) (main_craft.py); uniform: torch's default Linear
+    init, U(+-1/sqrt(latent_dim)) (main_craft_imagenet.py, which ignores std)."""
     popsize: int = 40
     sigma: float = 1.0
     bounds: float | None = 5.0
@@ -68,21 +90,51 @@ class CraftConfig:
     (the fitness keeps its term throughout)."""
     refine_batch: int = 256
     budget: int = 8000
+    head_data: HeadData = "views"
+    """views: the head prompt's logits on augmented images (official); prompts: every
+    prompt's logits on the plain images (vlmlab's earlier reading)."""
+    head_prompt: HeadPrompt = "sample_mean"
+    views: int | None = None
+    """Augmented views to register and cycle; None: a new one each generation (official)."""
+    augment_scale: tuple[float, float] = (0.5, 1.0)
+    fitness_images: FitnessImages = "augmented"
+
+    @property
+    def queries_per_generation(self) -> int:
+        """Budget queries a generation: P (views) or P + 1 (prompts: the ES mean too)."""
+        return self.popsize + (1 if self.head_data == "prompts" else 0)
+
+    @property
+    def generations(self) -> int:
+        """``budget // queries_per_generation``: the official maxiter = budget // popsize."""
+        return self.budget // self.queries_per_generation
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.popsize < 2 or self.latent_dim < 1 or self.hidden < 1:
             raise ValueError("popsize >= 2, latent_dim >= 1 and hidden >= 1 are required")
-        if self.budget < self.popsize + 1:
+        if self.budget < self.queries_per_generation:
             raise ValueError(
-                f"budget {self.budget} cannot pay for one generation ({self.popsize + 1} queries)"
+                f"budget {self.budget} cannot pay for one generation "
+                f"({self.queries_per_generation} queries)"
+            )
+        if self.views is not None and self.views < 1:
+            raise ValueError(
+                f"views must be >= 1 (or None for one per generation), got {self.views}"
+            )
+        low, high = self.augment_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"augment_scale must satisfy 0 < low <= high <= 1, got {self.augment_scale}"
             )
         if self.consistency_weight < 0 or self.consistency_cutoff < 1:
             raise ValueError("consistency_weight must be >= 0 and consistency_cutoff >= 1")
 
 
 HEAD_PREFIX = "refinement."
+FITNESS_VIEW = 2**31 - 1
+"""The view index of the fixed augmented view candidates are scored on (head views count from 0)."""
 
 
 class RefinementHead(nn.Module):
@@ -136,6 +188,8 @@ class CraftData:
     test_labels: np.ndarray
     val: ImageSetRef | None = None
     val_labels: np.ndarray | None = None
+    train_images: ImageDataset | None = None
+    """The k-shot pixels, for augmented views of the refinement head (None: no views)."""
 
     def split(self, name: str) -> tuple[ImageSetRef, np.ndarray]:
         if name == "test":
@@ -157,15 +211,28 @@ def make_craft_data(
     shots: int,
     seed: int,
     val_shots: int | None = None,
+    fitness_view: tuple[float, float] | None = None,
 ) -> CraftData:
-    """Sample k-shot train and validation sets from ``train``; register every split."""
+    """Sample k-shot train and validation sets from ``train``; register every split.
+
+    Args:
+        fitness_view: an augmentation scale: candidates are then scored on one
+            fixed augmented view of the training images (the official code's
+            rule), else on the images as they are.
+    """
     if train.class_names != test.class_names:
         raise ValueError("train and test splits disagree on class names")
     split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
     train_set, val_set = train.subset(split.train), train.subset(split.val)
+    scored = (
+        train_set
+        if fitness_view is None
+        else augmented_view(train_set, seed=seed, view=FITNESS_VIEW, scale=fitness_view)
+    )
     return CraftData(
         class_names=list(train.class_names),
-        train=oracle.register_images(train_set.image_set()),
+        train_images=train_set,
+        train=oracle.register_images(scored.image_set()),
         train_labels=train_set.labels,
         test=oracle.register_images(test.image_set()),
         test_labels=test.labels,
@@ -194,11 +261,13 @@ class Craft:
         self.n_context = self.p0.shape[0]
         seeds = np.random.SeedSequence(seed).spawn(3)
         rng = np.random.default_rng(seeds[0])
-        self.projection = torch.from_numpy(
-            rng.normal(
-                0.0, config.projection_std, (self.n_context * meta.token_dim, config.latent_dim)
-            ).astype(np.float32)
-        )
+        shape = (self.n_context * meta.token_dim, config.latent_dim)
+        if config.projection_init == "uniform":
+            bound = 1.0 / math.sqrt(config.latent_dim)
+            projection = rng.uniform(-bound, bound, shape)
+        else:
+            projection = rng.normal(0.0, config.projection_std, shape)
+        self.projection = torch.from_numpy(projection.astype(np.float32))
         self.strategy = CmaStrategy(
             config.latent_dim,
             popsize=config.popsize,
@@ -213,14 +282,19 @@ class Craft:
             self.head = RefinementHead(len(task.class_names), config.hidden)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr)
         self.labels = torch.from_numpy(task.train_labels.astype(np.int64))
-        # Every mode runs as many generations (refinement epochs) as CraFT affords;
-        # refine_only spends a single query on the fixed prompt's logits.
-        self.generations = config.budget // (config.popsize + 1)
+        if config.head_data == "views" and task.train_images is None:
+            raise ValueError("head_data='views' needs the training pixels (CraftData.train_images)")
+        # Every mode runs as many generations (refinement epochs) as CraFT affords.
+        self.generations = config.generations
+        self.head_key = f"{budget_key}:head"
         oracle.ledger.set_budget(budget_key, config.budget)
         self.generation = 0
         self.queries_used = 0
         self.images_scored = 0
-        self._fixed_logits: torch.Tensor | None = None  # refine_only: the one query's logits
+        self.head_queries = 0
+        self._head_latent: np.ndarray | None = None  # views mode: the head (and result) prompt
+        self._view_refs: dict[int, ImageSetRef] = {}
+        self._fixed_logits: torch.Tensor | None = None  # prompts-mode refine_only's one query
 
     # ---------------------------------------------------------------- prompts
     def contexts(self, latents: np.ndarray) -> torch.Tensor:
@@ -228,15 +302,20 @@ class Craft:
         return self.p0 + (z @ self.projection.T).view(len(z), self.n_context, -1)
 
     def mean_contexts(self) -> torch.Tensor:
+        """The result prompt: the head prompt (views) or the ES mean (prompts); p0 at first."""
         if self.config.variant == "refine_only":
             return self.p0.unsqueeze(0)
+        if self.config.head_data == "views":
+            if self._head_latent is None:
+                return self.p0.unsqueeze(0)
+            return self.contexts(self._head_latent[None])
         return self.contexts(self.strategy.mean[None])
 
     def _consistency_on(self) -> bool:
         config = self.config
         if config.variant == "no_consistency":
             return False
-        return self.queries_used <= config.budget / config.consistency_cutoff
+        return self.queries_used <= config.budget // config.consistency_cutoff
 
     @property
     def done(self) -> bool:
@@ -247,45 +326,8 @@ class Craft:
         """One generation: one oracle call, an ES update, one refinement epoch."""
         if self.done:
             raise RuntimeError(f"all {self.generations} generations have run")
-        config = self.config
-        # The cutoff (budget / n) ends the refinement loss's consistency term only.
-        fitness_weight = 0.0 if config.variant == "no_consistency" else config.consistency_weight
-        weight = config.consistency_weight if self._consistency_on() else 0.0
-        record: dict[str, float] = {}
-        if config.variant == "refine_only":
-            if self._fixed_logits is None:
-                self._fixed_logits = self._query(self.p0.unsqueeze(0))
-                self.queries_used += 1
-                self.images_scored += len(self.labels)
-            views, mean_logits = self._fixed_logits, self._fixed_logits[0]
-        else:
-            latents = self.strategy.ask()
-            population = torch.cat([self.contexts(latents), self.mean_contexts()])
-            logits = self._query(population)
-            self.queries_used += len(population)
-            self.images_scored += len(population) * len(self.labels)
-            candidates, views, mean_logits = logits[:-1], logits, logits[-1]
-            ce = (
-                F.cross_entropy(
-                    candidates.reshape(-1, candidates.shape[-1]),
-                    self.labels.repeat(len(candidates)),
-                    reduction="none",
-                )
-                .view(len(candidates), -1)
-                .mean(1)
-            )
-            fitness = ce
-            if config.variant != "prompt_only" and fitness_weight > 0:
-                with torch.no_grad():
-                    refined = self.head(candidates)
-                fitness = ce + fitness_weight * _kl(refined, candidates)
-            self.strategy.tell(latents, fitness.double().numpy())
-            record["fitness_best"] = float(fitness.min())
-        if config.variant != "prompt_only":
-            record["refine_loss"] = self._refine_epoch(views, weight)
-        # The mean's logits came with this call: its training accuracy costs no query.
-        predictions = self.predict_logits(mean_logits).argmax(-1)
-        record["train_acc"] = float((predictions == self.labels).float().mean())
+        views = self.config.head_data == "views"
+        record = self._step_views() if views else self._step_prompts()
         self.generation += 1
         return StepRecord(
             generation=self.generation,
@@ -295,6 +337,106 @@ class Craft:
             summary=f"train acc {record['train_acc']:.3f}",
         )
 
+    def _fitness(self, candidates: torch.Tensor) -> torch.Tensor:
+        """CE on the training labels (+ w KL(refined || logits) unless prompt-only or w = 0)."""
+        config = self.config
+        ce = (
+            F.cross_entropy(
+                candidates.reshape(-1, candidates.shape[-1]),
+                self.labels.repeat(len(candidates)),
+                reduction="none",
+            )
+            .view(len(candidates), -1)
+            .mean(1)
+        )
+        weight = 0.0 if config.variant == "no_consistency" else config.consistency_weight
+        if config.variant == "prompt_only" or weight == 0:
+            return ce
+        with torch.no_grad():
+            refined = self.head(candidates)
+        return ce + weight * _kl(refined, candidates)
+
+    def _search(
+        self, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Score the population (plus ``extra`` prompts) in one call; tell the ES."""
+        latents = self.strategy.ask()
+        population = self.contexts(latents)
+        if extra is not None:
+            population = torch.cat([population, extra])
+        logits = self._query(population)
+        self.queries_used += len(population)
+        self.images_scored += len(population) * len(self.labels)
+        fitness = self._fitness(logits[: len(latents)])
+        self.strategy.tell(latents, fitness.double().numpy())
+        return logits, fitness, {"fitness_best": float(fitness.min())}
+
+    def _step_views(self) -> dict[str, float]:
+        config = self.config
+        record: dict[str, float] = {}
+        if config.variant != "refine_only":
+            candidates, fitness, record = self._search()
+            self._head_latent = self._choose_head_latent()
+        if config.variant == "prompt_only":  # no head query: the best candidate's accuracy
+            predictions = candidates[int(fitness.argmin())].argmax(-1)
+        else:
+            logits = self._head_logits()
+            weight = config.consistency_weight if self._consistency_on() else 0.0
+            record["refine_loss"] = self._refine_epoch(logits[None], weight)
+            predictions = self.predict_logits(logits).argmax(-1)
+        record["train_acc"] = float((predictions == self.labels).float().mean())
+        return record
+
+    def _choose_head_latent(self) -> np.ndarray:
+        choice = self.config.head_prompt
+        if choice == "sample_mean":  # main_craft.py: a fresh, unscored sample's mean
+            return np.asarray(self.strategy.ask().mean(0))
+        if choice == "xbest":  # main_craft_imagenet.py
+            best = self.strategy.best
+            assert best is not None  # a generation has been told
+            return best
+        return self.strategy.mean
+
+    def _head_logits(self) -> torch.Tensor:
+        """The result prompt's logits on this generation's augmented view (one head query)."""
+        view = self.generation if self.config.views is None else self.generation % self.config.views
+        ref = self._view_refs.get(view)
+        if ref is None:
+            assert self.task.train_images is not None
+            images = augmented_view(
+                self.task.train_images, seed=self.seed, view=view, scale=self.config.augment_scale
+            )
+            ref = self.oracle.register_images(images.image_set())
+            if self.config.views is not None:  # a cycled view is registered once
+                self._view_refs[view] = ref
+        logits = self.oracle.logits(
+            self.mean_contexts(), self.task.class_names, ref, budget_key=self.head_key
+        )[0]
+        self.head_queries += 1
+        self.images_scored += len(self.labels)
+        return logits
+
+    def _step_prompts(self) -> dict[str, float]:
+        config = self.config
+        record: dict[str, float] = {}
+        if config.variant == "refine_only":
+            if self._fixed_logits is None:
+                self._fixed_logits = self._query(self.p0.unsqueeze(0))
+                self.queries_used += 1
+                self.images_scored += len(self.labels)
+            views, mean_logits = self._fixed_logits, self._fixed_logits[0]
+        else:
+            views, _, record = self._search(extra=self.mean_contexts())
+            mean_logits = views[-1]
+        if config.variant != "prompt_only":
+            # As in the views mode: the cutoff counts this generation's queries too.
+            weight = config.consistency_weight if self._consistency_on() else 0.0
+            record["refine_loss"] = self._refine_epoch(views, weight)
+        # The mean's logits came with this call: its training accuracy costs no query.
+        predictions = self.predict_logits(mean_logits).argmax(-1)
+        record["train_acc"] = float((predictions == self.labels).float().mean())
+        return record
+
     def _query(self, contexts: torch.Tensor) -> torch.Tensor:
         task = self.task
         return self.oracle.logits(
@@ -302,11 +444,7 @@ class Craft:
         )
 
     def _refine_epoch(self, views: torch.Tensor, weight: float) -> float:
-        """One epoch over every (prompt, image) logit row of this generation's call.
-
-        The population's prompts act as augmented views of each image: an oracle
-        gives no image features to augment, only logits.
-        """
+        """One epoch, in shuffled batches, over every (prompt, image) logit row of ``views``."""
         logits = views.reshape(-1, views.shape[-1])
         all_labels = self.labels.repeat(len(views))
         order = torch.randperm(len(logits), generator=self._torch_rng)
@@ -387,6 +525,8 @@ class Craft:
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "torch_rng": self._torch_rng.get_state(),
             "fixed_logits": self._fixed_logits,
+            "head_latent": self._head_latent,
+            "head_queries": self.head_queries,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -400,6 +540,8 @@ class Craft:
         self.optimizer.load_state_dict(state["optimizer"])
         self._torch_rng.set_state(state["torch_rng"])
         self._fixed_logits = state["fixed_logits"]
+        self._head_latent = state["head_latent"]
+        self.head_queries = state["head_queries"]
         if self.oracle.ledger.usage(self.budget_key).queries == 0:
             self.oracle.ledger.set_budget(self.budget_key, self.config.budget - self.queries_used)
 

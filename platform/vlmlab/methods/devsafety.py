@@ -4,31 +4,46 @@ The problem (Li et al. 2024, "Model Developmental Safety")::
 
     minimize F(w)   subject to   L_k(w) - L_k(w_old) <= 0   for every protected class k
 
-``F`` is the cross-entropy of the target classes' training images; ``L_k`` is
-the mean cross-entropy of class ``k``'s training images (the control set),
-and ``L_k(w_old)`` is computed once, before development starts. Each step:
+Each step draws a **target batch** (``batch_size``: half target images, half
+negatives, the other classes' images) and a separate, class-balanced
+**control batch** (``control_classes`` protected classes x
+``control_per_class`` images), as the official ``train.py`` does. Defaults
+follow the official code (``GangLii/DevSafety``, ``loss.py`` / ``train.py``):
 
-- the constraint estimates move: ``u_k <- (1 - gamma) u_k + gamma (L_k(w) - L_k(w_old))``
-  (only for classes present in the mini-batch);
-- the update follows ``grad F + sum_k p_k grad L_k`` with ``p_k`` the derivative
-  of the penalty ``beta/2 [u_k]_+^2``. The hinge is smoothed with temperature
-  ``tau``: ``[u]_+ ~ tau softplus(u / tau)``, so
-  ``p_k = beta tau softplus(u_k / tau) sigmoid(u_k / tau)``; ``tau -> 0`` gives the
-  paper's ``max(beta u_k, 0)``. Our reading of "scaled by a temperature": the
-  smoothing starts pushing back slightly before a constraint is violated;
-- AdamW with a linear warm-up and a cosine decay.
+- ``L_k`` is class k's cross-entropy on the control batch with logits
+  ``cos / tau`` over all classes (``constraint_logits="tau"``); the w_old
+  losses are per sample, computed once before development, and paired with
+  the same samples: the constraint value is ``mean_i (l_i(w) - l_i(w_old))``
+  over class k's rows;
+- the estimates start at the first value, then move:
+  ``u_k <- (1 - gamma) u_k + gamma c_k`` (classes present in the batch);
+- the penalty (``penalty="official"``) adds
+  ``mean_k max(beta u_k, 0).detach() * L_k * tau`` over the protected classes
+  present: zero at ``u_k <= 0`` and ``beta u_k tau`` above.
+  ``penalty="smoothed"`` is vlmlab's earlier reading, kept as an option: the
+  derivative of ``beta/2 [u]_+^2`` with the hinge smoothed at temperature tau,
+  ``beta tau softplus(u/tau) sigmoid(u/tau)``, summed over the classes (it
+  pushes back slightly before a constraint is violated);
+- ``F`` (``objective``): ``contrastive`` is the official SogCLR-style loss
+  (temperature ``contrastive_t``, moving average ``contrastive_gamma``): each
+  target image against the negatives' captions and each negative image
+  against the target's caption; with no captions offline, a negative's caption
+  is its own class prompt through its own head. ``ce`` is the cross-entropy of
+  the target images over all classes;
+- AdamW with a linear warm-up (``warmup_steps``, or the ``warmup`` share of
+  all steps) and a cosine decay to zero.
 
 Baselines in this module: ``finetune`` (minimize F alone) and ``weighted``
 (F plus ``weight`` times the sum of the protected losses).
 
 The model is a :class:`~vlmlab.methods.FineTunableModel` with per-class
-low-rank heads. ``base_epochs > 0`` first develops ``w_old`` itself: the
-shared projection is fitted to the protected classes' training images (the
-model "as released" before this round, which never saw the target), so the
-protected tasks start strong and a regression is a real loss. Metrics
-(held-out): target accuracy and its gain over ``w_old``, each protected class's
-accuracy change, and DevSafety(acc) = the minimum of those changes (safe
-when >= 0).
+low-rank heads on the text projection (the official "LoRA" heads); the image
+tower stays frozen (its features are cached), where the official code trains
+all of CLIP. ``base_epochs > 0`` first develops ``w_old`` itself: the shared
+projection fitted to the protected classes' images (the official BDD runs
+start from a BDD-fine-tuned checkpoint instead). Metrics (held-out): target
+accuracy and its gain over ``w_old``, each protected class's accuracy change,
+and DevSafety(acc) = the minimum of those changes (safe when >= 0).
 """
 
 from __future__ import annotations
@@ -48,6 +63,9 @@ from vlmlab.methods._protocol import Metrics, StepRecord
 
 Variant = Literal["constrained", "finetune", "weighted"]
 VARIANTS: tuple[str, ...] = ("constrained", "finetune", "weighted")
+Penalty = Literal["official", "smoothed"]
+Objective = Literal["contrastive", "ce"]
+ConstraintLogits = Literal["tau", "model"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,19 @@ class DevSafetyConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1
     """Share of all steps spent warming the learning rate up from zero."""
+    warmup_steps: int | None = None
+    """Warm-up length in steps (the official 500); overrides ``warmup``."""
+    steps_per_epoch: int | None = None
+    """Steps an epoch (official: 600 BDD, 1600 Places); None: training images / batch_size."""
+    control_per_class: int = 10
+    control_classes: int | None = None
+    """Protected classes in each control batch (None: all of them)."""
+    objective: Objective = "contrastive"
+    contrastive_t: float = 0.05
+    contrastive_gamma: float = 0.8
+    penalty: Penalty = "official"
+    constraint_logits: ConstraintLogits = "tau"
+    """tau: constraint losses at logit scale 1/tau (official); model: the backend's scale."""
     rank: int = 32
     trainable: Trainable = "all"
     beta: float = 300.0
@@ -85,6 +116,22 @@ class DevSafetyConfig:
             raise ValueError("epochs, batch_size and rank must be >= 1, base_epochs >= 0")
         if not 0 < self.gamma <= 1 or self.tau < 0 or self.beta < 0 or not 0 <= self.warmup < 1:
             raise ValueError("need 0 < gamma <= 1, tau >= 0, beta >= 0 and 0 <= warmup < 1")
+        if self.tau == 0 and (self.penalty == "official" or self.constraint_logits == "tau"):
+            raise ValueError(
+                "tau must be > 0: the official penalty and constraint logits use 1/tau"
+            )
+        if self.batch_size < 2 or self.control_per_class < 1:
+            raise ValueError(
+                "batch_size must be >= 2 (half target, half negatives), control_per_class >= 1"
+            )
+        if self.control_classes is not None and self.control_classes < 1:
+            raise ValueError("control_classes must be >= 1 (or None for all protected classes)")
+        if (self.steps_per_epoch is not None and self.steps_per_epoch < 1) or (
+            self.warmup_steps is not None and self.warmup_steps < 0
+        ):
+            raise ValueError("steps_per_epoch must be >= 1 and warmup_steps >= 0")
+        if self.contrastive_t <= 0 or not 0 < self.contrastive_gamma <= 1:
+            raise ValueError("need contrastive_t > 0 and 0 < contrastive_gamma <= 1")
 
 
 @dataclass
@@ -182,8 +229,9 @@ def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
     return metrics["target_gain"] if devsafety >= -tolerance else -1.0 + devsafety
 
 
-def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
-    warm = max(1, round(warmup * total_steps))
+def _warmup_cosine(total_steps: int, warm: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warm`` steps, then a cosine decay to zero (official ``cosine_lr``)."""
+    warm = max(1, warm)
 
     def factor(step: int) -> float:
         if step < warm:
@@ -216,8 +264,9 @@ class DevSafety:
             self._develop_base()
         with torch.no_grad():
             self.old_embeddings = model.class_embeddings().detach().clone()
-            self.old_losses = self._class_losses(
-                model.logits(task.train_features), task.train_labels
+            # w_old's loss on every training image, once: constraints pair them per sample.
+            self.old_sample_losses = F.cross_entropy(
+                self._constraint_logits(task.train_features), task.train_labels, reduction="none"
             )
             self.old_accuracy = {
                 split: per_class_accuracy(
@@ -232,14 +281,28 @@ class DevSafety:
             groups.append({"params": [p for p in params if id(p) in tower], "lr": config.tower_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         steps = config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(steps, config.warmup)
+        warm = (
+            config.warmup_steps if config.warmup_steps is not None else round(config.warmup * steps)
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_cosine(steps, warm)
+        )
+        labels = task.train_labels
+        self._positives = torch.nonzero(self._is_target[labels]).flatten()
+        self._negatives = torch.nonzero(~self._is_target[labels]).flatten()
+        self._control_pools = [torch.nonzero(labels == k).flatten() for k in task.protected]
+        # Constraint estimates u_k (started at their first value) and the contrastive
+        # objective's per-image moving averages (s_I, s_T).
         self.estimates = torch.zeros(len(task.protected), device=model.device)
+        self.estimated = torch.zeros(len(task.protected), dtype=torch.bool, device=model.device)
+        self.image_averages = torch.zeros(len(labels), device=model.device)
+        self.text_averages = torch.zeros(len(labels), device=model.device)
 
     # ---------------------------------------------------------------- state
     @property
     def steps_per_epoch(self) -> int:
+        if self.config.steps_per_epoch is not None:
+            return self.config.steps_per_epoch
         return math.ceil(len(self.task.train_labels) / self.config.batch_size)
 
     @property
@@ -271,6 +334,9 @@ class DevSafety:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "estimates": self.estimates.cpu().clone(),
+            "estimated": self.estimated.cpu().clone(),
+            "image_averages": self.image_averages.cpu().clone(),
+            "text_averages": self.text_averages.cpu().clone(),
             "generator": self._generator.get_state(),
         }
 
@@ -279,14 +345,22 @@ class DevSafety:
         self.model.load_trainable_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.estimates = state["estimates"].to(self.model.device)
+        device = self.model.device
+        self.estimates = state["estimates"].to(device)
+        self.estimated = state["estimated"].to(device)
+        self.image_averages = state["image_averages"].to(device)
+        self.text_averages = state["text_averages"].to(device)
         self._generator.set_state(state["generator"])
 
     # ------------------------------------------------------------- training
-    def _class_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of each protected class's images (NaN where a class is absent)."""
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        return per_class_mean(losses, labels, len(self.task.class_names))[self._protected]
+    def _constraint_logits(
+        self, features: torch.Tensor, class_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits the constraints are scored with: ``cos / tau`` (official) or the model's."""
+        if self.config.constraint_logits == "model":
+            return self.model.logits(features, class_embeddings)
+        text = self.model.class_embeddings() if class_embeddings is None else class_embeddings
+        return features @ text.T / self.config.tau
 
     def _develop_base(self) -> None:
         """``w_old``: the projection fitted to the protected classes (the released model)."""
@@ -306,8 +380,14 @@ class DevSafety:
         model.requires_grad_(False)
 
     def penalty_weights(self) -> torch.Tensor:
-        """``p_k``: the smoothed-hinge penalty's derivative at the current estimates."""
+        """What multiplies each protected loss L_k at the current estimates.
+
+        official: ``max(beta u_k, 0) * tau`` (averaged over the classes present);
+        smoothed: ``beta tau softplus(u_k / tau) sigmoid(u_k / tau)`` (summed).
+        """
         beta, tau, u = self.config.beta, self.config.tau, self.estimates
+        if self.config.penalty == "official":
+            return (beta * u).clamp_min(0.0) * tau
         if tau == 0:
             return (beta * u).clamp_min(0.0)
         return beta * tau * F.softplus(u / tau) * torch.sigmoid(u / tau)
@@ -334,41 +414,108 @@ class DevSafety:
             summary=f"val gain {val['target_gain']:+.3f} DevSafety {val['devsafety']:+.3f}",
         )
 
+    def _draw(self, pool: torch.Tensor, count: int) -> torch.Tensor:
+        """``count`` rows of ``pool``: without replacement, reshuffled whenever it runs out."""
+        rows = [pool[torch.randperm(len(pool), generator=self._generator)]]
+        while sum(map(len, rows)) < count:
+            rows.append(pool[torch.randperm(len(pool), generator=self._generator)])
+        return torch.cat(rows)[:count]
+
+    def _control_rows(self) -> torch.Tensor:
+        """A class-balanced control batch: ``control_classes`` protected classes drawn
+        afresh, ``control_per_class`` images of each."""
+        config, pools = self.config, self._control_pools
+        n = (
+            len(pools)
+            if config.control_classes is None
+            else min(config.control_classes, len(pools))
+        )
+        chosen = torch.randperm(len(pools), generator=self._generator)[:n].sort().values
+        return torch.cat([self._draw(pools[int(k)], config.control_per_class) for k in chosen])
+
+    def _objective(
+        self, positives: torch.Tensor, negatives: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        """F on a target batch: the target images' CE, or the SogCLR-style contrastive loss."""
+        task, config = self.task, self.config
+        features, labels = task.train_features, task.train_labels
+        if config.objective == "ce":
+            return F.cross_entropy(self.model.logits(features[positives], text), labels[positives])
+        t, gamma = config.contrastive_t, config.contrastive_gamma
+        n_classes = len(task.class_names)
+        # One-hot products instead of indexing by label: repeated rows must not make the
+        # backward pass depend on thread timing (index backward accumulates).
+        pos_onehot = F.one_hot(labels[positives], n_classes).to(text.dtype)
+        neg_onehot = F.one_hot(labels[negatives], n_classes).to(text.dtype)
+        pos_sims = features[positives] @ text.T  # target images vs every class caption
+        neg_sims = features[negatives] @ text.T
+        anchor = (pos_sims * pos_onehot).sum(-1, keepdim=True)  # sim(img_i, txt_i)
+        image_diffs = pos_sims @ neg_onehot.T - anchor  # vs the negatives' captions
+        text_diffs = pos_onehot @ neg_sims.T - anchor  # target caption vs negative images
+        losses = []
+        for diffs, averages in (
+            (image_diffs, self.image_averages),
+            (text_diffs, self.text_averages),
+        ):
+            weights = torch.exp(diffs.detach() / t)
+            estimate = weights.mean(1)
+            if self.epoch > 0:  # the first epoch uses the batch's own estimate
+                estimate = (1 - gamma) * averages[positives] + gamma * estimate
+            averages[positives] = estimate
+            losses.append((weights / estimate[:, None] * diffs).mean())
+        return losses[0] + losses[1]
+
     def _train_epoch(self) -> dict[str, float]:
-        """One epoch of mini-batches; returns the epoch's training record."""
+        """One epoch of steps: a target batch and a control batch each; the training record."""
         if self.done:
             raise RuntimeError("this run has finished all its epochs")
         model, task, config = self.model, self.task, self.config
         features, labels = task.train_features, task.train_labels
+        n_protected = len(task.protected)
+        slot = torch.full((len(task.class_names),), -1, dtype=torch.long, device=model.device)
+        slot[self._protected] = torch.arange(n_protected, device=model.device)
+        half = config.batch_size // 2
         target_losses = []
-        for rows in torch.randperm(len(labels), generator=self._generator).split(config.batch_size):
-            rows = rows.to(model.device)
-            logits = model.logits(features[rows])
-            batch_labels = labels[rows]
-            on_target = self._is_target[batch_labels]
-            objective = (
-                F.cross_entropy(logits[on_target], batch_labels[on_target])
-                if on_target.any()
-                else logits.sum() * 0.0
-            )
+        for _ in range(self.steps_per_epoch):
+            positives = self._draw(self._positives, config.batch_size - half).to(model.device)
+            negatives = self._draw(self._negatives, half).to(model.device)
+            text = model.class_embeddings()
+            objective = self._objective(positives, negatives, text)
             loss = objective
+            seen = len(positives) + len(negatives)
             if config.variant != "finetune":
-                class_losses = self._class_losses(logits, batch_labels)
+                control = self._control_rows().to(model.device)
+                seen += len(control)
+                control_labels = labels[control]
+                sample_losses = F.cross_entropy(
+                    self._constraint_logits(features[control], text),
+                    control_labels,
+                    reduction="none",
+                )
+                classes = slot[control_labels]
+                class_losses = per_class_mean(sample_losses, classes, n_protected)
                 present = ~class_losses.isnan()
-                protected_loss = torch.where(present, class_losses, torch.zeros_like(class_losses))
+                current = class_losses[present]
                 if config.variant == "weighted":
-                    loss = loss + config.weight * protected_loss.sum()
+                    loss = loss + config.weight * current.sum()
                 else:
-                    change = (class_losses.detach() - self.old_losses).nan_to_num(0.0)
+                    paired = sample_losses.detach() - self.old_sample_losses[control]
+                    change = per_class_mean(paired, classes, n_protected)
+                    first = present & ~self.estimated
                     moved = (1 - config.gamma) * self.estimates + config.gamma * change
-                    self.estimates = torch.where(present, moved, self.estimates)
-                    loss = loss + (self.penalty_weights() * protected_loss).sum()
+                    self.estimates = torch.where(
+                        first, change, torch.where(present, moved, self.estimates)
+                    )
+                    self.estimated = self.estimated | present
+                    terms = self.penalty_weights()[present] * current
+                    penalty = terms.mean() if config.penalty == "official" else terms.sum()
+                    loss = loss + penalty
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             target_losses.append(float(objective.detach()))
-            self.images_seen += len(rows)
+            self.images_seen += seen
         self.epoch += 1
         constraints = self.constraint_values()
         return {
@@ -386,10 +533,16 @@ class DevSafety:
 
     # ------------------------------------------------------------- metrics
     def constraint_values(self) -> torch.Tensor:
-        """``L_k(w) - L_k(w_old)`` for each protected class, on the whole training set."""
+        """``L_k(w) - L_k(w_old)`` for each protected class, on all its training images."""
+        task = self.task
         with torch.no_grad():
-            logits = self.model.logits(self.task.train_features)
-            return self._class_losses(logits, self.task.train_labels) - self.old_losses
+            losses = F.cross_entropy(
+                self._constraint_logits(task.train_features), task.train_labels, reduction="none"
+            )
+            change = per_class_mean(
+                losses - self.old_sample_losses, task.train_labels, len(task.class_names)
+            )
+            return change[self._protected]
 
     def class_accuracy(self, split: str) -> torch.Tensor:
         features, labels = self.task.split(split)

@@ -65,7 +65,12 @@ class RunSpec(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     eval_every: int = Field(10, ge=1)
     """Test the best prompt so far, and checkpoint, every this many generations."""
-    zeroshot_prompt: str = Field("a photo of a", min_length=1)
+    prompt: str = "a photo of a {}."
+    """The class prompt template, ``{}`` the class name, for every task: soft-prompt tasks
+    (forgetting, craft) learn contexts in place of the words before ``{}`` (those words
+    are their zero-shot reference and CraFT's initial context) and need the template to
+    end in ``{}.``; white-box tasks (devsafety) encode it as it is
+    (e.g. ``the weather is {}.``)."""
     expected: dict[str, Any] | None = None
     """The paper's numbers for this setting, as a note; never used in computation."""
 
@@ -113,6 +118,18 @@ class RunSpec(StrictModel):
         if not _NAME.match(value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names result files)")
         return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError("must contain '{}' exactly once, where the class name goes")
+        return value
+
+    @property
+    def prompt_phrase(self) -> str:
+        """The template's words before the class name (``a photo of a``)."""
+        return self.prompt.split("{}")[0].strip()
 
     @field_validator("seeds")
     @classmethod
@@ -166,6 +183,12 @@ class RunSpec(StrictModel):
                         f"{field}: {budget} queries ({shots}-shot) cannot pay for one generation "
                         f"({per_generation} queries at method.popsize={self.method.popsize})"  # type: ignore[attr-defined]
                     )
+        if not task.white_box and (not self.prompt.endswith("{}.") or not self.prompt_phrase):
+            found.append(
+                f"prompt: the {self.task} task learns the words before the class name and "
+                f"the black box adds '.': the template must read '<words> {{}}.', got "
+                f"{self.prompt!r}"
+            )
         for i, overrides in enumerate(self.variants or []):
             if not isinstance(overrides, dict) or not overrides:
                 found.append(f"variants[{i}] must be a non-empty mapping of method fields")

@@ -3,9 +3,10 @@
 Spec section ``method`` (:class:`CraftMethodSpec`, the paper's defaults),
 metric ``acc`` (``runs`` columns ``test_acc`` ...), sweepable ``val_acc`` /
 ``test_acc``; the budget defaults to the paper's by shots; one generation
-costs ``popsize + 1`` queries (the ES mean is scored with its population);
-the result is the ES mean prompt and the refinement head at the final step;
-the report is accuracy by shots (K) and method.
+costs ``popsize`` budget queries (``popsize + 1`` with ``head_data: prompts``,
+which scores the ES mean too), so a budget B runs B // popsize generations as
+the official maxiter; the result is the head prompt and the refinement head
+at the final step; the report is accuracy by shots (K) and method.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ class CraftMethodSpec(MethodSpec):
     """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's."""
 
     name: Literal["craft", "prompt_only", "refine_only", "no_consistency"] = "craft"
-    init_phrase: str = Field("a photo of a", min_length=1)
     latent_dim: int = Field(512, ge=1)
     projection_std: float = Field(0.2, gt=0)
+    projection_init: Literal["normal", "uniform"] = "normal"
+    """normal: A ~ N(0, projection_std) (main_craft.py); uniform: torch's default Linear
+    init (main_craft_imagenet.py, which ignores std)."""
     popsize: int = Field(40, ge=2)
     sigma: float = Field(1.0, gt=0)
     bounds: float | None = Field(5.0, gt=0)
@@ -53,9 +56,28 @@ class CraftMethodSpec(MethodSpec):
     consistency_weight: float = Field(0.1, ge=0)
     consistency_cutoff: int = Field(1, ge=1)
     refine_batch: int = Field(256, ge=1)
+    head_data: Literal["views", "prompts"] = "views"
+    """views (official): the head learns from one prompt's logits on augmented images;
+    prompts (vlmlab's earlier reading): from every prompt's logits on the plain images."""
+    head_prompt: Literal["sample_mean", "xbest", "mean"] = "sample_mean"
+    """views: the head's and the result's prompt: the mean of a fresh ask() sample
+    (main_craft.py), the best candidate so far (the ImageNet script) or the ES mean."""
+    views: int | None = Field(None, ge=1)
+    """Augmented views registered (once each) and cycled; None: a new one every
+    generation, as the official code (the most images to encode)."""
+    augment_scale: tuple[float, float] = (0.5, 1.0)
+    """RandomResizedCrop's area range (the ImageNet script uses 0.08-1)."""
+    fitness_images: Literal["augmented", "plain"] = "augmented"
+    """Candidates are scored on one fixed augmented view (official) or on the plain images."""
 
-    def to_config(self, budget: int) -> CraftConfig:
-        return CraftConfig(variant=self.name, budget=budget, **self.model_dump(exclude={"name"}))
+    def to_config(self, budget: int, init_phrase: str = "a photo of a") -> CraftConfig:
+        """The method's config; ``init_phrase`` is the spec prompt's words (the p0 context)."""
+        return CraftConfig(
+            variant=self.name,
+            budget=budget,
+            init_phrase=init_phrase,
+            **self.model_dump(exclude={"name"}),
+        )
 
 
 def craft_budget(shots: int) -> int:
@@ -76,7 +98,9 @@ class CraftTask(Task):
         return craft_budget(shots)
 
     def queries_per_generation(self, method: Any) -> int:
-        return int(method.popsize) + 1  # the ES mean is scored with its population
+        # The official budget pays for the population only; head_data=prompts also
+        # scores the ES mean with it. The head's query (views) is counted apart.
+        return int(method.popsize) + (1 if method.head_data == "prompts" else 0)
 
     def generations(self, spec: RunSpec) -> int:
         return (spec.query_budget() or 0) // self.queries_per_generation(spec.method)
@@ -105,11 +129,14 @@ class CraftTask(Task):
             shots=spec.shots,
             val_shots=spec.data.val_shots,
             seed=seed,
+            fitness_view=(
+                spec.method.augment_scale if spec.method.fitness_images == "augmented" else None
+            ),
         )
         return Craft(
             oracle,
             task,
-            spec.method.to_config(budget),
+            spec.method.to_config(budget, spec.prompt_phrase),
             seed=seed,
             budget_key=budget_key,
             eval_key=eval_key,
@@ -126,6 +153,8 @@ class CraftTask(Task):
             "mode": method.config.variant,
             "refinement": refinement,
             "train_images": len(method.task.train_labels),
+            "head_data": method.config.head_data,
+            "head_queries": method.head_queries,
         }
 
     def classifier(

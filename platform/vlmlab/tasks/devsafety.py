@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from vlmlab.methods import FineTunableModel, Method
 from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_data
@@ -42,6 +42,23 @@ class DevSafetyMethodSpec(MethodSpec):
     tower_lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warm-up in steps (official: 500); overrides ``warmup`` (a share of all steps)."""
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Official: 600 (BDD) / 1600 (Places); None: training images / batch_size."""
+    control_per_class: int = Field(10, ge=1)
+    control_classes: int | None = Field(None, ge=1)
+    """Protected classes per control batch (official Places: 240 of 364; None: all)."""
+    objective: Literal["contrastive", "ce"] = "contrastive"
+    """contrastive: the official SogCLR-style image-caption loss (target vs negatives);
+    ce: the target images' cross-entropy over all classes."""
+    contrastive_t: float = Field(0.05, gt=0)
+    contrastive_gamma: float = Field(0.8, gt=0, le=1)
+    penalty: Literal["official", "smoothed"] = "official"
+    """official: mean_k max(beta u_k, 0) L_k tau; smoothed: vlmlab's earlier smoothed
+    hinge (beta tau softplus(u/tau) sigmoid(u/tau)), summed over classes."""
+    constraint_logits: Literal["tau", "model"] = "tau"
+    """tau: constraint losses at logit scale 1/tau (official); model: the backend's scale."""
     rank: int = Field(32, ge=1)
     trainable: Literal["target_heads", "heads", "projection", "all"] = "all"
     beta: float = Field(300.0, ge=0)
@@ -50,21 +67,16 @@ class DevSafetyMethodSpec(MethodSpec):
     weight: float = Field(1.0, ge=0)
     base_epochs: int = Field(0, ge=0)
     base_lr: float = Field(1e-3, gt=0)
-    prompt: str = "a photo of a {}."
     safety_tolerance: float = Field(0.0, ge=0, lt=1)
     """What ``safe_gain`` (the sweep metric) counts as safe: DevSafety(acc) >= -tolerance.
     0 is the paper's definition; a small slack suits validation sets where one image
     moves a class's accuracy by more than that. Never used in training."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if "{}" not in value:
-            raise ValueError("must contain '{}' where the class name goes")
-        return value
-
-    def to_config(self) -> DevSafetyConfig:
-        return DevSafetyConfig(variant=self.name, **self.model_dump(exclude={"name"}))
+    def to_config(self, prompt: str = "a photo of a {}.") -> DevSafetyConfig:
+        """The method's config; ``prompt`` is the spec's class prompt template."""
+        return DevSafetyConfig(
+            variant=self.name, prompt=prompt, **self.model_dump(exclude={"name"})
+        )
 
 
 class DevSafetyTask(Task):
@@ -117,7 +129,7 @@ class DevSafetyTask(Task):
                 f"not {type(oracle).__name__}"
             )
         assert isinstance(spec.method, DevSafetyMethodSpec)
-        config = spec.method.to_config()
+        config = spec.method.to_config(spec.prompt)
         model = FineTunableModel(
             oracle, data.train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
         )

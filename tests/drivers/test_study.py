@@ -119,13 +119,13 @@ def test_craft_study_reports_accuracy_by_budget(conse_pool, tmp_path):
         "backend": {"name": "conse"},
         "data": {"dataset": "fashion-mnist", "shots": 2, "test_size": 100},
         "method": {"popsize": 8},
-        "study": {"budgets": [18, 27], "trial_cpus": 0.5},  # 2 and 3 generations of 8 + 1
+        "study": {"budgets": [16, 24], "trial_cpus": 0.5},  # 2 and 3 generations of 8
         "seeds": [3],
         "eval_every": 2,
     }
     run_ids = run_budget_study(validate_spec(tree, "test"), tmp_path, pool=conse_pool)
-    assert run_ids == ["craft-study-craft-q18-s3", "craft-study-craft-q27-s3"]
+    assert run_ids == ["craft-study-craft-q16-s3", "craft-study-craft-q24-s3"]
     runs = pd.read_parquet(tmp_path / "runs").set_index("run_id").loc[run_ids]
-    assert runs.queries_used.tolist() == [18, 27] and runs.test_acc.between(0, 1).all()
+    assert runs.queries_used.tolist() == [16, 24] and runs.test_acc.between(0, 1).all()
     (table,) = budget_tables(runs.reset_index(), study_metrics())
-    assert "accuracy" in table.title and table.columns[1:3] == ["18 queries", "27 queries"]
+    assert "accuracy" in table.title and table.columns[1:3] == ["16 queries", "24 queries"]

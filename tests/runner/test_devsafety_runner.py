@@ -43,7 +43,9 @@ def test_rows_hold_target_gain_devsafety_and_w_old(devsafety_run):
     assert runs.run_id.tolist() == ["dev-constrained-s1", "dev-finetune-s1"]
     assert (runs.status == "completed").all() and (runs.task == "devsafety").all()
     assert runs.generations.tolist() == [6, 6] and (runs.queries_used == 0).all()
-    assert runs.images_scored.tolist() == [6 * 600, 6 * 600]  # epochs x training images
+    # 6 epochs x 3 steps (600 images / 256) x (256 target-batch rows + 9 x 10 control
+    # rows); plain fine-tuning draws no control batch.
+    assert runs.images_scored.tolist() == [6 * 3 * (256 + 90), 6 * 3 * 256]
     for split in ("test", "val"):
         gain = runs[f"{split}_target_acc"] - runs[f"zeroshot_{split}_target_acc"]
         assert (gain - runs[f"{split}_target_gain"]).abs().max() < 1e-9

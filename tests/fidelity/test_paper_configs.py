@@ -13,38 +13,47 @@ from official_devsafety import expected as devsafety_expected
 from official_forgetting import SCRIPTS as FORGETTING_SCRIPTS
 from official_forgetting import expected as forgetting_expected
 
-from vlmlab.specs import load_spec
+from vlmlab.specs import RunSpec, load_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
-def _spec_values(path: Path) -> dict[str, object]:
-    spec = load_spec(path)
-    method = spec.method.model_dump()
-    values = dict(method)
-    values |= {
+def _values(spec: RunSpec) -> dict[str, object]:
+    """The spec's method fields and the other values a paper config pins."""
+    return spec.method.model_dump() | {
         "backend": spec.backend.name,
         "pretrained": spec.backend.pretrained,
+        "precision": spec.backend.precision,
         "prompt": spec.prompt,
         "seeds": spec.seeds,
         "budget": spec.budget.by_shots,
+        "max_queries": spec.budget.max_queries,
+        "shots": spec.data.shots,
+        "forget": spec.data.forget,
+        "forget_fraction": spec.data.forget_fraction,
+        "target": spec.data.target,
+        "class_names": spec.data.class_names,
     }
-    return values
+
+
+def _assert_official(path: Path, official: dict[str, tuple[object, str]]) -> RunSpec:
+    spec = load_spec(path)
+    values = _values(spec)
+    wrong = {
+        name: (values.get(name, "<missing>"), value, source)
+        for name, (value, source) in official.items()
+        if values.get(name, "<missing>") != value
+    }
+    assert not wrong, (
+        f"{path.name} differs from the official code (ours, official, source): {wrong}"
+    )
+    return spec
 
 
 @pytest.mark.parametrize("dataset", sorted(CONFIG_FILES))
 def test_craft_paper_config_matches_the_official_code(dataset):
-    path = EXPERIMENTS / f"craft-{dataset}.yaml"
-    values = _spec_values(path)
-    wrong = {
-        name: (values.get(name), official, source)
-        for name, (official, source) in craft_expected(dataset).items()
-        if values.get(name) != official
-    }
-    assert not wrong, f"{path.name} differs from the official code: {wrong}"
-    # The generations follow the official maxiter = budget // popsize.
-    spec = load_spec(path)
-    for trial in spec.expand_trials():
+    spec = _assert_official(EXPERIMENTS / f"craft-{dataset}.yaml", craft_expected(dataset))
+    for trial in spec.expand_trials():  # the official maxiter = budget // popsize
         if trial.method.name == "craft":
             assert trial.generations == trial.query_budget() // 40
 
@@ -57,35 +66,17 @@ def test_every_craft_paper_config_is_covered():
 
 @pytest.mark.parametrize("dataset", sorted(FORGETTING_SCRIPTS))
 def test_forgetting_paper_config_matches_the_official_code(dataset):
-    path = EXPERIMENTS / f"bbf-{dataset}.yaml"
-    spec = load_spec(path)
-    values = _spec_values(path) | {
-        "precision": spec.backend.precision,
-        "forget": spec.data.forget,
-        "forget_fraction": spec.data.forget_fraction,
-        "shots": spec.data.shots,
-        "max_queries": spec.budget.max_queries,
-    }
-    wrong = {
-        name: (values.get(name), official, source)
-        for name, (official, source) in forgetting_expected(dataset).items()
-        if values.get(name) != official
-    }
-    assert not wrong, f"{path.name} differs from the official code: {wrong}"
+    _assert_official(EXPERIMENTS / f"bbf-{dataset}.yaml", forgetting_expected(dataset))
 
 
 @pytest.mark.parametrize("setting", sorted(DEVSAFETY_SETTINGS))
 def test_devsafety_paper_config_matches_the_official_code(setting):
-    path = EXPERIMENTS / f"devsafety-{setting}.yaml"
-    spec = load_spec(path)
-    values = _spec_values(path) | {
-        "target": spec.data.target,
-        "shots": spec.data.shots,
-        "class_names": spec.data.class_names,
-    }
-    wrong = {
-        name: (values.get(name), official, source)
-        for name, (official, source) in devsafety_expected(setting).items()
-        if values.get(name) != official
-    }
-    assert not wrong, f"{path.name} differs from the official code: {wrong}"
+    _assert_official(EXPERIMENTS / f"devsafety-{setting}.yaml", devsafety_expected(setting))
+
+
+def test_a_changed_value_is_caught(tmp_path):
+    text = (EXPERIMENTS / "craft-eurosat.yaml").read_text().replace("sigma: 0.02", "sigma: 1.0")
+    changed = tmp_path / "craft-eurosat.yaml"
+    changed.write_text(text)
+    with pytest.raises(AssertionError, match=r"'sigma': \(1\.0, 0\.02, 'craft_configs/eurosat"):
+        _assert_official(changed, craft_expected("eurosat"))

@@ -15,6 +15,7 @@ from typing import Any
 
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle._base import FineTunableText, LocalOracle
+from vlmlab.oracle._cache import default_cache_dir
 from vlmlab.oracle._ledger import (
     DEFAULT_BUDGET_KEY,
     Ledger,
@@ -36,10 +37,10 @@ from vlmlab.oracle._validation import (
 
 def __getattr__(name: str) -> Any:
     # Backend classes load their model libraries (open_clip, sentence-transformers): on demand.
-    if name == "OpenClipOracle":
-        from vlmlab.oracle._open_clip import OpenClipOracle
+    if name in ("OpenClipOracle", "register_model_configs", "preprocess_pixels"):
+        from vlmlab.oracle import _open_clip
 
-        return OpenClipOracle
+        return getattr(_open_clip, name)
     if name == "ConseOracle":
         from vlmlab.oracle._conse import ConseOracle
 
@@ -65,9 +66,12 @@ __all__ = [
     "backend_takes_model",
     "check_call",
     "create_oracle",
+    "default_cache_dir",
     "image_set_ref",
     "list_backends",
     "metered",
+    "preprocess_pixels",
+    "register_model_configs",
     "validate_class_names",
     "validate_contexts",
     "validate_indices",

@@ -24,6 +24,38 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
+MODEL_CONFIGS = Path(__file__).with_name("model_configs")
+"""open_clip model configs vlmlab ships (``vlmlab-tiny-fmnist``: the CLIP that
+``vlmlab pretrain tiny-clip`` trains offline), registered with open_clip on first use."""
+_registered = False
+
+
+def register_model_configs() -> list[str]:
+    """Register vlmlab's own open_clip architectures (idempotent); their names."""
+    global _registered
+    import open_clip
+
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIGS)
+        _registered = True
+    return sorted(path.stem for path in MODEL_CONFIGS.glob("*.json"))
+
+
+def preprocess_pixels(
+    pixels: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 ``N x H x W x 3`` -> the float batch an open_clip image tower reads
+    (bicubic resize of the shorter side, centre crop, normalize): one function for
+    the oracle and for pretraining, so a model trains on exactly what it is shown."""
+    from torchvision.transforms.v2 import functional as TF
+
+    batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+    batch = TF.resize(batch, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    batch = TF.center_crop(batch, image_size).float().div(255)
+    normalized: torch.Tensor = TF.normalize(batch, list(mean), list(std))
+    return normalized
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
 
@@ -44,6 +76,7 @@ def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[st
     """
     import open_clip
 
+    register_model_configs()
     if not model_name.startswith(("hf-hub:", "local-dir:")):
         known = open_clip.list_models()
         if model_name not in known:
@@ -214,21 +247,16 @@ class OpenClipOracle(LocalOracle):
 
     # ---------------------------------------------------------------- images
     def _encode_images(self, pixels: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as TF
-
         dtype = self.tower.dtype
         features = []
         with torch.inference_mode():
             for i in range(0, len(pixels), batch_size):
-                batch = torch.from_numpy(pixels[i : i + batch_size]).permute(0, 3, 1, 2)
-                batch = TF.resize(
-                    batch,
+                batch = preprocess_pixels(
+                    pixels[i : i + batch_size],
                     self._image_size,
-                    interpolation=TF.InterpolationMode.BICUBIC,
-                    antialias=True,
+                    self._mean.tolist(),
+                    self._std.tolist(),
                 )
-                batch = TF.center_crop(batch, self._image_size).float().div(255)
-                batch = TF.normalize(batch, self._mean.tolist(), self._std.tolist())
                 encoded = self.model.encode_image(batch.to(self.device, dtype))
                 features.append(F.normalize(encoded.float(), dim=-1).cpu())
         return torch.cat(features)

@@ -91,7 +91,12 @@ def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[st
     if _looks_like_path(pretrained) or Path(pretrained).exists():
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"open_clip checkpoint file not found: {str(path)!r}")
+            hint = (
+                "; `vlmlab pretrain tiny-clip` trains it"
+                if model_name in register_model_configs()
+                else ""
+            )
+            raise FileNotFoundError(f"open_clip checkpoint file not found: {str(path)!r}{hint}")
         return model_name, str(path), f"{model_name}/{path.stem}-{_file_fingerprint(path)}"
     if not model_name.startswith(("hf-hub:", "local-dir:")):
         tags = open_clip.list_pretrained_tags_by_model(model_name)

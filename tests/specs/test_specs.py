@@ -16,7 +16,8 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "experiments").glob(
 def test_every_shipped_spec_validates(path):
     spec = load_spec(path)
     assert all(trial.generations >= 1 for trial in spec.expand_trials())
-    if spec.backend.name != "conse":
+    offline = spec.backend.name == "conse" or "vlmlab-tiny" in spec.backend.name
+    if not offline:
         assert spec.expected, f"{path.name}: paper configs carry the paper's numbers as `expected:`"
 
 

@@ -124,7 +124,6 @@ def pretrain_tiny_clip(
     train = load_dataset(config.dataset, "train")
     if config.max_images is not None:
         train = train.subset(stratified_subset(train.labels, config.max_images, seed=config.seed))
-    test = load_dataset(config.dataset, "test")
     data_hash = _data_hash(train.images, train.labels)
     if not force and path.is_file() and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -136,6 +135,7 @@ def pretrain_tiny_clip(
             f"hold_out: {unknown} are not classes of {config.dataset} "
             f"({', '.join(train.class_names)})"
         )
+    test = load_dataset(config.dataset, "test")
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -68,6 +68,11 @@ HeadPrompt = Literal["sample_mean", "xbest", "mean"]
 FitnessImages = Literal["augmented", "plain"]
 
 
+def queries_per_generation(popsize: int, head_data: str) -> int:
+    """Budget queries a generation: P (views, official) or P + 1 (prompts: the ES mean too)."""
+    return popsize + (1 if head_data == "prompts" else 0)
+
+
 @dataclass(frozen=True)
 class CraftConfig:
     """Hyperparameters (Wang et al. 2024 and the official craft_configs); defaults are the paper's."""
@@ -102,7 +107,7 @@ class CraftConfig:
     @property
     def queries_per_generation(self) -> int:
         """Budget queries a generation: P (views) or P + 1 (prompts: the ES mean too)."""
-        return self.popsize + (1 if self.head_data == "prompts" else 0)
+        return queries_per_generation(self.popsize, self.head_data)
 
     @property
     def generations(self) -> int:

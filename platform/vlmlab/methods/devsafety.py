@@ -291,6 +291,11 @@ class DevSafety:
         self._positives = torch.nonzero(self._is_target[labels]).flatten()
         self._negatives = torch.nonzero(~self._is_target[labels]).flatten()
         self._control_pools = [torch.nonzero(labels == k).flatten() for k in task.protected]
+        # class label -> its index among the protected classes (-1: the target)
+        self._protected_slot = torch.full((n_classes,), -1, dtype=torch.long, device=model.device)
+        self._protected_slot[self._protected] = torch.arange(
+            len(task.protected), device=model.device
+        )
         # Constraint estimates u_k (started at their first value) and the contrastive
         # objective's per-image moving averages (s_I, s_T).
         self.estimates = torch.zeros(len(task.protected), device=model.device)
@@ -471,9 +476,7 @@ class DevSafety:
             raise RuntimeError("this run has finished all its epochs")
         model, task, config = self.model, self.task, self.config
         features, labels = task.train_features, task.train_labels
-        n_protected = len(task.protected)
-        slot = torch.full((len(task.class_names),), -1, dtype=torch.long, device=model.device)
-        slot[self._protected] = torch.arange(n_protected, device=model.device)
+        n_protected, slot = len(task.protected), self._protected_slot
         half = config.batch_size // 2
         target_losses = []
         for _ in range(self.steps_per_epoch):

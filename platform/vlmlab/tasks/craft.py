@@ -21,7 +21,13 @@ import torch
 from pydantic import Field
 
 from vlmlab.methods import Method
-from vlmlab.methods.craft import Craft, CraftConfig, RefinementHead, make_craft_data
+from vlmlab.methods.craft import (
+    Craft,
+    CraftConfig,
+    RefinementHead,
+    make_craft_data,
+    queries_per_generation,
+)
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import (
     ReportTable,
@@ -100,7 +106,7 @@ class CraftTask(Task):
     def queries_per_generation(self, method: Any) -> int:
         # The official budget pays for the population only; head_data=prompts also
         # scores the ES mean with it. The head's query (views) is counted apart.
-        return int(method.popsize) + (1 if method.head_data == "prompts" else 0)
+        return queries_per_generation(int(method.popsize), str(method.head_data))
 
     def generations(self, spec: RunSpec) -> int:
         return (spec.query_budget() or 0) // self.queries_per_generation(spec.method)

@@ -50,7 +50,12 @@ class TextTower:
     text_projection: torch.Tensor | nn.Module | None
     causal: bool
     pool_type: str
+    eos_id: int | None
+    """The id ``pool_type="eos"`` pools at (open_clip's ``eos_id``); unused by other poolings."""
     has_cls_embedding: bool
+    context_length: int
+    """Token rows the tower reads; CoCa's positional table has one more row, for the
+    class embedding it appends after them."""
     encode_text: Any  # the model's own encode_text, for the reference path
 
     @classmethod
@@ -63,6 +68,9 @@ class TextTower:
             )
         owner: Any = text if text is not None else model
         pool_type = getattr(owner, "pool_type", None) or getattr(owner, "text_pool_type", "argmax")
+        eos_id = getattr(owner, "eos_id", getattr(owner, "text_eos_id", None))
+        has_cls = getattr(owner, "cls_emb", None) is not None
+        positions = int(owner.positional_embedding.shape[0])
         return cls(
             token_embedding=owner.token_embedding,
             positional_embedding=owner.positional_embedding,
@@ -71,7 +79,9 @@ class TextTower:
             text_projection=owner.text_projection,
             causal=getattr(owner, "attn_mask", None) is not None,
             pool_type=str(pool_type),
-            has_cls_embedding=getattr(owner, "cls_emb", None) is not None,
+            eos_id=None if eos_id is None else int(eos_id),
+            has_cls_embedding=has_cls,
+            context_length=int(getattr(owner, "context_length", positions - int(has_cls))),
             encode_text=model.encode_text,
         )
 
@@ -80,21 +90,40 @@ class TextTower:
         return self.token_embedding.embedding_dim
 
     @property
-    def context_length(self) -> int:
-        return int(self.positional_embedding.shape[0])
+    def vocab_size(self) -> int:
+        return self.token_embedding.num_embeddings
 
     @property
     def dtype(self) -> torch.dtype:
         return self.token_embedding.weight.dtype
 
-    def supports_prefix_sharing(self) -> str | None:
-        """None when the fast path applies, else the reason it does not."""
+    def pools_at(self, end_token: int) -> bool:
+        """Whether the model pools a prompt's feature at its ``end_token``.
+
+        ``argmax`` pools at the highest id of a row: the end token only when no
+        other id can exceed it (CLIP's BPE puts [EOS] last in its vocabulary);
+        ``eos`` pools at the first ``eos_id``: the end token only when they agree.
+        """
+        if self.pool_type == "argmax":
+            return end_token == self.vocab_size - 1
+        if self.pool_type == "eos":
+            return self.eos_id == end_token
+        return False
+
+    def supports_prefix_sharing(self, end_token: int) -> str | None:
+        """None when the fast path applies to prompts ending in ``end_token``, else
+        the reason it does not.
+
+        The fast path computes features only at each class's end token, through
+        causal attention, with the standard residual blocks it re-implements; any
+        other tower is served exactly by :func:`encode_padded` instead.
+        """
         if not self.causal:
             return "the text transformer is bidirectional (no causal mask)"
         if self.has_cls_embedding:
             return "the text tower appends a class embedding (CoCa)"
-        if self.pool_type not in ("argmax", "eos"):
-            return f"text pooling {self.pool_type!r} is not at the end token"
+        if not self.pools_at(end_token):
+            return f"text pooling {self.pool_type!r} is not at the end token {end_token}"
         for block in self.blocks:
             attn = getattr(block, "attn", None)
             if (
@@ -143,12 +172,20 @@ class PrefixSharingEncoder:
     Args:
         tower: the text tower to run (its modules are used as they are).
         start_token: the [SOS] id.
+        end_token: the [EOS] id every suffix ends with (where features are pooled).
         max_tokens_per_chunk: candidates are processed in chunks whose
             sequences hold at most this many tokens together, to bound memory.
     """
 
-    def __init__(self, tower: TextTower, start_token: int, *, max_tokens_per_chunk: int = 8192):
-        reason = tower.supports_prefix_sharing()
+    def __init__(
+        self,
+        tower: TextTower,
+        start_token: int,
+        end_token: int,
+        *,
+        max_tokens_per_chunk: int = 8192,
+    ):
+        reason = tower.supports_prefix_sharing(end_token)
         if reason is not None:
             raise NotImplementedError(f"prefix sharing does not apply: {reason}")
         self.tower = tower

@@ -68,11 +68,54 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def unsupported_text_side(model_name: str) -> str | None:
+    """Why the oracle cannot serve a built-in architecture's text side, or None.
+
+    Read from the architecture's config alone, so a refusal comes before any
+    weights, tokenizer files or Hugging Face configs are fetched. The oracle
+    writes soft prompts into the token embeddings of open_clip's own text
+    transformer, laid out as ``[SOS] ctx_1..ctx_m <class> . [EOS] 0...``: the
+    layout of open_clip's CLIP BPE tokenizer, the only one implemented. The other
+    tokenizers (SigLIP's SentencePiece, CLIPA's BERT WordPiece, the worldwide
+    models' mT5/XLM-V) have no [SOS], end and pad rows their own way, and are
+    fetched from the Hugging Face hub; a Hugging Face text model has no open_clip
+    transformer at all.
+    """
+    import open_clip
+
+    config = open_clip.get_model_config(model_name) or {}
+    text_cfg = config.get("text_cfg", {})
+    hf_model = text_cfg.get("hf_model_name")
+    if hf_model:
+        return (
+            f"its text tower is the Hugging Face model {hf_model!r}; soft prompts are "
+            "written into the token embeddings of open_clip's own text transformer only"
+        )
+    hf_tokenizer = text_cfg.get("hf_tokenizer_name")
+    if hf_tokenizer or "siglip" in model_name.lower():
+        source = (
+            f"the Hugging Face tokenizer {hf_tokenizer!r}"
+            if hf_tokenizer
+            else "SigLIP's SentencePiece tokenizer"
+        )
+        return (
+            f"it tokenizes with {source}, not open_clip's CLIP BPE tokenizer; soft prompts "
+            "are laid out as CLIP BPE's '[SOS] contexts <class>. [EOS]', the only layout "
+            "implemented"
+        )
+    return None
+
+
 def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[str, str | None, str]:
     """Check a model name and weights source before building anything.
 
     Returns the model name, the ``pretrained`` argument for open_clip and a
     model id that identifies the weights (used in cache keys and reports).
+
+    Raises:
+        ValueError: an unknown name or tag, or an architecture whose text side the
+            oracle cannot serve (:func:`unsupported_text_side` says why).
+        FileNotFoundError: a checkpoint path that does not exist.
     """
     import open_clip
 
@@ -86,6 +129,9 @@ def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[st
                 f"unknown open_clip model {model_name!r}{hint} "
                 f"(open_clip.list_models() lists all {len(known)})"
             )
+        reason = unsupported_text_side(model_name)
+        if reason is not None:
+            raise ValueError(f"open_clip model {model_name!r} is not supported: {reason}")
     if pretrained is None:
         return model_name, None, f"{model_name}/random-init"
     if _looks_like_path(pretrained) or Path(pretrained).exists():
@@ -123,7 +169,11 @@ class OpenClipOracle(LocalOracle):
             model's own ``encode_text`` on padded prompts.
 
     Raises:
-        ValueError: unknown model name or pretrained tag.
+        ValueError: unknown model name or pretrained tag, or an architecture whose
+            text side cannot take soft prompts (Hugging Face text towers and
+            tokenizers: SigLIP, CLIPA, the worldwide and NLLB/XLM-R models).
+        NotImplementedError: a hub or local-dir model whose tokenizer has no
+            CLIP start/end tokens.
         FileNotFoundError: a checkpoint path that does not exist.
     """
 
@@ -149,18 +199,19 @@ class OpenClipOracle(LocalOracle):
             model_id = f"{model_id}-seed{seed}"
         super().__init__(cache_dir=cache_dir, disk_cache=disk_cache, ledger=ledger)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # The tokenizer first: a refusal of it comes before the model is built.
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self._start, self._end = self._special_tokens(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(name, pretrained=weights, device=self.device)
         model = model.to(dtype=_DTYPES[precision]).eval().requires_grad_(False)
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(name)
         self.tower = TextTower.from_model(model)
-        self._start, self._end = self._special_tokens()
         self._placeholder = self._token_ids("X")[0]
         self._fast: PrefixSharingEncoder | None = None
-        if prefix_sharing and self.tower.supports_prefix_sharing() is None:
-            self._fast = PrefixSharingEncoder(self.tower, self._start)
+        if prefix_sharing and self.tower.supports_prefix_sharing(self._end) is None:
+            self._fast = PrefixSharingEncoder(self.tower, self._start, self._end)
         mean, std = embedding_table_stats(self.tower.token_embedding.weight)
         self._metadata = OracleMetadata(
             backend="open_clip",
@@ -180,13 +231,14 @@ class OpenClipOracle(LocalOracle):
         self._std = torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
 
     # ------------------------------------------------------------------ text
-    def _special_tokens(self) -> tuple[int, int]:
+    def _special_tokens(self, model_name: str) -> tuple[int, int]:
         start = getattr(self.tokenizer, "sot_token_id", None)
         end = getattr(self.tokenizer, "eot_token_id", None)
         if start is None or end is None:
             raise NotImplementedError(
-                f"tokenizer {type(self.tokenizer).__name__} has no start/end token ids; "
-                "only CLIP-style tokenizers are supported"
+                f"open_clip model {model_name!r}: its tokenizer {type(self.tokenizer).__name__} "
+                "has no start/end token ids; soft prompts are laid out for CLIP-style "
+                "tokenizers only"
             )
         return int(start), int(end)
 
@@ -206,7 +258,11 @@ class OpenClipOracle(LocalOracle):
         return table[torch.tensor(ids, device=table.device)]
 
     def padded_token_rows(self, class_names: Sequence[str], n_context: int) -> torch.Tensor:
-        """``[SOS] X*m <class> . [EOS] 0...`` rows, as open_clip's tokenizer pads them."""
+        """``[SOS] X*m <class> . [EOS] 0...`` rows, as open_clip's tokenizer pads them.
+
+        The padding matters beyond the end token: bidirectional towers (MobileCLIP)
+        attend to it, and CoCa masks attention where a row holds the pad id 0.
+        """
         rows = torch.zeros(len(class_names), self.tower.context_length, dtype=torch.long)
         for c, name in enumerate(class_names):
             tokens = [self._start, *[self._placeholder] * n_context, *self._suffix(name)]
@@ -280,6 +336,11 @@ class OpenClipOracle(LocalOracle):
         return self._bias
 
     def text_tower(self) -> FineTunableText:
+        if self.tower.has_cls_embedding:
+            raise NotImplementedError(
+                f"{self.metadata.model}: CoCa text towers (a class embedding appended after "
+                "the tokens, pooled there) cannot be fine-tuned here"
+            )
         tower = OpenClipTextTower(self.model, self.tokenizer)
         owner = getattr(self.model, "text", None) or self.model
         projection = getattr(owner, "text_projection", None)
@@ -320,7 +381,7 @@ class OpenClipTextTower(nn.Module):
         self.pool_type = getattr(owner, "pool_type", None) or getattr(
             owner, "text_pool_type", "argmax"
         )
-        self.eos_id = getattr(owner, "text_eos_id", None)
+        self.eos_id = getattr(owner, "eos_id", getattr(owner, "text_eos_id", None))
         self.tokenizer = tokenizer
         self._pool = text_global_pool
 

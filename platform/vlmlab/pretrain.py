@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,15 @@ def checkpoint_path(config: PretrainConfig, cache_dir: Path | None = None) -> Pa
     return (cache_dir or default_cache_dir()) / "models" / f"{config.name}.pt"
 
 
+def caption_table(class_names: list[str], config: PretrainConfig) -> list[list[str]]:
+    """The captions each class's images train with, one per template: a held-out
+    class gets :data:`GENERIC_CAPTION` in every slot, so its name is never seen."""
+    return [
+        [GENERIC_CAPTION if name in config.hold_out else t.format(name) for t in config.captions]
+        for name in class_names
+    ]
+
+
 def _data_hash(images: np.ndarray, labels: np.ndarray) -> str:
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(images).data)
@@ -137,19 +148,17 @@ def pretrain_tiny_clip(
         )
     test = load_dataset(config.dataset, "test")
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_root_warnings():
         torch.manual_seed(config.seed)
-        model = open_clip.create_model(config.model)  # random init: what we train
+        # Random init is the point here: open_clip's "no pretrained weights" warning is noise.
+        model = open_clip.create_model(config.model)
     tokenizer = open_clip.get_tokenizer(config.model)
     preprocess = open_clip.get_model_preprocess_cfg(model)
     size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
     mean, std = preprocess["mean"], preprocess["std"]
     # Every (class, template) caption, tokenized once.
     names = list(train.class_names)
-    captions = [
-        [GENERIC_CAPTION if name in config.hold_out else t.format(name) for t in config.captions]
-        for name in names
-    ]
+    captions = caption_table(names, config)
     tokens = tokenizer([c for row in captions for c in row]).view(
         len(names), len(config.captions), -1
     )
@@ -203,6 +212,17 @@ def pretrain_tiny_clip(
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return Pretrained(path, manifest)
+
+
+@contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _config_record(config: PretrainConfig) -> dict[str, Any]:

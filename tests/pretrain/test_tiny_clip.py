@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from vlmlab.pretrain import PretrainConfig, checkpoint_path, pretrain_tiny_clip
+from vlmlab.pretrain import (
+    GENERIC_CAPTION,
+    PretrainConfig,
+    caption_table,
+    checkpoint_path,
+    pretrain_tiny_clip,
+)
 
 SMALL = PretrainConfig(epochs=1, batch_size=128, max_images=640)
 
@@ -65,8 +71,13 @@ def test_the_checkpoint_loads_like_any_users_checkpoint(trained):
 
 
 def test_held_out_classes_are_never_named(tmp_path):
-    config = PretrainConfig(epochs=1, batch_size=128, max_images=640, hold_out=("T-shirt",))
-    assert config.name == "vlmlab-tiny-fmnist-without-T-shirt"
+    config = PretrainConfig(epochs=1, batch_size=128, max_images=640, hold_out=("trousers",))
+    assert config.name == "vlmlab-tiny-fmnist-without-trousers"
+    names = ["T-shirt", "trousers", "bag"]
+    table = caption_table(names, config)
+    assert table[1] == [GENERIC_CAPTION] * len(config.captions)
+    assert not any("trousers" in c for row in table for c in row)
+    assert table[0][0] == "a photo of a T-shirt." and len(set(table[2])) == len(config.captions)
     with pytest.raises(
         ValueError, match=r"hold_out: \['jacket'\] are not classes of fashion-mnist"
     ):

@@ -32,7 +32,7 @@ from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
-from vlmlab.tasks import DEFAULT_TASK, TrialData, runs_schema_of_tasks
+from vlmlab.tasks import DEFAULT_TASK, TrialData, metric_names, runs_schema_of_tasks
 
 CHECKPOINT_VERSION = 1
 
@@ -284,6 +284,12 @@ def run_trial(
     store.write_run({**base_row, "status": "running", "started_at": started_at})
     listener.trial_started(run_id, trial.generations, budget, resumed_from)
 
+    schema_metrics = set(metric_names())
+
+    def columns_only(metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics the runs table holds (a resumed or skipped run reads them back)."""
+        return {name: value for name, value in metrics.items() if name in schema_metrics}
+
     def outcome(evaluations: dict[str, dict[str, float]], **extra: Any) -> TrialOutcome:
         return TrialOutcome(
             run_id=run_id,
@@ -292,9 +298,9 @@ def run_trial(
             backend=meta.backend,
             model=meta.model,
             dataset=spec.data.dataset,
-            test=evaluations.get("test", {}),
-            val=task.final_val(trial, evaluations) if evaluations else {},
-            zeroshot_test=evaluations.get("zeroshot_test", {}),
+            test=columns_only(evaluations.get("test", {})),
+            val=columns_only(task.final_val(trial, evaluations)) if evaluations else {},
+            zeroshot_test=columns_only(evaluations.get("zeroshot_test", {})),
             queries_used=trial.queries_used,
             budget=budget,
             generations=trial.generation,
@@ -359,8 +365,8 @@ def run_trial(
     }
     wall = elapsed_before + time.perf_counter() - clock
     final = outcome(evaluations)
-    metrics = {
-        **_columns("test", final.test),
+    metrics = {  # the manifest's: everything evaluated, per-class accuracies included
+        **_columns("test", evaluations.get("test", {})),
         **_columns("val", final.val),
         **_columns("zeroshot_test", zero_shot["test"]),
         **_columns("zeroshot_val", zero_shot["val"]),
@@ -396,7 +402,13 @@ def run_trial(
             "generations": trial.generation,
             "best_generation": trial.best_generation,
             "artifact": str(final.artifact),
-            **metrics,
+            # The runs table holds the registered tasks' metrics; the rest (per-class
+            # accuracies, ...) lives in the steps table and the artifact manifest.
+            **{
+                column: value
+                for column, value in metrics.items()
+                if column.split("_", 1 + column.startswith("zeroshot_"))[-1] in schema_metrics
+            },
         }
     )
     listener.trial_finished(final)

@@ -233,7 +233,10 @@ def test_baselines_and_sep_cma_run(conse, fashion_train, test_images, variant, s
     assert [r.queries_used for r in records] == [20, 40, 60, 80]
     assert 0 <= method.best_val["H"] <= 1
     metrics = method.evaluate("test")
-    assert set(metrics) == {"H", "err_fgt", "acc_mem"}
+    assert {"H", "err_fgt", "acc_mem", "devsafety", "safe_H"} <= set(metrics)
+    assert {key for key in metrics if key.startswith("acc:")} == {
+        f"acc:{name}" for name in method.task.class_names
+    }
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ lifecycle and the invariants. No Ray here: the same loop runs in-process or
 against the Serve pool, because the pool's client is just another oracle.
 
 - ``vlmlab.methods.forgetting``: Black-Box Forgetting (BBF with LCS, BBT, w/o LCS).
+- ``vlmlab.methods.safe_forgetting``: BBF under one constraint per kept class (safe_bbf).
 - ``vlmlab.methods.craft``: CraFT (prompt module + prediction refinement).
 - ``vlmlab.methods.devsafety``: Model Developmental Safety (white-box).
 - :func:`zero_shot`: the hand-written prompt every method is compared against.

@@ -123,6 +123,17 @@ def forgetting_metrics(
     return {"err_fgt": err_fgt, "acc_mem": acc_mem, "H": harmonic}
 
 
+def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Accuracy of each row of ``predictions`` (``P x N``) on each class: ``P x C``
+    (NaN for a class with no sample)."""
+    predictions = np.atleast_2d(predictions)
+    correct = (predictions == labels[None, :]).astype(np.float64)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    hits = np.stack([np.bincount(labels, weights=row, minlength=n_classes) for row in correct])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / counts[None, :]
+
+
 def forgetting_loss(
     logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -275,6 +286,10 @@ class BlackBoxForgetting:
             max_queries // popsize). Set on the oracle's ledger for ``budget_key``.
         budget_key: ledger key of the optimization queries.
         eval_key: ledger key of test evaluations (kept apart from the budget).
+        reference_prompt: the zero-shot words (``"a photo of a"``) that DevSafety
+            compares every kept class against.
+        safety_tolerance: what ``safe_H`` counts as safe, DevSafety >= -tolerance
+            (reported only; plain BBF never uses it in its search).
     """
 
     def __init__(
@@ -287,8 +302,13 @@ class BlackBoxForgetting:
         max_queries: int | None = None,
         budget_key: str = "train",
         eval_key: str = "eval",
+        reference_prompt: str = "a photo of a",
+        safety_tolerance: float = 0.01,
     ) -> None:
         self.oracle = oracle
+        self.reference_prompt = reference_prompt
+        self.safety_tolerance = safety_tolerance
+        self._reference_cache: dict[str, np.ndarray] = {}
         self.task = task
         self.config = config
         self.seed = seed
@@ -353,11 +373,15 @@ class BlackBoxForgetting:
         )
         train_logits, val_logits = logits[:, : len(batch)], logits[:, len(batch) :]
         losses = self._losses(train_logits, batch)
-        self.search.tell(losses)
+        fitness, fitness_metrics = self._fitness(losses, train_logits, batch)
+        self.search.tell(fitness)
 
-        val = forgetting_metrics(val_logits.argmax(-1).numpy(), task.val_labels, self._val_forget)
-        top = int(np.argmax(val["H"]))  # first best: ties keep the lower index
-        if val["H"][top] > self._best.val["H"]:
+        predictions = val_logits.argmax(-1).numpy()
+        val = forgetting_metrics(predictions, task.val_labels, self._val_forget)
+        eligible = self._eligible(predictions)
+        ranked = np.where(eligible, val["H"], -np.inf)
+        top = int(np.argmax(ranked))  # first best: ties keep the lower index
+        if eligible[top] and val["H"][top] > self._best.val["H"]:
             self._best = _Best(
                 contexts=contexts[top : top + 1].clone(),
                 val={key: float(values[top]) for key, values in val.items()},
@@ -372,16 +396,33 @@ class BlackBoxForgetting:
             queries_used=self.queries_used,
             images_scored=self.images_scored,
             metrics={
-                "train": {"loss_best": float(losses.min()), "loss_mean": float(losses.mean())},
+                "train": {
+                    "loss_best": float(losses.min()),
+                    "loss_mean": float(losses.mean()),
+                    **fitness_metrics,
+                },
                 "val": {
                     "H": float(val["H"][top]),
                     "best_H": best["H"],
                     "best_err_fgt": best["err_fgt"],
                     "best_acc_mem": best["acc_mem"],
+                    "eligible": float(eligible.mean()),
                 },
             },
             summary=f"best val H {best['H']:.3f}",
         )
+
+    def _fitness(
+        self, losses: np.ndarray, train_logits: torch.Tensor, batch: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """What CMA-ES ranks (plain BBF: the losses), and metrics about it for the steps table.
+
+        Safe forgetting overrides it with constraint handling on the same logits."""
+        return losses, {}
+
+    def _eligible(self, val_predictions: np.ndarray) -> np.ndarray:
+        """Which candidates may become the result (plain BBF: all of them)."""
+        return np.ones(len(val_predictions), dtype=bool)
 
     def run(self) -> list[StepRecord]:
         """Run the remaining generations (callers wanting progress call ``step``)."""
@@ -408,7 +449,7 @@ class BlackBoxForgetting:
         return self._best.generation + 1
 
     def evaluate(self, split: str = "test") -> Metrics:
-        """Err_fgt, Acc_mem and H of the best-validation-H prompt on ``split``."""
+        """Err_fgt, Acc_mem, H, DevSafety and per-class accuracy of the result on ``split``."""
         return self.evaluate_prompt(self.best_contexts, split)
 
     def reference(self, split: str, prompt: str) -> Metrics:
@@ -416,29 +457,59 @@ class BlackBoxForgetting:
         return self.evaluate_prompt(self.oracle.phrase_embeddings(prompt).unsqueeze(0), split)
 
     def evaluate_prompt(self, contexts: torch.Tensor, split: str = "test") -> Metrics:
-        """Err_fgt, Acc_mem and H of one prompt on the test split or validation split."""
+        """One prompt's metrics on the test or validation split.
+
+        Beside H, Err_fgt and Acc_mem: ``acc:<class>`` for every class and, against
+        the reference prompt (the spec's zero-shot prompt), ``delta:<class>`` for
+        every kept class and ``devsafety``, the smallest of those deltas (forgetting
+        must not cost a kept class, and H alone would not show it); ``safe_H`` is H
+        when DevSafety >= -safety_tolerance, else ``-1 + devsafety``.
+        """
+        predictions = self._predictions(contexts, split)
+        _, labels, forget, _ = self._split(split)
+        metrics = {
+            key: float(values[0])
+            for key, values in forgetting_metrics(predictions[None], labels, forget).items()
+        }
+        accuracy = per_class_accuracy(predictions, labels, len(self.task.class_names))[0]
+        reference = self._reference_accuracy(split)
+        kept = self.task.partition.memorize
+        names = self.task.class_names
+        deltas = {f"delta:{names[k]}": float(accuracy[k] - reference[k]) for k in kept}
+        metrics["devsafety"] = min(deltas.values()) if deltas else 0.0
+        # One number a sweep can maximize: H when safe, else below every safe run.
+        safe = metrics["devsafety"] >= -self.safety_tolerance - 1e-12
+        metrics["safe_H"] = metrics["H"] if safe else -1.0 + metrics["devsafety"]
+        metrics.update({f"acc:{name}": float(accuracy[c]) for c, name in enumerate(names)})
+        metrics.update(deltas)
+        return metrics
+
+    def _split(self, split: str) -> tuple[ImageSetRef, np.ndarray, np.ndarray, np.ndarray | None]:
         task = self.task
         if split == "test":
-            image_set, labels, forget, indices = (
-                task.test,
-                task.test_labels,
-                self._test_forget,
-                None,
-            )
-        elif split == "val":
-            image_set, labels, forget, indices = (
-                task.pool,
-                task.val_labels,
-                self._val_forget,
-                task.val_index,
-            )
-        else:
-            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+            return task.test, task.test_labels, self._test_forget, None
+        if split == "val":
+            return task.pool, task.val_labels, self._val_forget, task.val_index
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+
+    def _predictions(self, contexts: torch.Tensor, split: str) -> np.ndarray:
+        image_set, _, _, indices = self._split(split)
         logits = self.oracle.logits(
-            contexts, task.class_names, image_set, indices=indices, budget_key=self.eval_key
+            contexts, self.task.class_names, image_set, indices=indices, budget_key=self.eval_key
         )
-        metrics = forgetting_metrics(logits[0].argmax(-1).numpy()[None], labels, forget)
-        return {key: float(values[0]) for key, values in metrics.items()}
+        predictions: np.ndarray = logits[0].argmax(-1).numpy()
+        return predictions
+
+    def _reference_accuracy(self, split: str) -> np.ndarray:
+        """Per-class accuracy of the reference prompt on ``split`` (evaluated once, cached)."""
+        if split not in self._reference_cache:
+            contexts = self.oracle.phrase_embeddings(self.reference_prompt).unsqueeze(0)
+            labels = self._split(split)[1]
+            predictions = self._predictions(contexts, split)
+            self._reference_cache[split] = per_class_accuracy(
+                predictions, labels, len(self.task.class_names)
+            )[0]
+        return self._reference_cache[split]
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

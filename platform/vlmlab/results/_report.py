@@ -72,6 +72,8 @@ def budget_tables(runs: pd.DataFrame, metrics: StudyMetrics) -> list[ReportTable
     ):
         budgets = sorted(int(b) for b in group.budget.dropna().unique())
         for key, label in metrics[str(task)]:
+            if f"test_{key}" not in group or group[f"test_{key}"].isna().all():
+                continue  # results written before the task had this metric
             columns = ["method", *[f"{b} queries" for b in budgets], "seeds"]
             zero_shot = mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
             rows = [["zero-shot", *[zero_shot for _ in budgets], str(group.seed.nunique())]]
@@ -104,6 +106,9 @@ def plot_budget(runs: pd.DataFrame, metrics: StudyMetrics, path: Path) -> Path |
     for row, ((experiment, task, dataset, backend, model), group) in enumerate(groups):
         for col, (key, label) in enumerate(metrics[str(task)]):
             ax = axes[row][col]
+            if f"test_{key}" not in group:
+                ax.set_visible(False)  # results written before the task had this metric
+                continue
             for method, of_method in group.groupby("method", sort=True):
                 points = of_method.groupby("budget").agg(
                     queries=("queries_used", "mean"),

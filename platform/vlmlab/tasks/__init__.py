@@ -3,6 +3,8 @@
 - ``vlmlab.tasks.forgetting``: Black-Box Forgetting (bbf, bbt, wo_lcs).
 - ``vlmlab.tasks.craft``: CraFT (craft, prompt_only, refine_only, no_consistency).
 - ``vlmlab.tasks.devsafety``: Model Developmental Safety (constrained, finetune, weighted).
+- ``vlmlab.tasks.safe_forgetting``: forgetting under one constraint per kept class
+  (safe_bbf, beside bbf, bbt, wo_lcs).
 
 A task module holds its method spec, metrics (and so its ``runs`` columns),
 sweepable metrics, how it builds a method for one trial, its artifact and
@@ -32,8 +34,9 @@ from vlmlab.tasks._base import (
 from vlmlab.tasks.craft import CraftMethodSpec, CraftTask, craft_budget
 from vlmlab.tasks.devsafety import DevSafetyMethodSpec, DevSafetyTask
 from vlmlab.tasks.forgetting import ForgettingMethodSpec, ForgettingTask
+from vlmlab.tasks.safe_forgetting import SafeForgettingMethodSpec, SafeForgettingTask
 
-for _task in (ForgettingTask(), CraftTask(), DevSafetyTask()):
+for _task in (ForgettingTask(), CraftTask(), DevSafetyTask(), SafeForgettingTask()):
     register_task(_task, replace=True)
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "ForgettingMethodSpec",
     "ForgettingTask",
     "MethodSpec",
+    "SafeForgettingMethodSpec",
+    "SafeForgettingTask",
     "StrictModel",
     "Task",
     "TrialData",

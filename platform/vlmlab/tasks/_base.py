@@ -295,4 +295,8 @@ def metric_columns_of_tasks() -> tuple[str, ...]:
 
 def study_metrics() -> dict[str, tuple[tuple[str, str], ...]]:
     """The test metrics a budget study reports, by black-box task."""
-    return {task.name: task.metrics for task in _TASKS.values() if not task.white_box}
+    return {
+        task.name: task.table_metrics or task.metrics
+        for task in _TASKS.values()
+        if not task.white_box
+    }

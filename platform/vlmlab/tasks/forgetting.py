@@ -20,7 +20,14 @@ from vlmlab.data import class_indices, partition_classes
 from vlmlab.methods import Method, Metrics
 from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_data
 from vlmlab.oracle import Oracle
-from vlmlab.results import completed, finish_panel, panels, save_figure
+from vlmlab.results import (
+    ReportTable,
+    completed,
+    finish_panel,
+    mean_std,
+    panels,
+    save_figure,
+)
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
 
 if TYPE_CHECKING:
@@ -46,9 +53,14 @@ class ForgettingMethodSpec(MethodSpec):
     """BBT / w/o LCS: each token's latent size; default ``(ds + m du) / m`` (official)."""
     iterations: int = Field(400, ge=1)
     projection_std: float | None = Field(None, gt=0)
+    safety_tolerance: float = Field(0.01, ge=0, lt=1)
+    """What ``safe_H`` counts as safe: DevSafety >= -tolerance (reported; never trained on)."""
 
     def to_config(self) -> ForgettingConfig:
-        return ForgettingConfig(variant=self.name, **self.model_dump(exclude={"name"}))
+        return ForgettingConfig(
+            variant=self.name,
+            **self.model_dump(include=set(ForgettingConfig.__dataclass_fields__) - {"variant"}),
+        )
 
 
 class ForgettingTask(Task):
@@ -57,8 +69,15 @@ class ForgettingTask(Task):
     name = "forgetting"
     title = "Black-Box Forgetting"
     method_spec = ForgettingMethodSpec
-    metrics = (("H", "H"), ("err_fgt", "Err_fgt"), ("acc_mem", "Acc_mem"))
-    sweep_metrics = ("val_H", "test_H")
+    metrics = (
+        ("H", "H"),
+        ("err_fgt", "Err_fgt"),
+        ("acc_mem", "Acc_mem"),
+        ("devsafety", "DevSafety"),
+        ("safe_H", "safe H"),
+    )
+    table_metrics = metrics[:4]
+    sweep_metrics = ("val_H", "test_H", "val_safe_H")
     evaluation_splits = ("test",)  # validation H is scored every generation
 
     def build(
@@ -89,7 +108,7 @@ class ForgettingTask(Task):
             seed=seed,
             partition=partition,
         )
-        return BlackBoxForgetting(
+        return self.method_class(spec.method)(
             oracle,
             task,
             spec.method.to_config(),
@@ -97,11 +116,19 @@ class ForgettingTask(Task):
             max_queries=spec.query_budget(),
             budget_key=budget_key,
             eval_key=eval_key,
+            reference_prompt=spec.prompt_phrase,
+            safety_tolerance=spec.method.safety_tolerance,
         )
 
+    def method_class(self, method: ForgettingMethodSpec) -> type[BlackBoxForgetting]:
+        """The method a spec's variant runs (a subclass task adds its own)."""
+        return BlackBoxForgetting
+
     def final_val(self, method: Method, evaluations: dict[str, Metrics]) -> Metrics:
+        """The result's validation H (tracked every generation) and its DevSafety."""
         assert isinstance(method, BlackBoxForgetting)
-        return method.best_val
+        val = method.evaluate("val")
+        return {**method.best_val, "devsafety": val["devsafety"], "safe_H": val["safe_H"]}
 
     def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert isinstance(method, BlackBoxForgetting)
@@ -112,7 +139,90 @@ class ForgettingTask(Task):
             "memorize": list(task.partition.memorize),
         }
 
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
+        """H, Err_fgt, Acc_mem and DevSafety by method; the worst DevSafety of any seed and
+        how many seeds kept every kept class within ``tolerance`` of zero-shot."""
+        done = completed(runs, self.name)
+        tables = []
+        for (dataset, backend, model), group in done.groupby(
+            ["dataset", "backend", "model"], sort=True
+        ):
+            slack = f"{tolerance * 100:g}"
+            columns = [
+                "method",
+                "seeds",
+                "H",
+                "Err_fgt",
+                "Acc_mem",
+                "DevSafety",
+                "worst",
+                f"safe (≥ −{slack})",
+                "queries",
+            ]
+            first = ["zero-shot", str(group.seed.nunique())]
+            rows = [
+                first
+                + [
+                    mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+                    for key in ("H", "err_fgt", "acc_mem")
+                ]
+                + ["0.00", "0.00", "-", "0"]
+            ]
+            for method, of_method in group.groupby("method", sort=True):
+                safety = of_method.test_devsafety.astype(float)
+                known = safety.dropna()
+                rows.append(
+                    [
+                        str(method),
+                        str(len(of_method)),
+                        *[
+                            mean_std(of_method[f"test_{key}"])
+                            for key in ("H", "err_fgt", "acc_mem")
+                        ],
+                        mean_std(safety),
+                        f"{known.min() * 100:.2f}" if len(known) else "-",
+                        f"{int((known >= -tolerance - 1e-12).sum())}/{len(known)}"
+                        if len(known)
+                        else "-",
+                        f"{int(of_method.queries_used.median())}",
+                    ]
+                )
+            title = f"{self.title} — {backend} {model} on {dataset} (test, %)"
+            tables.append(ReportTable(title, columns, rows))
+        return tables
+
     def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
+        """H against queries (one line per run) and H against DevSafety (a point per run)."""
+        paths = self._h_against_queries(runs, steps, folder)
+        done = completed(runs, self.name).dropna(subset=["test_devsafety"])
+        if done.empty:
+            return paths
+        fig, grid = panels(done, width=6.5)
+        import matplotlib.pyplot as plt
+
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, key, group in grid:
+            for i, (method, of_method) in enumerate(group.groupby("method", sort=True)):
+                ax.scatter(
+                    of_method.test_devsafety * 100,
+                    of_method.test_H * 100,
+                    color=colors[i % len(colors)],
+                    label=str(method),
+                    s=28,
+                )
+            zero_h = float(np.nanmean(group.zeroshot_test_H)) * 100
+            ax.scatter([0.0], [zero_h], color="black", marker="x", label="zero-shot")
+            ax.axvline(0.0, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("DevSafety: worst kept class vs zero-shot (test, points)")
+            ax.set_ylabel("H (test, %)")
+            ax.set_title(key, fontsize=9)
+            ax.legend(fontsize=8)
+        path = folder / "forgetting_H_vs_devsafety.png"
+        return [*paths, save_figure(fig, "Forgetting: H against DevSafety, a point per seed", path)]
+
+    def _h_against_queries(
+        self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path
+    ) -> list[Path]:
         """Validation and test H against queries used, one line per run."""
         done = completed(runs, self.name)
         if done.empty:

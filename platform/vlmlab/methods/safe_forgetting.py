@@ -1,0 +1,215 @@
+"""Safe forgetting: Black-Box Forgetting that may not cost any kept class.
+
+Forgetting exists to remove what a model must not recognize without harming
+anything else, yet BBF optimizes the harmonic mean H: a prompt can raise H
+while one kept class loses accuracy. Model Developmental Safety (Li et al.,
+2024) forbids exactly that with one constraint per protected class, but only
+for white-box training. This brings the constraints to the black-box search:
+
+- **Constraints**, one per kept class k, on the training images:
+  ``g_k(prompt) = L_k(prompt) - L_k(reference) - tolerance <= 0``, ``L_k`` the mean
+  cross-entropy of class k's images and ``reference`` the zero-shot prompt. They
+  come from the logits the generation's one oracle call already returns, so a
+  run spends exactly plain BBF's queries (the reference is scored once, on the
+  evaluation key, like any zero-shot row).
+- **Constraint handling** (``constraint``): ``"al"`` (default), pycma's augmented
+  Lagrangian (Atamna et al. 2017: ``f + sum_k lam_k g_k + mu_k g_k^2 / 2``, the
+  coefficients adapted every generation from the population's mean f and g:
+  the mean is not queried, to keep the query count); ``"penalty"``, MDS's
+  moving-average form, ``f + mean_k max(beta u_k, 0) g_k`` with ``u_k`` the moving
+  average (rate ``gamma``) of the population's mean ``g_k``.
+- **Start** (``start``): ``"prompt"`` (default) centres the latent search on the
+  reference prompt's token embeddings, so the search starts from a prompt that
+  is feasible by definition; ``"table_mean"`` is BBF's centre.
+- **Selection**: the result is the best validation H among candidates whose
+  kept classes all stay within ``selection_tolerance`` of the reference's
+  validation accuracy. The reference counts as such a candidate, so when no
+  searched prompt is both safe and better, the run returns the zero-shot
+  prompt (stated in the steps table: ``best_generation`` 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vlmlab.methods.forgetting import (
+    BlackBoxForgetting,
+    ForgettingConfig,
+    ForgettingData,
+    forgetting_metrics,
+    per_class_accuracy,
+)
+from vlmlab.oracle import Oracle
+
+Constraint = Literal["al", "penalty"]
+Start = Literal["prompt", "table_mean"]
+
+
+@dataclass(frozen=True)
+class SafeForgettingConfig(ForgettingConfig):
+    """BBF's hyperparameters plus the constraints' (see the module docstring)."""
+
+    constraint: Constraint = "al"
+    tolerance: float = 0.0
+    """epsilon: how much each kept class's training loss may rise over the reference's."""
+    selection_tolerance: float = 0.0
+    """How much validation accuracy a kept class may lose and the prompt still be the result."""
+    beta: float = 100.0
+    """``penalty``: the penalty's scale."""
+    gamma: float = 0.8
+    """``penalty``: the moving average's rate (MDS's gamma)."""
+    start: Start = "prompt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant != "bbf":
+            raise ValueError("safe forgetting searches with Latent Context Sharing (variant 'bbf')")
+        if self.fitness != "full":
+            raise ValueError(
+                "safe forgetting needs fitness='full': a constraint compares each kept class's "
+                "loss on the whole training set with the reference's"
+            )
+        if self.constraint not in ("al", "penalty"):
+            raise ValueError(f"constraint must be 'al' or 'penalty', got {self.constraint!r}")
+        if self.start not in ("prompt", "table_mean"):
+            raise ValueError(f"start must be 'prompt' or 'table_mean', got {self.start!r}")
+        if self.tolerance < 0 or self.selection_tolerance < 0:
+            raise ValueError("tolerance and selection_tolerance must be >= 0")
+        if not self.beta > 0 or not 0 < self.gamma <= 1:
+            raise ValueError("beta must be > 0 and 0 < gamma <= 1")
+
+
+def class_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> np.ndarray:
+    """Mean cross-entropy of each class's images, per candidate: ``P x K`` (float64)."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    picked = log_probs.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1))[..., 0]
+    return np.stack([(-picked[:, labels == k]).mean(dim=1).numpy() for k in classes], axis=1)
+
+
+class SafeBlackBoxForgetting(BlackBoxForgetting):
+    """Black-Box Forgetting under one constraint per kept class (see the module docstring)."""
+
+    config: SafeForgettingConfig
+
+    def __init__(
+        self,
+        oracle: Oracle,
+        task: ForgettingData,
+        config: SafeForgettingConfig,
+        *,
+        seed: int,
+        max_queries: int | None = None,
+        budget_key: str = "train",
+        eval_key: str = "eval",
+        reference_prompt: str = "a photo of a",
+        safety_tolerance: float = 0.01,
+    ) -> None:
+        super().__init__(
+            oracle,
+            task,
+            config,
+            seed=seed,
+            max_queries=max_queries,
+            budget_key=budget_key,
+            eval_key=eval_key,
+            reference_prompt=reference_prompt,
+            safety_tolerance=safety_tolerance,
+        )
+        self.kept = [int(k) for k in task.partition.memorize]
+        reference = oracle.phrase_embeddings(reference_prompt)
+        if config.start == "prompt":
+            if reference.shape[0] != config.n_context:
+                raise ValueError(
+                    f"start='prompt' centres the search on the reference prompt "
+                    f"{reference_prompt!r}, {reference.shape[0]} tokens, but n_context is "
+                    f"{config.n_context}: make them agree or use start='table_mean'"
+                )
+            self.search.center = reference.numpy().astype(np.float32)
+        # The reference on the training and validation images: one evaluation call.
+        indices = np.concatenate([task.train_index, task.val_index])
+        logits = oracle.logits(
+            reference.unsqueeze(0),
+            task.class_names,
+            task.pool,
+            indices=indices,
+            budget_key=eval_key,
+        )
+        n_train = len(task.train_index)
+        labels = torch.from_numpy(task.train_labels.astype(np.int64))
+        self.reference_losses = class_losses(logits[:, :n_train], labels, self.kept)[0]
+        val_predictions = logits[0, n_train:].argmax(-1).numpy()
+        self.reference_val_accuracy = per_class_accuracy(
+            val_predictions, task.val_labels, len(task.class_names)
+        )[0]
+        # The reference is the result until a safe, better prompt is found.
+        reference_val = forgetting_metrics(val_predictions[None], task.val_labels, self._val_forget)
+        self._best.contexts = reference.unsqueeze(0).clone()
+        self._best.val = {key: float(values[0]) for key, values in reference_val.items()}
+        self._lagrangian = self._new_lagrangian() if config.constraint == "al" else None
+        self._moving = np.zeros(len(self.kept))
+
+    def _new_lagrangian(self) -> Any:
+        from cma.constraints_handler import AugmentedLagrangian
+
+        dimension = sum(strategy.dim for strategy in self.search.strategies)
+        lagrangian = AugmentedLagrangian(dimension)
+        lagrangian.logging = False
+        return lagrangian
+
+    # ------------------------------------------------------------ the hooks
+    def _fitness(
+        self, losses: np.ndarray, train_logits: torch.Tensor, batch: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        labels = self._train_labels[torch.from_numpy(batch)]
+        violations = (
+            class_losses(train_logits, labels, self.kept)
+            - self.reference_losses[None, :]
+            - self.config.tolerance
+        )
+        if self._lagrangian is not None:
+            al = self._lagrangian
+            al.set_coefficients(losses, violations)  # initializes once, from the first data
+            al.update(float(losses.mean()), violations.mean(axis=0))
+            penalties = np.array([float(np.sum(al(g))) for g in violations])
+        else:
+            gamma = self.config.gamma
+            self._moving = (1 - gamma) * self._moving + gamma * violations.mean(axis=0)
+            weights = np.maximum(self.config.beta * self._moving, 0.0)
+            penalties = (violations * weights[None, :]).mean(axis=1)
+        feasible = (violations <= 0).all(axis=1)
+        return losses + penalties, {
+            "feasible": float(feasible.mean()),
+            "worst_violation": float(violations.max()),
+        }
+
+    def _eligible(self, val_predictions: np.ndarray) -> np.ndarray:
+        accuracy = per_class_accuracy(
+            val_predictions, self.task.val_labels, len(self.task.class_names)
+        )
+        drop = accuracy[:, self.kept] - self.reference_val_accuracy[None, self.kept]
+        return np.asarray(
+            (np.nan_to_num(drop) >= -self.config.selection_tolerance - 1e-12).all(axis=1)
+        )
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        import pickle
+
+        state = super().state_dict()
+        state["safe"] = {
+            "lagrangian": None if self._lagrangian is None else pickle.dumps(self._lagrangian),
+            "moving": self._moving.copy(),
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import pickle
+
+        super().load_state_dict(state)
+        safe = state["safe"]
+        self._lagrangian = None if safe["lagrangian"] is None else pickle.loads(safe["lagrangian"])
+        self._moving = np.array(safe["moving"])

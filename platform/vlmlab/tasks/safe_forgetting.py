@@ -1,0 +1,53 @@
+"""The safe-forgetting task: forgetting that may not cost any kept class.
+
+Registered like any task (:func:`~vlmlab.tasks.register_task`), it reuses the
+forgetting task's data, metrics, artifact and report, and adds the variant
+``safe_bbf`` (:mod:`vlmlab.methods.safe_forgetting`: one constraint per kept
+class, from the same oracle call) beside plain ``bbf``, ``bbt`` and ``wo_lcs``,
+so one spec compares them on the same seeds. Its default sweep metric is
+``val_safe_H``: H of a safe result, else ``-1 + DevSafety``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig
+from vlmlab.methods.safe_forgetting import SafeBlackBoxForgetting, SafeForgettingConfig
+from vlmlab.tasks.forgetting import ForgettingMethodSpec, ForgettingTask
+
+
+class SafeForgettingMethodSpec(ForgettingMethodSpec):
+    """Forgetting's method section plus the constraints of ``safe_bbf``."""
+
+    name: Literal["safe_bbf", "bbf", "bbt", "wo_lcs"] = "safe_bbf"  # type: ignore[assignment]
+    constraint: Literal["al", "penalty"] = "al"
+    """al: pycma's augmented Lagrangian; penalty: MDS's moving-average penalty."""
+    tolerance: float = Field(0.0, ge=0)
+    """epsilon: how much each kept class's training loss may exceed the zero-shot prompt's."""
+    selection_tolerance: float = Field(0.0, ge=0, lt=1)
+    """How much validation accuracy a kept class may lose in the prompt that is the result."""
+    beta: float = Field(100.0, gt=0)
+    gamma: float = Field(0.8, gt=0, le=1)
+    start: Literal["prompt", "table_mean"] = "prompt"
+    """prompt: search around the zero-shot prompt (feasible at the start); table_mean: BBF's."""
+
+    def to_config(self) -> ForgettingConfig:
+        if self.name != "safe_bbf":
+            return super().to_config()
+        fields = set(SafeForgettingConfig.__dataclass_fields__) - {"variant"}
+        return SafeForgettingConfig(variant="bbf", **self.model_dump(include=fields))
+
+
+class SafeForgettingTask(ForgettingTask):
+    """Forget the chosen classes while every kept class stays at least as good as zero-shot."""
+
+    name = "safe_forgetting"
+    title = "Safe forgetting"
+    method_spec = SafeForgettingMethodSpec
+    sweep_metrics = ("val_safe_H", "val_H", "test_H")
+
+    def method_class(self, method: ForgettingMethodSpec) -> type[BlackBoxForgetting]:
+        return SafeBlackBoxForgetting if str(method.name) == "safe_bbf" else BlackBoxForgetting

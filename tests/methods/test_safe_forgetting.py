@@ -89,7 +89,18 @@ def test_a_violating_candidate_ranks_below_a_feasible_one(setting):
     worse = val_labels.copy()
     worse[np.flatnonzero(val_labels == kept)[0]] = (kept + 1) % 10
     safe.reference_val_accuracy = np.ones(10)
-    assert safe._eligible(np.stack([perfect, worse])).tolist() == [True, False]
+    val_only = _safe(setting, "rank-val", selection_images="val")
+    val_only.reference_val_accuracy = np.ones(10)
+    train = np.tile(data.train_labels, (2, 1))
+    rows = np.arange(n_train)
+    assert val_only._eligible(np.stack([perfect, worse]), train, rows).tolist() == [True, False]
+    # train_val: the same lost image, among more images; a lost training image counts too.
+    safe.reference_train_val_accuracy = np.ones(10)
+    assert safe._eligible(np.stack([perfect, worse]), train, rows).tolist() == [True, False]
+    train_worse = train.copy()
+    train_worse[1, np.flatnonzero(data.train_labels == kept)[0]] = (kept + 1) % 10
+    both_perfect = np.stack([perfect, perfect])
+    assert safe._eligible(both_perfect, train_worse, rows).tolist() == [True, False]
 
 
 def test_resume_is_bit_for_bit(setting):

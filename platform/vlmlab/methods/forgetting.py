@@ -378,7 +378,7 @@ class BlackBoxForgetting:
 
         predictions = val_logits.argmax(-1).numpy()
         val = forgetting_metrics(predictions, task.val_labels, self._val_forget)
-        eligible = self._eligible(predictions)
+        eligible = self._eligible(predictions, train_logits.argmax(-1).numpy(), batch)
         ranked = np.where(eligible, val["H"], -np.inf)
         top = int(np.argmax(ranked))  # first best: ties keep the lower index
         if eligible[top] and val["H"][top] > self._best.val["H"]:
@@ -420,7 +420,9 @@ class BlackBoxForgetting:
         Safe forgetting overrides it with constraint handling on the same logits."""
         return losses, {}
 
-    def _eligible(self, val_predictions: np.ndarray) -> np.ndarray:
+    def _eligible(
+        self, val_predictions: np.ndarray, train_predictions: np.ndarray, batch: np.ndarray
+    ) -> np.ndarray:
         """Which candidates may become the result (plain BBF: all of them)."""
         return np.ones(len(val_predictions), dtype=bool)
 

@@ -23,7 +23,8 @@ for white-box training. This brings the constraints to the black-box search:
   is feasible by definition; ``"table_mean"`` is BBF's centre.
 - **Selection**: the result is the best validation H among candidates whose
   kept classes all stay within ``selection_tolerance`` of the reference's
-  validation accuracy. The reference counts as such a candidate, so when no
+  accuracy on the training and validation images together
+  (``selection_images="train_val"``; ``"val"``: validation alone). The reference counts as such a candidate, so when no
   searched prompt is both safe and better, the run returns the zero-shot
   prompt (stated in the steps table: ``best_generation`` 0).
 """
@@ -47,6 +48,7 @@ from vlmlab.oracle import Oracle
 
 Constraint = Literal["al", "penalty"]
 Start = Literal["prompt", "table_mean"]
+SelectionImages = Literal["val", "train_val"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,19 @@ class SafeForgettingConfig(ForgettingConfig):
 
     constraint: Constraint = "al"
     tolerance: float = 0.0
-    """epsilon: how much each kept class's training loss may rise over the reference's."""
+    """epsilon: how much each kept class's training loss may rise over the reference's
+    (negative: a margin, the loss must fall by at least that much)."""
     selection_tolerance: float = 0.0
-    """How much validation accuracy a kept class may lose and the prompt still be the result."""
+    """How much accuracy a kept class may lose and the prompt still be the result
+    (negative: a margin, every kept class must gain at least that much)."""
     beta: float = 100.0
     """``penalty``: the penalty's scale."""
     gamma: float = 0.8
     """``penalty``: the moving average's rate (MDS's gamma)."""
     start: Start = "prompt"
+    selection_images: SelectionImages = "train_val"
+    """Whose accuracy decides a candidate's safety: ``val`` alone, or ``train_val``, the
+    training and validation images together (more images: a test estimate less noisy)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,8 +84,10 @@ class SafeForgettingConfig(ForgettingConfig):
             raise ValueError(f"constraint must be 'al' or 'penalty', got {self.constraint!r}")
         if self.start not in ("prompt", "table_mean"):
             raise ValueError(f"start must be 'prompt' or 'table_mean', got {self.start!r}")
-        if self.tolerance < 0 or self.selection_tolerance < 0:
-            raise ValueError("tolerance and selection_tolerance must be >= 0")
+        if self.selection_images not in ("val", "train_val"):
+            raise ValueError(
+                f"selection_images must be 'val' or 'train_val', got {self.selection_images!r}"
+            )
         if not self.beta > 0 or not 0 < self.gamma <= 1:
             raise ValueError("beta must be > 0 and 0 < gamma <= 1")
 
@@ -145,6 +154,11 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
         self.reference_val_accuracy = per_class_accuracy(
             val_predictions, task.val_labels, len(task.class_names)
         )[0]
+        self.reference_train_val_accuracy = per_class_accuracy(
+            logits[0].argmax(-1).numpy(),
+            np.concatenate([task.train_labels, task.val_labels]),
+            len(task.class_names),
+        )[0]
         # The reference is the result until a safe, better prompt is found.
         reference_val = forgetting_metrics(val_predictions[None], task.val_labels, self._val_forget)
         self._best.contexts = reference.unsqueeze(0).clone()
@@ -186,11 +200,19 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
             "worst_violation": float(violations.max()),
         }
 
-    def _eligible(self, val_predictions: np.ndarray) -> np.ndarray:
-        accuracy = per_class_accuracy(
-            val_predictions, self.task.val_labels, len(self.task.class_names)
-        )
-        drop = accuracy[:, self.kept] - self.reference_val_accuracy[None, self.kept]
+    def _eligible(
+        self, val_predictions: np.ndarray, train_predictions: np.ndarray, batch: np.ndarray
+    ) -> np.ndarray:
+        task, n_classes = self.task, len(self.task.class_names)
+        if self.config.selection_images == "val":
+            predictions, labels = val_predictions, task.val_labels
+            reference = self.reference_val_accuracy
+        else:
+            predictions = np.concatenate([train_predictions, val_predictions], axis=1)
+            labels = np.concatenate([task.train_labels[batch], task.val_labels])
+            reference = self.reference_train_val_accuracy
+        accuracy = per_class_accuracy(predictions, labels, n_classes)
+        drop = accuracy[:, self.kept] - reference[None, self.kept]
         return np.asarray(
             (np.nan_to_num(drop) >= -self.config.selection_tolerance - 1e-12).all(axis=1)
         )

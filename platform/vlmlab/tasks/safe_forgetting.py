@@ -25,13 +25,17 @@ class SafeForgettingMethodSpec(ForgettingMethodSpec):
     name: Literal["safe_bbf", "bbf", "bbt", "wo_lcs"] = "safe_bbf"  # type: ignore[assignment]
     constraint: Literal["al", "penalty"] = "al"
     """al: pycma's augmented Lagrangian; penalty: MDS's moving-average penalty."""
-    tolerance: float = Field(0.0, ge=0)
-    """epsilon: how much each kept class's training loss may exceed the zero-shot prompt's."""
-    selection_tolerance: float = Field(0.0, ge=0, lt=1)
-    """How much validation accuracy a kept class may lose in the prompt that is the result."""
+    tolerance: float = 0.0
+    """epsilon: how much each kept class's training loss may exceed the zero-shot prompt's
+    (negative: a margin it must stay below it by)."""
+    selection_tolerance: float = Field(0.0, gt=-1, lt=1)
+    """How much accuracy a kept class may lose in the prompt that is the result
+    (negative: a margin every kept class must gain)."""
     beta: float = Field(100.0, gt=0)
     gamma: float = Field(0.8, gt=0, le=1)
     start: Literal["prompt", "table_mean"] = "prompt"
+    selection_images: Literal["val", "train_val"] = "train_val"
+    """Whose accuracy decides that a candidate is safe: validation, or training + validation."""
     """prompt: search around the zero-shot prompt (feasible at the start); table_mean: BBF's."""
 
     def to_config(self) -> ForgettingConfig:

@@ -73,6 +73,7 @@ def test_tables_are_method_by_budget(study):
         "H",
         "Err_fgt",
         "Acc_mem",
+        "DevSafety",  # every forgetting run reports what forgetting cost the kept classes
     ]
     h = tables[0]
     assert h.columns == ["method", "16 queries", "32 queries", "seeds"]

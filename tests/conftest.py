@@ -73,9 +73,12 @@ def ray_session():
     ensure_ray(num_cpus=4)
     from ray import serve
 
-    # One Serve per cluster, with its HTTP proxy on a free loopback port: the serving
-    # tests reach it over real HTTP; pools started later reuse this Serve as it is.
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    from vlmlab.serving import proxy_http_options
+
+    # One Serve per cluster, with its HTTP proxy on a free loopback port (and the idle
+    # timeout `vlmlab serve` sets): the serving tests reach it over real HTTP; pools
+    # started later reuse this Serve as it is.
+    serve.start(http_options=proxy_http_options("127.0.0.1", _free_port()))
     yield ray
     from ray import serve
 

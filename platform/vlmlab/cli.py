@@ -472,12 +472,31 @@ def keys_add(
     ] = None,
     burst: Annotated[int, typer.Option(help="requests at once above the rate")] = 10,
     max_images: Annotated[int, typer.Option(help="images the key may register")] = 10_000,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a per-key limit as NAME=VALUE, repeatable (e.g. max_classes=100); "
+            "README, 'Limits', lists them with their defaults"
+        ),
+    ] = None,
 ) -> None:
     """Create an API key: prints it once; the file keeps only its digest."""
-    from vlmlab.serving import KeysFileError, add_key
+    from vlmlab.serving import KEY_LIMITS, KeysFileError, add_key
 
+    limits: dict[str, int] = {}
+    for item in limit or []:
+        setting, _, value = item.partition("=")
+        if (
+            setting.strip() not in KEY_LIMITS
+            or not value.strip().isascii()
+            or not value.strip().isdigit()
+        ):
+            raise _fail(f"--limit {item!r}: give NAME=INTEGER, NAME one of {', '.join(KEY_LIMITS)}")
+        limits[setting.strip()] = int(value)
     try:
-        token = add_key(file, name, budget=budget, rate=rate, burst=burst, max_images=max_images)
+        token = add_key(
+            file, name, budget=budget, rate=rate, burst=burst, max_images=max_images, **limits
+        )
     except KeysFileError as error:
         raise _fail(str(error)) from None
     typer.echo(token)
@@ -491,17 +510,24 @@ def keys_list(
     file: Annotated[str, typer.Option(help="keys file")] = "keys.yaml",
 ) -> None:
     """The keys in a file with their budgets and limits (never the keys themselves)."""
-    from vlmlab.serving import KeysFileError, load_keys
+    from vlmlab.serving import KEY_LIMITS, ApiKey, KeysFileError, load_keys
 
     try:
         keys = load_keys(file)
     except KeysFileError as error:
         raise _fail(str(error)) from None
+    defaults = ApiKey(sha256="0" * 64)
     for name, key in keys.items():
         rate = "no rate limit" if key.rate is None else f"{key.rate:g}/s (burst {key.burst})"
         budget = "no budget cap" if key.budget is None else f"budget {key.budget}"
+        changed = "".join(
+            f", {limit} {getattr(key, limit)}"
+            for limit in KEY_LIMITS
+            if limit != "max_images" and getattr(key, limit) != getattr(defaults, limit)
+        )
         typer.echo(
-            f"{name:20s} {budget}, {rate}, {key.max_images} images, sha256 {key.sha256[:12]}…"
+            f"{name:20s} {budget}, {rate}, {key.max_images} images{changed}, "
+            f"sha256 {key.sha256[:12]}…"
         )
 
 

@@ -31,3 +31,24 @@ class BudgetExceededError(VlmlabError):
 
 class DatasetUnavailableError(VlmlabError):
     """A dataset cannot be loaded here (offline, or files missing)."""
+
+
+class LimitExceededError(VlmlabError, ValueError):
+    """A request asks for more work than a limit allows; it was refused before any work.
+
+    ``limit`` is the setting's name (a served key's ``max_classes``, ``max_tokens``,
+    ...), so a client can tell which one to stay under. A ``ValueError`` too: it is
+    the caller's input that is too big, and code that treats bad input as
+    ``ValueError`` keeps working.
+    """
+
+    def __init__(self, limit: str, requested: int, allowed: int, what: str) -> None:
+        self.limit = limit
+        self.requested = requested
+        self.allowed = allowed
+        self.what = what
+        super().__init__(f"{what}: {requested} is over the limit {limit} = {allowed}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int, str]]:
+        # Crosses Ray process boundaries intact (Exception pickles only ``args``).
+        return (type(self), (self.limit, self.requested, self.allowed, self.what))

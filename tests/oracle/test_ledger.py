@@ -94,3 +94,36 @@ def test_threads_on_one_key_never_exceed_the_budget():
     assert usage.queries == sum(served) == (budget // per_call) * per_call
     assert usage.images_scored == usage.queries
     assert sum(refused) == threads * attempts - budget // per_call
+
+
+def test_a_lapsed_lease_frees_its_queries_and_is_counted():
+    """A reservation with a ttl cannot outlive its call, even if its caller dies."""
+    now = [100.0]
+    ledger = QueryLedger(clock=lambda: now[0])
+    ledger.set_budget("k", 10)
+    leased = ledger.reserve("k", 6, ttl=30.0)
+    held = ledger.reserve("k", 3)  # no lease: held until commit or release
+    assert ledger.account("k")["reserved"] == 9 and ledger.remaining("k") == 1
+    now[0] += 29.9
+    assert ledger.account("k")["reserved"] == 9  # not yet
+    now[0] += 0.2
+    account = ledger.account("k")
+    assert (account["reserved"], account["expired"], account["queries"]) == (3, 6, 0)
+    assert ledger.remaining("k") == 7
+    with pytest.raises(KeyError, match="lease ran out"):  # too late to charge it
+        ledger.commit(leased, images_scored=1, prompts_encoded=1, wall_seconds=0)
+    now[0] += 1e6
+    ledger.commit(held, images_scored=1, prompts_encoded=1, wall_seconds=0)
+    assert ledger.usage("k").queries == 3 and ledger.account("k")["reserved"] == 0
+
+
+def test_a_lease_released_or_committed_in_time_is_not_expired():
+    now = [0.0]
+    ledger = QueryLedger(clock=lambda: now[0])
+    ledger.commit(ledger.reserve("k", 2, ttl=5), images_scored=0, prompts_encoded=0, wall_seconds=0)
+    ledger.release(ledger.reserve("k", 4, ttl=5))
+    now[0] += 10
+    account = ledger.account("k")
+    assert (account["queries"], account["reserved"], account["expired"]) == (2, 0, 0)
+    with pytest.raises(ValueError, match="ttl must be positive"):
+        ledger.reserve("k", 1, ttl=0)

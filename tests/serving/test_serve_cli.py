@@ -90,3 +90,33 @@ def test_vlmlab_serve_refuses_bad_keys_files(tmp_path):
     assert out.exit_code == 2 and "nothing to serve" in out.output
     listed = CliRunner().invoke(app, ["keys", "list", "--file", str(tmp_path / "none.yaml")])
     assert listed.exit_code == 2 and "no such keys file" in listed.output
+
+
+def test_vlmlab_keys_add_takes_per_key_limits(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmlab.cli import app
+    from vlmlab.serving import load_keys
+
+    keys = str(tmp_path / "keys.yaml")
+    added = CliRunner().invoke(
+        app,
+        [
+            "keys",
+            "add",
+            "lab",
+            "--file",
+            keys,
+            "--limit",
+            "max_classes=100",
+            "--limit",
+            "max_tokens=16",
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    assert (load_keys(keys)["lab"].max_classes, load_keys(keys)["lab"].max_tokens) == (100, 16)
+    listed = CliRunner().invoke(app, ["keys", "list", "--file", keys])
+    assert "max_classes 100" in listed.output and "max_tokens 16" in listed.output
+    for bad in ("max_clases=3", "max_classes=lots", "max_classes"):
+        refused = CliRunner().invoke(app, ["keys", "add", "x", "--file", keys, "--limit", bad])
+        assert refused.exit_code == 2 and "NAME=INTEGER" in refused.output, bad

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmlab.errors import LimitExceededError
 from vlmlab.oracle._cache import FeatureCache
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, metered
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
@@ -69,6 +70,10 @@ class LocalOracle(ABC):
     device: torch.device = torch.device("cpu")
     """Where the backend's towers compute (backends set it in their constructor)."""
 
+    SUFFIX_CACHE_SIZE = 65_536
+    """Class names whose tokens are memoized; beyond it the oldest are dropped. Bounded
+    because a served oracle sees whatever names its clients send, every call new ones."""
+
     def __init__(
         self,
         *,
@@ -110,16 +115,28 @@ class LocalOracle(ABC):
         suffix = self._suffix_cache.get(name)
         if suffix is None:
             suffix = [*self._token_ids(f"{name}."), self._end_token]
+            if len(self._suffix_cache) >= self.SUFFIX_CACHE_SIZE:
+                del self._suffix_cache[next(iter(self._suffix_cache))]  # oldest first
             self._suffix_cache[name] = suffix
         return suffix
 
     def _suffix_token_counts(self, class_names: Sequence[str]) -> list[int]:
         return [len(self._suffix(name)) for name in class_names]
 
-    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens the model's tokenizer makes of each text (no start/end tokens).
+
+        What a served oracle checks against a client's token limit before any work.
+        """
+        return [len(self._token_ids(text)) for text in texts]
+
+    def phrase_embeddings(self, phrase: str, *, max_tokens: int | None = None) -> torch.Tensor:
+        """Token embeddings of ``phrase``; ``max_tokens`` refuses a longer one before embedding."""
         ids = self._token_ids(phrase)
         if not ids:
             raise ValueError(f"phrase {phrase!r} has no tokens")
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise LimitExceededError("max_tokens", len(ids), max_tokens, "tokens in the phrase")
         with torch.inference_mode():
             return self._embed_tokens(ids).float().cpu().clone()
 
@@ -153,7 +170,7 @@ class LocalOracle(ABC):
     def class_embeddings(self, contexts: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         """Unit-norm class embeddings ``P x C x E`` of soft prompts (what ``logits`` scores)."""
         contexts = validate_contexts(contexts, self.metadata)
-        names = self._validate_class_names(class_names, n_context=contexts.shape[1])
+        names = self.check_class_names(class_names, n_context=contexts.shape[1])
         with torch.inference_mode():
             return self._encode_population(contexts, names)
 
@@ -204,7 +221,7 @@ class LocalOracle(ABC):
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
         contexts = validate_contexts(contexts, self.metadata)
-        names = self._validate_class_names(class_names, n_context=contexts.shape[1])
+        names = self.check_class_names(class_names, n_context=contexts.shape[1])
         set_id = self._resolve_image_set(image_set)
         features = self._features[set_id]
         index = validate_indices(indices, len(features))
@@ -228,7 +245,12 @@ class LocalOracle(ABC):
         return scores
 
     # ------------------------------------------------------------ validation
-    def _validate_class_names(self, class_names: Sequence[str], *, n_context: int) -> list[str]:
+    def check_class_names(self, class_names: Sequence[str], *, n_context: int) -> list[str]:
+        """The names as a list, if each is a non-blank string whose prompt fits the text tower.
+
+        ``logits`` runs this first; a served oracle runs it alone, before a call
+        is split into chunks, so a name that cannot fit refuses the whole call.
+        """
         names = validate_class_names(class_names)
         check_prompt_length(
             names, self._suffix_token_counts(names), n_context, self.metadata.context_length

@@ -10,6 +10,14 @@ Counting protocol (exact under threads, and under Ray replicas through the pool'
 3. ``release(reservation)`` when the work failed: the reservation is dropped
    and nothing is counted.
 
+A reservation may carry a lease (``reserve(..., ttl=seconds)``): when the lease
+runs out before ``commit`` or ``release``, the ledger drops the reservation
+itself. A caller that enforces a deadline on its call (the HTTP gateway does)
+takes a lease a little longer than that deadline, so no reservation outlives
+its call even when the caller's process dies between reserve and commit.
+Without a lease a reservation is held until it is committed or released (the
+pool's trials show the reservations of calls that died in flight that way).
+
 One query is one candidate prompt scored on one batch of images.
 """
 
@@ -18,7 +26,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -53,10 +61,20 @@ class _Account:
     usage: Usage = field(default_factory=Usage)
     budget: int | None = None
     reserved: dict[int, int] = field(default_factory=dict)
+    leases: dict[int, float] = field(default_factory=dict)
+    """Ticket -> the clock time its reservation lapses (only reservations with a ttl)."""
+    expired: int = 0
+    """Queries of reservations whose lease ran out (neither committed nor released)."""
 
     @property
     def held(self) -> int:
         return self.usage.queries + sum(self.reserved.values())
+
+    def expire(self, now: float) -> None:
+        lapsed = [ticket for ticket, until in self.leases.items() if until <= now]
+        for ticket in lapsed:
+            del self.leases[ticket]
+            self.expired += self.reserved.pop(ticket, 0)
 
 
 class Ledger(Protocol):
@@ -74,7 +92,7 @@ class Ledger(Protocol):
 
     def remaining(self, key: str) -> int | None: ...
 
-    def reserve(self, key: str, queries: int) -> Reservation: ...
+    def reserve(self, key: str, queries: int, *, ttl: float | None = None) -> Reservation: ...
 
     def commit(
         self,
@@ -99,17 +117,23 @@ class QueryLedger:
 
     Thread safety: every method takes one lock, so concurrent callers on the
     same key can never together exceed its budget.
+
+    ``clock`` (monotonic seconds) times reservation leases; tests inject one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._tickets = itertools.count()
+        self._clock = clock
 
     def _account(self, key: str) -> _Account:
         if not isinstance(key, str) or not key:
             raise ValueError(f"budget key must be a non-empty string, got {key!r}")
-        return self._accounts.setdefault(key, _Account())
+        account = self._accounts.setdefault(key, _Account())
+        if account.leases:  # lapsed leases are dropped whenever the account is read
+            account.expire(self._clock())
+        return account
 
     def set_budget(self, key: str, max_queries: int | None) -> None:
         """Cap ``key`` at ``max_queries`` in total (``None`` removes the cap)."""
@@ -128,10 +152,16 @@ class QueryLedger:
             account = self._account(key)
             return None if account.budget is None else account.budget - account.held
 
-    def reserve(self, key: str, queries: int) -> Reservation:
-        """Hold ``queries`` on ``key`` or refuse the call whole."""
+    def reserve(self, key: str, queries: int, *, ttl: float | None = None) -> Reservation:
+        """Hold ``queries`` on ``key`` or refuse the call whole.
+
+        ``ttl``: seconds after which the ledger drops the reservation itself if it
+        was neither committed nor released (``None``: held until one of them).
+        """
         if queries <= 0:
             raise ValueError(f"a call must request at least one query, got {queries}")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"a reservation's ttl must be positive seconds, got {ttl!r}")
         with self._lock:
             account = self._account(key)
             if account.budget is not None and account.held + queries > account.budget:
@@ -140,6 +170,8 @@ class QueryLedger:
                 )
             ticket = next(self._tickets)
             account.reserved[ticket] = queries
+            if ttl is not None:
+                account.leases[ticket] = self._clock() + ttl
             return Reservation(key, queries, ticket)
 
     def commit(
@@ -154,8 +186,12 @@ class QueryLedger:
         with self._lock:
             account = self._account(reservation.key)
             queries = account.reserved.pop(reservation.ticket, None)
+            account.leases.pop(reservation.ticket, None)
             if queries is None:
-                raise KeyError(f"reservation {reservation.ticket} is not held (committed twice?)")
+                raise KeyError(
+                    f"reservation {reservation.ticket} is not held "
+                    "(committed twice, released, or its lease ran out)"
+                )
             usage = account.usage
             usage.queries += queries
             usage.images_scored += images_scored
@@ -166,7 +202,9 @@ class QueryLedger:
     def release(self, reservation: Reservation) -> None:
         """Drop a reservation whose work failed; nothing is counted."""
         with self._lock:
-            self._account(reservation.key).reserved.pop(reservation.ticket, None)
+            account = self._account(reservation.key)
+            account.reserved.pop(reservation.ticket, None)
+            account.leases.pop(reservation.ticket, None)
 
     def usage(self, key: str = DEFAULT_BUDGET_KEY) -> Usage:
         """A copy of what ``key`` has spent."""
@@ -178,12 +216,17 @@ class QueryLedger:
             return sorted(self._accounts)
 
     def account(self, key: str) -> dict[str, Any]:
-        """One consistent view of ``key``: spent, held by calls in flight, budget."""
+        """One consistent view of ``key``: spent, held by calls in flight, budget.
+
+        ``expired``: queries of reservations whose lease ran out (their calls
+        ended without commit or release: a caller that died).
+        """
         with self._lock:
             account = self._account(key)
             return {
                 **asdict(account.usage),
                 "reserved": sum(account.reserved.values()),
+                "expired": account.expired,
                 "budget": account.budget,
             }
 

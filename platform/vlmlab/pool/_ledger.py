@@ -25,9 +25,9 @@ class _LedgerService:
     def __init__(self) -> None:
         self._ledger = QueryLedger()
 
-    def reserve(self, key: str, queries: int) -> tuple[str, Any]:
+    def reserve(self, key: str, queries: int, ttl: float | None = None) -> tuple[str, Any]:
         try:
-            return "ok", self._ledger.reserve(key, queries)
+            return "ok", self._ledger.reserve(key, queries, ttl=ttl)
         except BudgetExceededError as refusal:
             return "refused", (refusal.key, refusal.requested, refusal.remaining, refusal.budget)
 
@@ -80,10 +80,10 @@ class RemoteLedger:
 
         return ray.get(self._actor.call.remote(method, *args, **kwargs))
 
-    def reserve(self, key: str, queries: int) -> Reservation:
+    def reserve(self, key: str, queries: int, *, ttl: float | None = None) -> Reservation:
         import ray
 
-        status, value = ray.get(self._actor.reserve.remote(key, queries))
+        status, value = ray.get(self._actor.reserve.remote(key, queries, ttl))
         if status == "refused":
             raise BudgetExceededError(*value)
         return value

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmlab.errors import LimitExceededError
 from vlmlab.oracle import (
     DEFAULT_BUDGET_KEY,
     ImageSet,
@@ -79,8 +80,24 @@ class OracleReplica:
             "embedding_std": meta.embedding_std,
         }
 
-    def phrase_embeddings(self, phrase: str) -> np.ndarray:
-        return self.oracle.phrase_embeddings(phrase).numpy()
+    def phrase_embeddings(self, phrase: str, max_tokens: int | None = None) -> np.ndarray:
+        """``max_tokens`` (a served key's limit) refuses a longer phrase before embedding it."""
+        return self.oracle.phrase_embeddings(phrase, max_tokens=max_tokens).numpy()
+
+    def check_names(self, names: list[str], n_context: int, max_tokens: int | None) -> None:
+        """Refuse class names with more than ``max_tokens`` tokens, or whose prompt cannot fit.
+
+        A served call runs this once before it is split into chunks, so a name
+        that would fail in a late chunk refuses the whole call before any work.
+        """
+        if max_tokens is not None:
+            for name, count in zip(names, self.oracle.count_tokens(names), strict=True):
+                if count > max_tokens:
+                    shown = name if len(name) <= 40 else name[:40] + "..."
+                    raise LimitExceededError(
+                        "max_tokens", count, max_tokens, f"tokens in class name {shown!r}"
+                    )
+        self.oracle.check_class_names(names, n_context=n_context)
 
     async def logits(
         self,

@@ -18,7 +18,8 @@ from vlmlab.serving._classifier import (
     decode_image,
 )
 from vlmlab.serving._client import HttpOracle
-from vlmlab.serving._keys import KeysFileError, add_key, hash_key, load_keys
+from vlmlab.serving._keys import KEY_LIMITS, ApiKey, KeysFileError, add_key, hash_key, load_keys
+from vlmlab.serving._limits import ServerLimits, proxy_http_options
 
 
 def __getattr__(name: str) -> Any:
@@ -32,15 +33,19 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "APP_NAME",
+    "KEY_LIMITS",
     "AdaptedModel",
     "AdapterStore",
+    "ApiKey",
     "HttpOracle",
     "KeysFileError",
     "RequestError",
+    "ServerLimits",
     "add_key",
     "build_adapters_app",
     "decode_image",
     "hash_key",
     "load_keys",
+    "proxy_http_options",
     "serve_adapters",
 ]

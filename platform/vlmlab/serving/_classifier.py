@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmlab.errors import LimitExceededError
 from vlmlab.oracle import LocalOracle
 from vlmlab.results import MANIFEST, load_artifact
 from vlmlab.tasks import get_task, list_tasks
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_IMAGE_PIXELS = 4096 * 4096
+"""Default most pixels of one image (width x height)."""
+MAX_IMAGE_SIDE = 8192
+"""Default longest side of one image: a pixel cap alone lets 1 x 16M through."""
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+"""The formats decoded; Pillow's other plugins (dozens of rarely used parsers) are never tried."""
 
 
 class RequestError(ValueError):
@@ -56,28 +63,107 @@ class RequestError(ValueError):
         self.extra = extra or {}
         """Machine-readable facts added to the JSON body (a refused budget's numbers)."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a replica, it reaches the gateway whole (Exception pickles ``args`` only).
+        return (_request_error, (self.status, str(self), self.kind, self.headers, self.extra))
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Any image file Pillow reads -> uint8 ``H x W x 3`` (RGB); a clear error otherwise."""
+
+def _request_error(
+    status: int, message: str, kind: str, headers: dict[str, str], extra: dict[str, Any]
+) -> RequestError:
+    return RequestError(status, message, kind=kind, headers=headers, extra=extra)
+
+
+@contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[Any]:
+    """The image, opened (its header read, nothing decoded); any decoder error is a 4xx.
+
+    Whatever Pillow raises on a client's bytes (OSError, SyntaxError, struct.error,
+    IndexError, ... depending on the format's parser) is that image's fault: 415,
+    or 413 when decoding it would take more memory than there is.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise RequestError(400, "the image is empty")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            yield image
+    except RequestError:
+        raise
     except UnidentifiedImageError:
+        served = ", ".join(IMAGE_FORMATS)
         raise RequestError(
-            415, "cannot decode the image: not an image format Pillow reads"
+            415,
+            f"cannot decode the image: not an image format served here ({served}), or cut short",
         ) from None
-    except Image.DecompressionBombError:
-        raise RequestError(413, f"the image has more than {MAX_IMAGE_PIXELS} pixels") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:  # Pillow's own ceiling, before ours
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise over_limit(
+            "max_image_pixels", pixels, max_pixels, "the pixels of the image"
+        ) from None
+    except MemoryError:
         raise RequestError(
-            415, f"cannot decode the image (truncated or corrupt): {error}"
+            413, "the image is too large to decode in this server's memory"
         ) from None
+    except Exception as error:  # any parser error: see the docstring
+        raise RequestError(
+            415, f"cannot decode the image (truncated or corrupt): {str(error)[:200]}"
+        ) from None
+
+
+def over_limit(limit: str, requested: int, allowed: int, what: str) -> RequestError:
+    """A 413 naming the limit, with its numbers for clients (``type``: LimitExceededError)."""
+    return limit_error(LimitExceededError(limit, requested, allowed, what))
+
+
+def limit_error(error: LimitExceededError) -> RequestError:
+    return RequestError(
+        413,
+        str(error),
+        kind="LimitExceededError",
+        extra={"limit": error.limit, "requested": error.requested, "allowed": error.allowed},
+    )
+
+
+def _check_size(image: Any, max_pixels: int, max_side: int) -> tuple[int, int]:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise RequestError(415, f"the image is {width}x{height}: it has no pixels")
+    if max(width, height) > max_side:
+        what = f"the longer side of a {width}x{height} image"
+        raise over_limit("max_image_side", max(width, height), max_side, what)
+    if width * height > max_pixels:
+        what = f"the pixels of a {width}x{height} image"
+        raise over_limit("max_image_pixels", width * height, max_pixels, what)
+    return width, height
+
+
+def probe_image(
+    data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = MAX_IMAGE_SIDE
+) -> tuple[int, int]:
+    """``(width, height)`` from the image's header, within the limits; nothing is decoded.
+
+    A server checks every image of a request this way before decoding any, so
+    a few bytes that claim a huge image are refused for the cost of a header.
+    """
+    with _opened(data, max_pixels) as image:
+        return _check_size(image, max_pixels, max_side)
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = MAX_IMAGE_SIDE
+) -> np.ndarray:
+    """Any image file of :data:`IMAGE_FORMATS` -> uint8 ``H x W x 3`` (RGB); a 4xx otherwise.
+
+    The size in the header is checked against ``max_pixels`` and ``max_side``
+    before anything is decoded (413 naming the limit).
+    """
+    with _opened(data, max_pixels) as image:
+        _check_size(image, max_pixels, max_side)
+        image.load()
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 class AdapterStore:

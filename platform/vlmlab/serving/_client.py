@@ -10,8 +10,10 @@ it enforces) and this client's own :class:`~vlmlab.oracle.QueryLedger` (per
 first, so malformed input and a client-side budget refuse before anything is
 sent. Arrays travel as base64 float32, so logits are the server's bit for bit.
 Rate-limited (429) and unavailable (503) calls are retried after the wait the
-server asks for; nothing is charged for them. A server that restarted (and so
-forgot its image sets) is sent a set again the first time a call needs it.
+server asks for; nothing is charged for them. A call over one of the key's
+limits raises :class:`~vlmlab.errors.LimitExceededError` naming the limit. A
+server that restarted (and so forgot its image sets) is sent a set again the
+first time a call needs it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmlab.errors import BudgetExceededError
+from vlmlab.errors import BudgetExceededError, LimitExceededError
 from vlmlab.oracle import (
     DEFAULT_BUDGET_KEY,
     ImageSet,
@@ -164,6 +166,9 @@ def _error(response: Any) -> Exception:
         return BudgetExceededError(
             "server", body["requested"], body["queries_left"], body["budget"]
         )
+    if kind == "LimitExceededError" and {"limit", "requested", "allowed"} <= set(body):
+        what = message.rsplit(": ", 1)[0]  # the server's message ends ": N is over the limit ..."
+        return LimitExceededError(body["limit"], body["requested"], body["allowed"], what)
     if kind == "KeyError" or response.status_code == 404:
         return KeyError(message)
     if kind == "TypeError":

@@ -1,36 +1,86 @@
 """The HTTP app that serves adapted models and the black box: Ray Serve with a FastAPI ingress.
 
-Deployments: ``Gateway`` (FastAPI: validation, image decoding, API keys,
-OpenAPI at ``/docs``); ``AdapterReplica``, a pool of replicas that each keep
+Deployments: ``Gateway`` (FastAPI: validation, API keys, limits, OpenAPI at
+``/docs``); ``AdapterReplica``, a pool of replicas that each keep
 the backend loaded once and up to 8 adapters in memory through Serve's model
 multiplexing (a request names its adapter; Serve routes it to a replica that
 has it loaded, or loads it, evicting the least recently used); and, when a
 keys file is given, the oracle pool's ``OracleReplica`` behind
-``/v1/oracle/*`` (see :mod:`vlmlab.serving._oracle_service`).
+``/v1/oracle/*`` (see :mod:`vlmlab.serving._oracle_service`) and the
+``ImageRegistrar`` that decodes registered image sets. The gateway reads image
+headers only: adapter replicas decode the images they classify, the registrar
+the sets it stores.
 
 Every client mistake is a 4xx JSON ``{"error": ...}``: an unknown or
 malformed adapter id, a body over the size limit, a missing field, a wrong
 type, an image that does not decode.
+
+What one request may hold, and for how long (:mod:`vlmlab.serving._limits`):
+``/healthz`` holds nothing; an oracle request is authenticated from its
+headers, then holds one of its key's ``max_concurrent`` slots; a request with
+a body and no key holds one of ``anonymous_slots``. A body is read only after
+that, within its timeouts; a request refused before its body was read closes
+its connection. Serve's own slots of the gateway replica
+(``gateway_max_ongoing_requests``, 1,024) are far more than those: idle or
+slow connections cannot exhaust them, and a refusal holds one for an instant.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at runtime.
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.types import Message
 
 import vlmlab
-from vlmlab.serving._classifier import AdaptedModel, AdapterStore, RequestError, decode_image
+from vlmlab.serving._classifier import (
+    AdaptedModel,
+    AdapterStore,
+    RequestError,
+    decode_image,
+    probe_image,
+)
 from vlmlab.serving._keys import ApiKey, load_keys
-from vlmlab.serving._oracle_service import OracleService
+from vlmlab.serving._limits import (
+    ServerLimits,
+    ascii_int,
+    content_length,
+    parse_json,
+    proxy_http_options,
+    read_body,
+    trim_memory,
+    truncate,
+)
+from vlmlab.serving._oracle_service import Answer, OracleService, user_error
+from vlmlab.serving._registrar import ImageRegistrar
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "vlmlab-adapters"
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_REQUEST_BYTES = ServerLimits().max_request_bytes
 MAX_TOP_K = 1000
+BIG_REQUEST_BYTES = 1024 * 1024
+"""After a request or response this big the gateway hands freed memory back (trim_memory)."""
+
+
+class Json(JSONResponse):
+    """JSON responses; NaN and infinities are written as Python's ``json`` writes them.
+
+    Logits of finite inputs can still overflow in a model; such a response is
+    sent (Python's ``json`` and ``HttpOracle`` read it), never a 500.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
 
 api = FastAPI(
     title="vlmlab: adapted models",
@@ -45,12 +95,32 @@ api = FastAPI(
 )
 
 
+def _has_unread_body(request: Request) -> bool:
+    announced = request.headers.get("content-length", "0").strip() not in ("", "0")
+    chunked = request.headers.get("transfer-encoding") is not None
+    return (announced or chunked) and not getattr(request.state, "body_read", False)
+
+
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, error: RequestError) -> JSONResponse:
-    content = {"error": str(error), **error.extra}
+async def _request_error(request: Request, error: RequestError) -> JSONResponse:
+    content = {"error": truncate(str(error)), **error.extra}
     if error.kind:
         content["type"] = error.kind
-    return JSONResponse(status_code=error.status, content=content, headers=error.headers)
+    headers = dict(error.headers)
+    if _has_unread_body(request):  # refused before its body was read: drop the connection
+        headers["Connection"] = "close"
+    return Json(status_code=error.status, content=content, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug, never a client's mistake: logged, and answered as JSON like every error."""
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return Json(
+        status_code=500,
+        content={"error": f"internal error ({type(error).__name__})"},
+        headers={"Connection": "close"},
+    )
 
 
 def _json_body(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -73,6 +143,13 @@ def _json_body(properties: dict[str, Any], required: list[str] | None = None) ->
 
 def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+class _Upload:
+    """A file part of a multipart form, read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 def _b64(text: str, name: str) -> bytes:
@@ -109,7 +186,11 @@ class AdapterReplica:
     async def get_model(self, adapter_id: str) -> AdaptedModel:
         return self._load(adapter_id)
 
-    async def classify(self, pixels: Any, top_k: int) -> list[dict[str, Any]]:
+    async def classify(
+        self, image: bytes, top_k: int, max_pixels: int, max_side: int
+    ) -> list[dict[str, Any]]:
+        """Decode here (the gateway only read the header) and classify with the adapter."""
+        pixels = decode_image(image, max_pixels=max_pixels, max_side=max_side)
         model = await self.get_model(serve.get_multiplexed_model_id())
         return model.classify(pixels, top_k)
 
@@ -123,28 +204,83 @@ class Gateway:
         self,
         replicas: Any,
         root: str | None,
-        max_request_bytes: int = MAX_REQUEST_BYTES,
+        limits: dict[str, Any] | None = None,
         oracle: Any = None,
         keys: dict[str, dict[str, Any]] | None = None,
+        oracle_replicas: int = 1,
+        registrar: Any = None,
     ) -> None:
         self.replicas = replicas
         self.store = AdapterStore(root) if root is not None else None
-        self.max_request_bytes = max_request_bytes
+        self.limits = ServerLimits.model_validate(limits or {})
+        self._anonymous_free = self.limits.anonymous_slots
         self._facts: dict[str, dict[str, Any]] = {}  # manifests do not change while served
+        self._trim: asyncio.TimerHandle | None = None
         self.service = (
-            OracleService({n: ApiKey(**k) for n, k in (keys or {}).items()}, oracle)
+            OracleService(
+                {n: ApiKey(**k) for n, k in (keys or {}).items()},
+                oracle,
+                limits=self.limits,
+                oracle_replicas=oracle_replicas,
+                registrar=registrar,
+            )
             if oracle is not None
             else None
         )
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness: the gateway answers, sees its adapter folder, and has an oracle or not."""
+        """Liveness: the gateway answers, sees its adapter folder, and has an oracle or not.
+
+        Answered outside every request slot, with no body and no call to another
+        process: busy or stalled clients never delay it.
+        """
         return {
             "status": "ok",
             "adapters": len(self.store.ids()) if self.store else 0,
             "oracle": self.service is not None,
         }
+
+    # ----------------------------------------------------------- admission
+    @contextlib.asynccontextmanager
+    async def _anonymous(self) -> AsyncIterator[None]:
+        """One of the slots that requests with a body and no key share (503 when none is free)."""
+        if self._anonymous_free <= 0:
+            raise RequestError(
+                503,
+                f"{self.limits.anonymous_slots} requests without a key are in progress, the "
+                "server's limit anonymous_slots; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self._anonymous_free -= 1
+        try:
+            yield
+        finally:
+            self._anonymous_free += 1
+
+    @contextlib.asynccontextmanager
+    async def _keyed(self, request: Request) -> AsyncIterator[tuple[OracleService, str]]:
+        """The key's slot, from authentication (headers only) until the response."""
+        if self.service is None:
+            raise RequestError(
+                404, "this server has no oracle service (start it with a keys file: --keys)"
+            )
+        name = self.service.admit(request.headers.get("authorization"))
+        try:
+            yield self.service, name
+        finally:
+            self.service.leave(name)
+
+    def _after_big(self) -> None:
+        """Hand freed memory back to the OS a moment after a big request (once per burst)."""
+        if self._trim is None:
+            loop = asyncio.get_running_loop()
+
+            def trim() -> None:
+                self._trim = None
+                loop.run_in_executor(None, trim_memory)
+
+            self._trim = loop.call_later(2.0, trim)
 
     @api.get("/v1/adapters")
     async def adapters(self) -> dict[str, Any]:
@@ -189,13 +325,21 @@ class Gateway:
             raise RequestError(
                 404, "this server serves no adapters (start it with an artifact root)"
             )
-        adapter, image, top_k = await self._parse(request)
-        if adapter not in self._facts:
-            self._facts[adapter] = self.store.describe(adapter)
-        facts = self._facts[adapter]
-        pixels = decode_image(image)
-        handle = self.replicas.options(multiplexed_model_id=adapter)
-        predictions = await handle.classify.remote(pixels, top_k)
+        async with self._anonymous():
+            adapter, image, top_k = await self._parse(request)
+            if adapter not in self._facts:
+                self._facts[adapter] = self.store.describe(adapter)
+            facts = self._facts[adapter]
+            most, side = self.limits.max_image_pixels, self.limits.max_image_side
+            probe_image(image, max_pixels=most, max_side=side)  # the header: refused here
+            handle = self.replicas.options(multiplexed_model_id=adapter)
+            try:  # decoded by the adapter replica: the gateway never holds pixels
+                predictions = await handle.classify.remote(image, top_k, most, side)
+            except Exception as error:
+                mapped = user_error(error)
+                if mapped is None:
+                    raise
+                raise mapped from None
         return {
             "adapter": adapter,
             "kind": facts["kind"],
@@ -206,30 +350,24 @@ class Gateway:
         }
 
     # ------------------------------------------------------------ the oracle
-    def _oracle(self, request: Request) -> tuple[OracleService, str]:
-        if self.service is None:
-            raise RequestError(
-                404, "this server has no oracle service (start it with a keys file: --keys)"
-            )
-        return self.service, self.service.admit(request.headers.get("authorization"))
-
     @api.get("/v1/oracle/metadata")
     async def oracle_metadata(self, request: Request) -> dict[str, Any]:
         """What a black-box user may know: backend, model, token dimension, embedding stats."""
-        service, _ = self._oracle(request)
-        return await service.metadata()
+        async with self._keyed(request) as (service, _):
+            return await service.metadata()
 
     @api.get("/v1/oracle/usage")
     async def oracle_usage(self, request: Request) -> dict[str, Any]:
-        """The calling key's budget, queries used and left, and registered images."""
-        service, name = self._oracle(request)
-        return await service.usage(name)
+        """The calling key's budget (queries used, reserved, left), images and limits."""
+        async with self._keyed(request) as (service, name):
+            return await service.usage(name)
 
     @api.post("/v1/oracle/phrase-embeddings", openapi_extra=_json_body({"phrase": "string"}))
-    async def oracle_phrase(self, request: Request) -> dict[str, Any]:
+    async def oracle_phrase(self, request: Request) -> Any:
         """Token embeddings of a phrase (``{"phrase": ..., "binary": false}``); costs no queries."""
-        service, _ = self._oracle(request)
-        return await service.phrase_embeddings(await self._json(request, "{phrase}"))
+        async with self._keyed(request) as (service, name):
+            fields = await self._json(request, "{phrase}")
+            return await self._render(await service.phrase_embeddings(name, fields))
 
     @api.post(
         "/v1/oracle/image-sets",
@@ -237,21 +375,26 @@ class Gateway:
     )
     async def oracle_register(self, request: Request) -> dict[str, Any]:
         """Register images (base64 JSON list or multipart files named ``images``); free."""
-        service, name = self._oracle(request)
-        kind = _content_type(request)
-        if kind == "multipart/form-data":
-            form = await self._form(request)
-            uploads = form.getlist("images")
-            if any(not hasattr(u, "read") for u in uploads):
-                raise RequestError(422, "images must be file parts (multipart upload)")
-            images: list[Any] = [await u.read() for u in uploads]
-        else:
-            fields = await self._json(request, "{images: [base64, ...]}")
-            sent = fields.get("images")
-            if not isinstance(sent, list) or not all(isinstance(i, str) for i in sent):
-                raise RequestError(422, "images must be a list of base64 strings")
-            images = [_b64(i, f"images[{n}]") for n, i in enumerate(sent)]
-        return await service.register(name, images)
+        async with self._keyed(request) as (service, name):
+            kind = _content_type(request)
+            if kind == "multipart/form-data":
+                uploads = (await self._form(request)).get("images", [])
+                if any(not isinstance(u, _Upload) for u in uploads):
+                    raise RequestError(422, "images must be file parts (multipart upload)")
+                images: list[Any] = [u.data for u in uploads]
+            else:
+                fields = await self._json(request, "{images: [base64, ...]}")
+                sent = fields.get("images")
+                if not isinstance(sent, list) or not all(isinstance(i, str) for i in sent):
+                    raise RequestError(422, "images must be a list of base64 strings")
+                images = [_b64(i, f"images[{n}]") for n, i in enumerate(sent)]
+            return await service.register(name, images)
+
+    @api.delete("/v1/oracle/image-sets/{set_id}")
+    async def oracle_delete(self, set_id: str, request: Request) -> dict[str, Any]:
+        """Forget one of the key's image sets: its images no longer count against its limits."""
+        async with self._keyed(request) as (service, name):
+            return service.delete(name, set_id)
 
     @api.post(
         "/v1/oracle/logits",
@@ -265,40 +408,59 @@ class Gateway:
             required=["contexts", "class_names", "image_set"],
         ),
     )
-    async def oracle_logits(self, request: Request) -> dict[str, Any]:
+    async def oracle_logits(self, request: Request) -> Any:
         """Score P soft prompts on a registered image set: P queries from the key's budget."""
-        service, name = self._oracle(request)
-        fields = await self._json(request, "{contexts, class_names, image_set, indices}")
-        return await service.logits(name, fields)
+        async with self._keyed(request) as (service, name):
+            fields = await self._json(request, "{contexts, class_names, image_set, indices}")
+            return await self._render(await service.logits(name, fields))
+
+    async def _render(self, answer: Answer) -> Response:
+        """The answer as JSON, rendered on a thread (a big one in blocks: the loop runs on)."""
+        body = await asyncio.get_running_loop().run_in_executor(None, answer.render)
+        if len(body) > BIG_REQUEST_BYTES:
+            self._after_big()
+        return Response(body, media_type="application/json")
 
     # ------------------------------------------------------------- parsing
     async def _body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_request_bytes):
-            raise RequestError(413, f"the request is over {self.max_request_bytes} bytes")
-        body = await request.body()
-        if len(body) > self.max_request_bytes:
-            raise RequestError(413, f"the request is over {self.max_request_bytes} bytes")
+        """The body, within the server's size and time limits (411, 413, 408)."""
+        length = content_length(request.headers, self.limits.max_request_bytes)
+        body = await read_body(request.receive, length, self.limits)
+        request.state.body_read = True
+        if length > BIG_REQUEST_BYTES:
+            self._after_big()
         return body
 
     async def _json(self, request: Request, shape: str) -> dict[str, Any]:
-        body = await self._body(request)
         if _content_type(request) != "application/json":
             raise RequestError(415, f"send application/json: {shape}")
-        try:
-            fields = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(400, f"the body is not valid JSON: {error}") from None
-        if not isinstance(fields, dict):
-            raise RequestError(422, f"the JSON body must be an object: {shape}")
-        return fields
+        return parse_json(await self._body(request), shape, self.limits.max_json_values)
 
-    async def _form(self, request: Request) -> Any:
-        await self._body(request)
+    async def _form(self, request: Request) -> dict[str, list[Any]]:
+        """The multipart form's parts by name: strings, and file parts as :class:`_Upload`."""
+        body = await self._body(request)
+        sent = False
+
+        async def replay() -> Message:  # the body, once more, for the multipart parser
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            return await request.form()
+            form = await Request(request.scope, receive=replay).form()
         except Exception as error:  # the multipart parser's own errors
             raise RequestError(400, f"malformed multipart body: {error}") from None
+        try:  # file parts read into memory (within the body's size), the form closed
+            parts: dict[str, list[Any]] = {}
+            for name, value in form.multi_items():
+                parts.setdefault(name, []).append(
+                    _Upload(await value.read()) if hasattr(value, "read") else value
+                )
+            return parts
+        finally:
+            await form.close()
 
     async def _parse(self, request: Request) -> tuple[str, bytes, int]:
         kind = _content_type(request)
@@ -308,11 +470,11 @@ class Gateway:
             if image is not None and not isinstance(image, str):
                 raise RequestError(422, "image must be a base64 string")
         elif kind == "multipart/form-data":
-            fields = dict(await self._form(request))
+            fields = {name: values[-1] for name, values in (await self._form(request)).items()}
             upload = fields.get("image")
-            if upload is not None and not hasattr(upload, "read"):
+            if upload is not None and not isinstance(upload, _Upload):
                 raise RequestError(422, "image must be a file part (multipart upload)")
-            image = await upload.read() if upload is not None else None
+            image = upload.data if upload is not None else None
         else:
             raise RequestError(
                 415, "send application/json (base64 image) or multipart/form-data (image file)"
@@ -334,8 +496,8 @@ class Gateway:
         if not isinstance(image, bytes):
             raise RequestError(422, "image must be a base64 string or a file part")
         top_k = fields.get("top_k", 5)
-        if isinstance(top_k, str) and top_k.strip().isdigit():
-            top_k = int(top_k)
+        if isinstance(top_k, str):  # a form field; '²' is a digit to isdigit, not to int
+            top_k = ascii_int(top_k, max_digits=6)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise RequestError(422, f"top_k must be an integer in [1, {MAX_TOP_K}]")
         return adapter, image, top_k
@@ -355,16 +517,20 @@ def build_adapters_app(
     oracle_cpus: float = 1.0,
     oracle_gpus: float = 0.0,
     oracle_torch_threads: int | None = None,
+    limits: ServerLimits | dict[str, Any] | None = None,
 ):
     """The Serve application: a gateway in front of adapter replicas and, with keys, the oracle.
 
     Args:
         root: folder of artifact folders (``None``: serve the oracle only).
+        max_request_bytes: the largest request body (``limits`` may set it too).
         keys: a keys file (``vlmlab keys add``); it turns on ``/v1/oracle/*``.
         oracle: the black box behind the oracle endpoints, a backend spec such as
             ``"conse"``, ``"open_clip:ViT-B-16"`` or ``{"name": ..., "pretrained": ...}``.
         oracle_torch_threads: torch threads of each oracle replica (default: its CPUs);
             floats can depend on it, so a client matching it gets its local logits bit for bit.
+        limits: the gateway's server-wide settings (:class:`ServerLimits`: timeouts,
+            slots, chunk size); per-key limits are in the keys file.
     """
     from vlmlab.pool import oracle_deployment
     from vlmlab.specs import BackendSpec
@@ -394,9 +560,34 @@ def build_adapters_app(
             {**backend.oracle_kwargs(), **(backend_kwargs or {})},
             oracle_torch_threads,
         )
-    # One gateway replica: rate limits and each key's image sets live in it.
-    gateway = Gateway.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1})  # type: ignore[attr-defined]
-    return gateway.bind(replicas, root, max_request_bytes, oracle_app, key_records)
+    settings = _server_limits(limits, max_request_bytes)
+    registrar = None
+    if keys is not None:
+        registrar = serve.deployment(
+            ImageRegistrar,
+            name="ImageRegistrar",
+            num_replicas=1,
+            max_ongoing_requests=settings.decode_threads,
+            ray_actor_options={"num_cpus": 0.1},
+        ).bind(settings.decode_threads)  # type: ignore[attr-defined]
+    # One gateway replica: rate limits, slots, turns and each key's image sets live in it.
+    gateway = Gateway.options(  # type: ignore[attr-defined]
+        num_replicas=1,
+        max_ongoing_requests=settings.gateway_max_ongoing_requests,
+        max_queued_requests=settings.gateway_max_ongoing_requests // 4,
+        ray_actor_options={"num_cpus": 0.1},
+    )
+    return gateway.bind(
+        replicas, root, settings.model_dump(), oracle_app, key_records, oracle_replicas, registrar
+    )
+
+
+def _server_limits(
+    limits: ServerLimits | dict[str, Any] | None, max_request_bytes: int
+) -> ServerLimits:
+    settings = limits.model_dump() if isinstance(limits, ServerLimits) else dict(limits or {})
+    settings.setdefault("max_request_bytes", max_request_bytes)
+    return ServerLimits.model_validate(settings)
 
 
 def build_app(args: dict[str, Any]):
@@ -421,7 +612,10 @@ def serve_adapters(
     from vlmlab.pool import ensure_ray
 
     ensure_ray(address)
-    serve.start(http_options={"host": host, "port": port})
+    settings = _server_limits(
+        options.get("limits"), options.get("max_request_bytes", MAX_REQUEST_BYTES)
+    )
+    serve.start(http_options=proxy_http_options(host, port, settings))
     serve.run(build_adapters_app(root, **options), name=APP_NAME, route_prefix="/")
     try:  # the proxy that actually runs (an earlier serve.start may have chosen another port)
         config = serve.context._global_client.http_config

@@ -9,6 +9,11 @@ A keys file is YAML that never holds a key, only its SHA-256 digest::
         rate: 5                  # requests a second, sustained; null: no limit
         burst: 10                # requests allowed at once above the rate
         max_images: 10000        # images this key may register in all
+        max_classes: 1000        # ... and the other per-key limits (KEY_LIMITS)
+
+Every field but ``sha256`` has a default; :data:`KEY_LIMITS` describes the
+limits on the work of one request, which the gateway checks before any work
+(``README.md``, "Limits").
 
 Keys are 256-bit random tokens, so a plain SHA-256 (no salt, no slow hash)
 cannot be reversed by guessing; a request's token is hashed and looked up by
@@ -36,6 +41,24 @@ KEY_PREFIX = "vlm_"
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUDGET_PREFIX = "api:"
 """Ledger accounts of API keys are ``api:<name>``, apart from the runs' own keys."""
+PROMPTS_PER_REQUEST = 1000
+"""A logits call draws one rate-limit token per started 1,000 prompts (candidates x classes)."""
+
+KEY_LIMITS: dict[str, str] = {
+    "max_concurrent": "requests of the key in progress at once (429 beyond)",
+    "max_classes": "class names in one logits call",
+    "max_prompts": "candidates x classes in one logits call (the text encoder's work)",
+    "max_logits": "candidates x images x classes in one logits call (the response)",
+    "max_json_logits": "logits of a call answered as nested JSON lists (base64: max_logits)",
+    "max_text_bytes": "UTF-8 bytes of one class name or phrase (checked before tokenizing)",
+    "max_tokens": "tokens of one class name or phrase, by the model's tokenizer",
+    "max_image_pixels": "pixels of one image (width x height, read from its header)",
+    "max_image_side": "pixels of one image's longer side",
+    "max_set_pixels": "pixels of one image set, all its images together",
+    "max_images": "images the key may hold registered, all its sets together",
+    "max_image_bytes": "decoded bytes (height x width x 3) the key may hold registered",
+}
+"""The per-key limits on work, each a field of :class:`ApiKey`; over one, 413 naming it."""
 
 
 class KeysFileError(ValueError):
@@ -52,6 +75,17 @@ class ApiKey(BaseModel):
     rate: float | None = Field(default=None, gt=0)
     burst: int = Field(default=10, ge=1)
     max_images: int = Field(default=10_000, ge=1)
+    max_concurrent: int = Field(default=4, ge=1)
+    max_classes: int = Field(default=1_000, ge=1)
+    max_prompts: int = Field(default=20_000, ge=1)
+    max_logits: int = Field(default=4 * 1024 * 1024, ge=1)
+    max_json_logits: int = Field(default=1024 * 1024, ge=1)
+    max_text_bytes: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=64, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_image_side: int = Field(default=8192, ge=1)
+    max_set_pixels: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_image_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
 
     @field_validator("sha256")
     @classmethod
@@ -112,11 +146,16 @@ def add_key(
     rate: float | None = None,
     burst: int = 10,
     max_images: int = 10_000,
+    **limits: int,
 ) -> str:
     """Create ``name`` in the keys file (created if missing) and return the key, once.
 
+    ``limits``: any of :data:`KEY_LIMITS` (the others keep their defaults).
     Only the key's digest is written; the file is replaced atomically.
     """
+    unknown = sorted(set(limits) - set(KEY_LIMITS))
+    if unknown:
+        raise KeysFileError(f"unknown limit(s) {unknown}; known: {', '.join(KEY_LIMITS)}")
     path = Path(path)
     keys = load_keys(path) if path.exists() else {}
     if not KEY_NAME.match(name):
@@ -126,12 +165,18 @@ def add_key(
     token = new_key()
     try:
         keys[name] = ApiKey(
-            sha256=hash_key(token), budget=budget, rate=rate, burst=burst, max_images=max_images
+            sha256=hash_key(token),
+            budget=budget,
+            rate=rate,
+            burst=burst,
+            max_images=max_images,
+            **limits,
         )
     except ValidationError as error:
         item = error.errors()[0]
         raise KeysFileError(f"{item['loc'][0]}: {item['msg']}") from None
-    tree = {"keys": {n: k.model_dump() for n, k in keys.items()}}
+    # Only what differs from the defaults is written: a later release's defaults apply.
+    tree = {"keys": {n: k.model_dump(exclude_defaults=True) for n, k in keys.items()}}
     header = "# vlmlab API keys: SHA-256 digests only; `vlmlab keys add` prints a key once.\n"
     atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
     return token
@@ -161,21 +206,57 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last time)
         self._lock = threading.Lock()
 
-    def acquire(self, name: str) -> float:
-        """0.0 when the request may go; else the seconds to wait before retrying."""
+    def acquire(self, name: str, cost: float = 1.0) -> float:
+        """0.0 when ``cost`` tokens were taken; else the seconds until they will be there.
+
+        A request costs one token; a logits call adds one per started
+        :data:`PROMPTS_PER_REQUEST` prompts beyond its first, so the rate limit
+        sees a call over 1,000 classes as the work it is.
+        """
         limit = self._limits.get(name)
-        if limit is None:
+        if limit is None or cost <= 0:
             return 0.0
         rate, burst = limit
         with self._lock:
             now = self._clock()
             tokens, last = self._buckets.get(name, (float(burst), now))
             tokens = min(float(burst), tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[name] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[name] = (tokens - cost, now)
                 return 0.0
             self._buckets[name] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return (cost - tokens) / rate
+
+
+class KeySlots:
+    """Requests in progress per key, at most its ``max_concurrent``.
+
+    A key's requests hold a slot from authentication until their response, the
+    body's upload included: a key cannot hold more of the gateway than that, and
+    idle or slow connections of one key never take another key's slots.
+    """
+
+    def __init__(self, keys: dict[str, ApiKey]) -> None:
+        self._limits = {name: key.max_concurrent for name, key in keys.items()}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, name: str) -> bool:
+        """Take a slot of ``name``; False when all its slots are held."""
+        with self._lock:
+            held = self._held.get(name, 0)
+            if held >= self._limits[name]:
+                return False
+            self._held[name] = held + 1
+            return True
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self._held[name] = max(0, self._held.get(name, 0) - 1)
+
+    def held(self, name: str) -> int:
+        with self._lock:
+            return self._held.get(name, 0)
 
 
 def retry_after_header(seconds: float) -> dict[str, Any]:

@@ -65,6 +65,11 @@ def test_search_starts_at_the_reference_prompt(setting):
         _safe(setting, "start-bad", n_context=2)
 
 
+def _as_logits(predictions: np.ndarray) -> torch.Tensor:
+    """Logits ``P x N x 10`` whose argmax is ``predictions``."""
+    return torch.nn.functional.one_hot(torch.from_numpy(predictions).long(), 10).float()
+
+
 def test_a_violating_candidate_ranks_below_a_feasible_one(setting):
     safe = _safe(setting, "rank", constraint="penalty")
     data = safe.task
@@ -93,14 +98,20 @@ def test_a_violating_candidate_ranks_below_a_feasible_one(setting):
     val_only.reference_val_accuracy = np.ones(10)
     train = np.tile(data.train_labels, (2, 1))
     rows = np.arange(n_train)
-    assert val_only._eligible(np.stack([perfect, worse]), train, rows).tolist() == [True, False]
+    assert val_only._eligible(np.stack([perfect, worse]), _as_logits(train), rows).tolist() == [
+        True,
+        False,
+    ]
     # train_val: the same lost image, among more images; a lost training image counts too.
     safe.reference_train_val_accuracy = np.ones(10)
-    assert safe._eligible(np.stack([perfect, worse]), train, rows).tolist() == [True, False]
+    assert safe._eligible(np.stack([perfect, worse]), _as_logits(train), rows).tolist() == [
+        True,
+        False,
+    ]
     train_worse = train.copy()
     train_worse[1, np.flatnonzero(data.train_labels == kept)[0]] = (kept + 1) % 10
     both_perfect = np.stack([perfect, perfect])
-    assert safe._eligible(both_perfect, train_worse, rows).tolist() == [True, False]
+    assert safe._eligible(both_perfect, _as_logits(train_worse), rows).tolist() == [True, False]
 
 
 def test_resume_is_bit_for_bit(setting):

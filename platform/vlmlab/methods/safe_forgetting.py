@@ -201,13 +201,14 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
         }
 
     def _eligible(
-        self, val_predictions: np.ndarray, train_predictions: np.ndarray, batch: np.ndarray
+        self, val_predictions: np.ndarray, train_logits: torch.Tensor, batch: np.ndarray
     ) -> np.ndarray:
         task, n_classes = self.task, len(self.task.class_names)
         if self.config.selection_images == "val":
             predictions, labels = val_predictions, task.val_labels
             reference = self.reference_val_accuracy
         else:
+            train_predictions = train_logits.argmax(-1).numpy()
             predictions = np.concatenate([train_predictions, val_predictions], axis=1)
             labels = np.concatenate([task.train_labels[batch], task.val_labels])
             reference = self.reference_train_val_accuracy

@@ -305,7 +305,7 @@ class Hostiles:
             thread.join(timeout=30)
 
 
-def main(quick: bool, phases: list[str], attackers: int) -> None:
+def main(quick: bool, phases: list[str], attackers: int, chunk_prompts: int | None = None) -> None:
     import numpy as np
     import requests
     from ray import serve
@@ -325,7 +325,10 @@ def main(quick: bool, phases: list[str], attackers: int) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    url = serve_adapters(str(root), port=port, keys=str(keys), num_cpus=0.5, oracle_cpus=1)
+    limits = {} if chunk_prompts is None else {"chunk_prompts": chunk_prompts}
+    url = serve_adapters(
+        str(root), port=port, keys=str(keys), num_cpus=0.5, oracle_cpus=1, limits=limits
+    )
 
     test = load_dataset("fashion-mnist", "test")
     pngs = [base64.b64encode(_png(p)).decode() for p in test.images[:320]]
@@ -507,5 +510,11 @@ if __name__ == "__main__":
         default=1,
         help="keys the 9 clients making maximal calls use (default 1: one hostile account)",
     )
+    parser.add_argument(
+        "--chunk-prompts",
+        type=int,
+        default=None,
+        help="the server's chunk_prompts limit (default: ServerLimits' default)",
+    )
     arguments = parser.parse_args()
-    main(arguments.quick, arguments.phases, arguments.attackers)
+    main(arguments.quick, arguments.phases, arguments.attackers, arguments.chunk_prompts)

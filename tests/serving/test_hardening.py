@@ -28,7 +28,7 @@ from PIL import Image
 
 from vlmlab.errors import LimitExceededError
 from vlmlab.oracle import ImageSet
-from vlmlab.serving import HttpOracle, add_key
+from vlmlab.serving import HttpOracle, ServerLimits, add_key
 
 pytestmark = pytest.mark.slow
 
@@ -280,6 +280,20 @@ def test_a_refused_request_is_answered_before_its_body_is_read(url, keys):
         assert status is not None and 400 <= status < 500
     finally:
         sock.close()
+
+
+def test_a_client_that_retries_a_refusal_at_once_is_paced(url, keys):
+    """Refusals from the headers wait refusal_delay_s; a client mistake is answered at once."""
+    delay = ServerLimits().refusal_delay_s
+    started = time.perf_counter()
+    refused = requests.get(f"{url}/v1/oracle/usage", headers=_auth("not-a-key"), timeout=10)
+    paced = time.perf_counter() - started
+    assert refused.status_code == 401 and paced >= delay
+    alice = _auth(keys[1]["h-alice"])
+    started = time.perf_counter()
+    mistake = requests.post(f"{url}/v1/oracle/logits", data=b"{", headers=alice, timeout=10)
+    assert 400 <= mistake.status_code < 500 and mistake.status_code not in (401, 429, 503)
+    assert time.perf_counter() - started < delay
 
 
 # ------------------------------------------------- 2. work bounded up front

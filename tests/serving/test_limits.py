@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 
 import numpy as np
@@ -393,3 +394,35 @@ def test_a_set_lost_with_its_process_is_told_apart_from_other_failures():
     assert _lost(gone) and _lost(ray.exceptions.RayTaskError("logits", "tb", gone))
     other = ray.exceptions.RayTaskError("logits", "tb", RuntimeError("boom"))
     assert not _lost(other) and not _lost(RuntimeError("boom"))
+
+
+def test_refusals_are_paced_up_to_a_bound_and_nothing_else_waits():
+    from vlmlab.serving._limits import RefusalPacer
+
+    pacer = RefusalPacer(delay_s=0.3, capacity=2)
+
+    async def timed(status: int) -> float:
+        started = time.perf_counter()
+        await pacer.pause(status)
+        return time.perf_counter() - started
+
+    async def scenario() -> tuple[list[float], float, int]:
+        four = await asyncio.gather(*(timed(429) for _ in range(4)))
+        return sorted(four), await timed(413), pacer.held
+
+    four, mistake, held = asyncio.run(scenario())
+    assert all(t < 0.1 for t in four[:2])  # past the capacity of 2: answered at once
+    assert all(t >= 0.3 for t in four[2:])
+    assert mistake < 0.1 and held == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_registrars_decoding_threads_are_background_work():
+    """Each decoding thread lowers its own priority (Linux keeps one per thread)."""
+    import concurrent.futures
+
+    from vlmlab.serving._registrar import lower_thread_priority
+
+    with concurrent.futures.ThreadPoolExecutor(1, initializer=lower_thread_priority) as pool:
+        assert pool.submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's own thread is untouched

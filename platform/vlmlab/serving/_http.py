@@ -50,6 +50,7 @@ from vlmlab.serving._classifier import (
 )
 from vlmlab.serving._keys import ApiKey, load_keys
 from vlmlab.serving._limits import (
+    RefusalPacer,
     ServerLimits,
     ascii_int,
     content_length,
@@ -109,6 +110,9 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     headers = dict(error.headers)
     if _has_unread_body(request):  # refused before its body was read: drop the connection
         headers["Connection"] = "close"
+    pacer = getattr(request.app.state, "refusal_pacer", None)
+    if pacer is not None:
+        await pacer.pause(error.status)
     return Json(status_code=error.status, content=content, headers=headers)
 
 
@@ -214,6 +218,9 @@ class Gateway:
         self.store = AdapterStore(root) if root is not None else None
         self.limits = ServerLimits.model_validate(limits or {})
         self._anonymous_free = self.limits.anonymous_slots
+        api.state.refusal_pacer = RefusalPacer(
+            self.limits.refusal_delay_s, self.limits.paced_refusals
+        )
         self._facts: dict[str, dict[str, Any]] = {}  # manifests do not change while served
         self._trim: asyncio.TimerHandle | None = None
         self.service = (

@@ -215,7 +215,13 @@ def _outcome_table(outcomes, task, where: str):
             str(o.shots),
             str(o.seed),
             *(f"{o.test[k]:.3f}" if k in o.test else "-" for k, _ in metrics),
-            str(o.generations) if spent == "epochs" else f"{o.queries_used}/{o.budget or '∞'}",
+            str(o.generations)
+            if spent == "epochs"
+            else f"{o.queries_used}/{o.budget}"
+            if o.budget is not None
+            else "0 (white-box)"
+            if o.queries_used == 0
+            else f"{o.queries_used}/∞",
         )
     return table
 

@@ -230,7 +230,7 @@ def run_trial(
     task = spec.task_entry
     run_id = run_id or run_id_for(spec, seed)
     meta = oracle.metadata
-    budget = spec.query_budget()
+    budget = None if spec.white_box else spec.query_budget()  # gradients: no queries to cap
     base_row: dict[str, Any] = {
         "run_id": run_id,
         "experiment": spec.name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,43 @@ def test_the_task_is_registered_like_any_other():
     from vlmlab.tasks import get_task
 
     task = get_task("safe_forgetting")
-    assert task.variants == ("safe_bbf", "bbf", "bbt", "wo_lcs")
+    assert task.variants == ("safe_bbf", "bbf", "bbt", "wo_lcs", "coop")
     assert task.sweep_metrics[0] == "val_safe_H"
     assert ("devsafety", "DevSafety") in task.metrics
+
+
+def test_the_prompt_goes_on_the_forget_classes_only(setting):
+    """prompted='forget': kept columns are the reference prompt's, forget columns the candidate's."""
+    oracle, data = setting
+    safe = _safe(setting, "scope")
+    forget, kept = list(data.partition.forget), list(data.partition.memorize)
+    candidates = safe.search.ask()
+    mixed = safe._class_logits(candidates, data.pool, data.val_index, "scope:probe")
+    own = oracle.logits(candidates, data.class_names, data.pool, indices=data.val_index)
+    reference = oracle.logits(
+        safe.reference_contexts, data.class_names, data.pool, indices=data.val_index
+    )
+    assert torch.allclose(mixed[:, :, forget], own[:, :, forget], atol=1e-6)
+    assert torch.allclose(mixed[:, :, kept], reference.expand_as(own)[:, :, kept], atol=1e-6)
+    assert oracle.ledger.usage("scope:probe").queries == len(candidates)  # P, like BBF's call
+    everyone = _safe(setting, "scope-all", prompted="all")
+    assert torch.allclose(
+        everyone._class_logits(candidates, data.pool, data.val_index, "scope:all"), own, atol=1e-6
+    )
+
+
+def test_a_forget_only_artifact_classifies_as_the_run_scored(setting):
+    from vlmlab.results import Artifact
+    from vlmlab.tasks import get_task
+
+    oracle, data = setting
+    safe = _safe(setting, "artifact")
+    safe.run()
+    task = get_task("safe_forgetting")
+    tensors, facts = task.artifact(safe)
+    assert facts["prompted_classes"] == list(data.partition.forget)
+    embeddings, head = task.classifier(Artifact(Path("."), tensors, facts), oracle)
+    features = oracle.image_features(data.test)
+    served = features @ embeddings.T * oracle.logit_scale + oracle.logit_bias
+    scored = safe._class_logits(safe.best_contexts, data.test, None, "artifact:eval")[0]
+    assert head is None and torch.allclose(served, scored, atol=1e-5)

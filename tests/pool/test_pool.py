@@ -145,7 +145,9 @@ def test_seeds_and_variants_run_concurrently_on_the_pool(conse_pool, conse, tmp_
         "method": {"popsize": 8, "iterations": 6, "batch_size": 20},
         "budget": {"max_queries": 48},
         "seeds": [7, 8],
-        "variants": [{"name": "bbf"}, {"name": "wo_lcs"}],
+        # coop, the white-box reference, trains in an actor of its own beside the pool.
+        "variants": [{"name": "bbf"}, {"name": "wo_lcs"}, {"name": "coop", "coop": {"epochs": 3}}],
+        "pool": {"num_cpus": 0.5},
         "eval_every": 3,
     }
     spec = validate_spec(tree, "test")
@@ -155,6 +157,8 @@ def test_seeds_and_variants_run_concurrently_on_the_pool(conse_pool, conse, tmp_
         ("bbf", 8),
         ("wo_lcs", 7),
         ("wo_lcs", 8),
+        ("coop", 7),
+        ("coop", 8),
     ]
     local = run_experiment(spec, tmp_path / "local", oracle=conse)
     for a, b in zip(pooled, local, strict=True):
@@ -164,5 +168,16 @@ def test_seeds_and_variants_run_concurrently_on_the_pool(conse_pool, conse, tmp_
     import pandas as pd
 
     runs = pd.read_parquet(tmp_path / "pool" / "runs")
-    assert sorted(runs.run_id) == ["par-bbf-s7", "par-bbf-s8", "par-wo_lcs-s7", "par-wo_lcs-s8"]
-    assert (runs.status == "completed").all() and (runs.queries_used == 48).all()
+    assert sorted(runs.run_id) == [
+        "par-bbf-s7",
+        "par-bbf-s8",
+        "par-coop-s7",
+        "par-coop-s8",
+        "par-wo_lcs-s7",
+        "par-wo_lcs-s8",
+    ]
+    assert (runs.status == "completed").all()
+    coop = runs.method == "coop"
+    assert (runs[~coop].queries_used == 48).all()
+    assert (runs[coop].queries_used == 0).all() and runs[coop].budget.isna().all()
+    assert (runs[coop].generations == 3).all()

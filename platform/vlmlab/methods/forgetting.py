@@ -368,9 +368,7 @@ class BlackBoxForgetting:
         batch = self._sample_batch()
         indices = np.concatenate([task.train_index[batch], task.val_index])
         contexts = self.search.ask()
-        logits = self.oracle.logits(
-            contexts, task.class_names, task.pool, indices=indices, budget_key=self.budget_key
-        )
+        logits = self._class_logits(contexts, task.pool, indices, self.budget_key)
         train_logits, val_logits = logits[:, : len(batch)], logits[:, len(batch) :]
         losses = self._losses(train_logits, batch)
         fitness, fitness_metrics = self._fitness(losses, train_logits, batch)
@@ -410,6 +408,20 @@ class BlackBoxForgetting:
                 },
             },
             summary=f"best val H {best['H']:.3f}",
+        )
+
+    def _class_logits(
+        self,
+        contexts: torch.Tensor,
+        image_set: ImageSetRef,
+        indices: np.ndarray | None,
+        budget_key: str,
+    ) -> torch.Tensor:
+        """Logits ``P x N x C`` of every class under each candidate prompt: one oracle call.
+
+        Safe forgetting may prompt only the forget classes and override this."""
+        return self.oracle.logits(
+            contexts, self.task.class_names, image_set, indices=indices, budget_key=budget_key
         )
 
     def _fitness(
@@ -496,9 +508,7 @@ class BlackBoxForgetting:
 
     def _predictions(self, contexts: torch.Tensor, split: str) -> np.ndarray:
         image_set, _, _, indices = self._split(split)
-        logits = self.oracle.logits(
-            contexts, self.task.class_names, image_set, indices=indices, budget_key=self.eval_key
-        )
+        logits = self._class_logits(contexts, image_set, indices, self.eval_key)
         predictions: np.ndarray = logits[0].argmax(-1).numpy()
         return predictions
 

@@ -21,6 +21,18 @@ for white-box training. This brings the constraints to the black-box search:
 - **Start** (``start``): ``"prompt"`` (default) centres the latent search on the
   reference prompt's token embeddings, so the search starts from a prompt that
   is feasible by definition; ``"table_mean"`` is BBF's centre.
+- **Prompted classes** (``prompted``): ``"forget"`` (default) puts the searched
+  prompt on the forget classes' names only; the kept classes keep the
+  reference prompt. A class's logit depends on its own text embedding alone,
+  so the kept classes' logits are the reference's (computed once per image
+  set, on the evaluation key) and a kept class can lose accuracy only to a
+  forget class that grows more like its images, which its constraint sees. The
+  generation's one oracle call scores the forget classes' names, so a run still
+  spends P queries a generation. ``"all"`` is BBF's one prompt for every class:
+  its search moves the kept classes against each other (measured on the tiny
+  CLIP: sandal, sneaker and ankle boot traded up to 2 points among
+  themselves, unseen by 132 images a class, and no setting of the constraints
+  kept every seed within 1 point on the test split).
 - **Selection**: the result is the best validation H among candidates whose
   kept classes all stay within ``selection_tolerance`` of the reference's
   accuracy on the training and validation images together
@@ -44,10 +56,11 @@ from vlmlab.methods.forgetting import (
     forgetting_metrics,
     per_class_accuracy,
 )
-from vlmlab.oracle import Oracle
+from vlmlab.oracle import ImageSetRef, Oracle
 
 Constraint = Literal["al", "penalty"]
 Start = Literal["prompt", "table_mean"]
+Prompted = Literal["forget", "all"]
 SelectionImages = Literal["val", "train_val"]
 
 
@@ -67,6 +80,9 @@ class SafeForgettingConfig(ForgettingConfig):
     gamma: float = 0.8
     """``penalty``: the moving average's rate (MDS's gamma)."""
     start: Start = "prompt"
+    prompted: Prompted = "forget"
+    """Whose names the searched prompt is put on: the forget classes' (the kept ones keep
+    the reference prompt) or ``all`` classes' (BBF's one prompt)."""
     selection_images: SelectionImages = "train_val"
     """Whose accuracy decides a candidate's safety: ``val`` alone, or ``train_val``, the
     training and validation images together (more images: a test estimate less noisy)."""
@@ -84,6 +100,8 @@ class SafeForgettingConfig(ForgettingConfig):
             raise ValueError(f"constraint must be 'al' or 'penalty', got {self.constraint!r}")
         if self.start not in ("prompt", "table_mean"):
             raise ValueError(f"start must be 'prompt' or 'table_mean', got {self.start!r}")
+        if self.prompted not in ("forget", "all"):
+            raise ValueError(f"prompted must be 'forget' or 'all', got {self.prompted!r}")
         if self.selection_images not in ("val", "train_val"):
             raise ValueError(
                 f"selection_images must be 'val' or 'train_val', got {self.selection_images!r}"
@@ -117,6 +135,7 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
         reference_prompt: str = "a photo of a",
         safety_tolerance: float = 0.01,
     ) -> None:
+        self._kept_logits: dict[tuple[str, bytes | None], torch.Tensor] = {}
         super().__init__(
             oracle,
             task,
@@ -129,7 +148,9 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
             safety_tolerance=safety_tolerance,
         )
         self.kept = [int(k) for k in task.partition.memorize]
+        self.forget = [int(c) for c in task.partition.forget]
         reference = oracle.phrase_embeddings(reference_prompt)
+        self.reference_contexts = reference.unsqueeze(0)
         if config.start == "prompt":
             if reference.shape[0] != config.n_context:
                 raise ValueError(
@@ -175,6 +196,46 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
         return lagrangian
 
     # ------------------------------------------------------------ the hooks
+    def _class_logits(
+        self,
+        contexts: torch.Tensor,
+        image_set: ImageSetRef,
+        indices: np.ndarray | None,
+        budget_key: str,
+    ) -> torch.Tensor:
+        if self.config.prompted == "all":
+            return super()._class_logits(contexts, image_set, indices, budget_key)
+        names = self.task.class_names
+        forget_logits = self.oracle.logits(
+            contexts,
+            [names[c] for c in self.forget],
+            image_set,
+            indices=indices,
+            budget_key=budget_key,
+        )
+        logits = torch.empty((*forget_logits.shape[:2], len(names)), dtype=forget_logits.dtype)
+        logits[:, :, self.forget] = forget_logits
+        logits[:, :, self.kept] = self._reference_kept_logits(image_set, indices).to(
+            forget_logits.dtype
+        )
+        return logits
+
+    def _reference_kept_logits(
+        self, image_set: ImageSetRef, indices: np.ndarray | None
+    ) -> torch.Tensor:
+        """The kept classes' logits ``N x K`` under the reference prompt (once per image subset)."""
+        key = (image_set.id, None if indices is None else np.asarray(indices).tobytes())
+        if key not in self._kept_logits:
+            names = self.task.class_names
+            self._kept_logits[key] = self.oracle.logits(
+                self.reference_contexts,
+                [names[k] for k in self.kept],
+                image_set,
+                indices=indices,
+                budget_key=self.eval_key,
+            )[0]
+        return self._kept_logits[key]
+
     def _fitness(
         self, losses: np.ndarray, train_logits: torch.Tensor, batch: np.ndarray
     ) -> tuple[np.ndarray, dict[str, float]]:

@@ -174,6 +174,27 @@ class LocalOracle(ABC):
         with torch.inference_mode():
             return self._encode_population(contexts, names)
 
+    def differentiable_class_embeddings(
+        self, contexts: torch.Tensor, class_names: Sequence[str]
+    ) -> torch.Tensor:
+        """:meth:`class_embeddings` with gradients to ``contexts`` (the model's weights stay frozen).
+
+        For white-box reference methods (CoOp) that learn the same soft prompts
+        by gradient: the same encoder, hence the same logits as the oracle's at
+        equal contexts. Never exposed through the pool: a black box gives no gradients.
+        """
+        if not torch.is_floating_point(contexts) or contexts.dim() != 3:
+            raise ValueError(
+                f"contexts must be a float P x m x D tensor, got {tuple(contexts.shape)}"
+            )
+        if contexts.shape[2] != self.metadata.token_dim:
+            raise ValueError(
+                f"contexts have width {contexts.shape[2]}, the model's token width is "
+                f"{self.metadata.token_dim}"
+            )
+        names = self.check_class_names(class_names, n_context=contexts.shape[1])
+        return self._encode_population(contexts.float(), names)
+
     def has_image_set(self, image_set: ImageSetRef | str) -> bool:
         """Whether the set's features are held here (registered in this process)."""
         return image_set_id(image_set) in self._features

@@ -219,7 +219,7 @@ class PrefixSharingEncoder:
             cursor += length
             end_positions.append(cursor - 1)
         device = self.tower.token_embedding.weight.device
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference tensors: a differentiable encode reuses the plan
             id_tensor = torch.tensor(ids, device=device)
             suffix_inputs = self.tower.token_embedding(id_tensor).to(self.tower.dtype)
             suffix_inputs = suffix_inputs + self.tower.positional_embedding[positions].to(
@@ -239,7 +239,6 @@ class PrefixSharingEncoder:
         self._plans[key] = plan
         return plan
 
-    @torch.inference_mode()
     def encode(self, contexts: torch.Tensor, plan: SuffixPlan) -> torch.Tensor:
         """Text features ``P x C x E`` (projected, not normalized)."""
         population, n_context, _ = contexts.shape
@@ -391,10 +390,9 @@ def encode_padded(
     handle = tower.token_embedding.register_forward_hook(overwrite_contexts)
     try:
         features = []
-        with torch.inference_mode():
-            for candidate in contexts:
-                current["ctx"] = candidate.to(device)
-                features.append(tower.encode_text(token_rows.to(device)).float())
+        for candidate in contexts:
+            current["ctx"] = candidate.to(device)
+            features.append(tower.encode_text(token_rows.to(device)).float())
     finally:
         handle.remove()
     return torch.stack(features)

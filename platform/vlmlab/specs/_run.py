@@ -154,7 +154,7 @@ class RunSpec(StrictModel):
             found.append("data.shots: a sweep tunes one shot count; give one K, not a ladder")
         per_generation = task.queries_per_generation(self.method)
         if self.study is not None:
-            if task.white_box:
+            if self.white_box:
                 found.append(
                     f"study: the {self.task} task spends no oracle queries; "
                     "a query-budget study does not apply"
@@ -214,11 +214,7 @@ class RunSpec(StrictModel):
         (CraFT: ``<name>-<method>-k<K>-s<seed>``); variants sharing a method name
         get ``<name>-v<i>`` instead. Every expanded spec carries its budget.
         """
-        method_cls = self.task_entry.method_spec
-        methods = [
-            method_cls.model_validate({**self.method.model_dump(), **overrides})
-            for overrides in (self.variants or [{}])
-        ]
+        methods = self.variant_methods()
         names = [m.name for m in methods]
         unique = len(set(names)) == len(names)
         return [
@@ -251,10 +247,24 @@ class RunSpec(StrictModel):
             return self.budget.by_shots.get(shots)
         return self.task_entry.default_budget(shots)
 
+    def variant_methods(self) -> list[Any]:
+        """The method spec of every variant (``[method]`` without variants)."""
+        method_cls = self.task_entry.method_spec
+        return [
+            method_cls.model_validate({**self.method.model_dump(), **overrides})
+            for overrides in (self.variants or [{}])
+        ]
+
     @property
     def white_box(self) -> bool:
-        """True for tasks that train the model (run on an in-process backend)."""
-        return self.task_entry.white_box
+        """True when every variant trains with gradients on an in-process backend (a
+        white-box task, or only white-box variants such as CoOp): no oracle pool is needed."""
+        task = self.task_entry
+        try:
+            methods = self.variant_methods()
+        except ValidationError:  # check() names the bad variant; judge the method alone
+            methods = [self.method]
+        return all(task.is_white_box(method) for method in methods)
 
     @property
     def generations(self) -> int:

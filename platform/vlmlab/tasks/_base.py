@@ -62,6 +62,13 @@ class MethodSpec(StrictModel):
     name: str
 
 
+class _Named:
+    """Stands in for a method spec where only its name is known (a ``runs`` row)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
 class TrialData:
     """The train split and the (subset of the) test split a trial samples from."""
 
@@ -110,16 +117,29 @@ class Task:
         """Queries per trial when the spec sets none (None: no cap)."""
         return None
 
+    def is_white_box(self, method: Any) -> bool:
+        """Whether ``method`` (a method spec) trains with gradients on an in-process backend:
+        every method of a white-box task, or a white-box variant of a black-box task (CoOp)."""
+        return self.white_box
+
+    def method_label(self, method: str) -> str:
+        """A method's name in report tables: white-box variants of a black-box task say so."""
+        if not self.white_box and self.is_white_box(_Named(method)):
+            return f"{method} (white-box)"
+        return method
+
     def queries_per_generation(self, method: Any) -> int:
         """What one generation costs (the population, by default)."""
-        return 0 if self.white_box else int(method.popsize)
+        return 0 if self.is_white_box(method) else int(method.popsize)
 
     def generations(self, spec: RunSpec) -> int:
         """Generations of one expanded trial: the iterations, cut by the budget."""
         budget = spec.query_budget()
         iterations = int(spec.method.iterations)  # type: ignore[attr-defined]
         per_generation = self.queries_per_generation(spec.method)
-        return iterations if budget is None else min(iterations, budget // per_generation)
+        if budget is None or per_generation == 0:
+            return iterations
+        return min(iterations, budget // per_generation)
 
     def max_queries(self, spec: RunSpec) -> int:
         """ASHA's clock limit in a sweep: the budget, or every generation's queries."""
@@ -191,7 +211,7 @@ class Task:
             for method, of_method in group.groupby("method", sort=True):
                 rows.append(
                     [
-                        str(method),
+                        self.method_label(str(method)),
                         str(len(of_method)),
                         *[mean_std(of_method[f"test_{key}"]) for key, _ in self.metrics],
                         f"{int(of_method.queries_used.median())}",

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from vlmlab.methods import Method
+from vlmlab.methods.coop import CoOpClassifier
 from vlmlab.methods.craft import (
     Craft,
     CraftConfig,
@@ -39,6 +40,7 @@ from vlmlab.results import (
     save_figure,
 )
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
+from vlmlab.tasks._coop import COOP, CoOpSettings, is_coop
 
 if TYPE_CHECKING:
     from vlmlab.results import Artifact
@@ -46,9 +48,10 @@ if TYPE_CHECKING:
 
 
 class CraftMethodSpec(MethodSpec):
-    """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's."""
+    """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's.
+    ``coop``: CoOp, the white-box reference (its ``coop:`` settings; m = the prompt's words)."""
 
-    name: Literal["craft", "prompt_only", "refine_only", "no_consistency"] = "craft"
+    name: Literal["craft", "prompt_only", "refine_only", "no_consistency", "coop"] = "craft"
     latent_dim: int = Field(512, ge=1)
     projection_std: float = Field(0.2, gt=0)
     projection_init: Literal["normal", "uniform"] = "normal"
@@ -75,14 +78,18 @@ class CraftMethodSpec(MethodSpec):
     """RandomResizedCrop's area range (the ImageNet script uses 0.08-1)."""
     fitness_images: Literal["augmented", "plain"] = "augmented"
     """Candidates are scored on one fixed augmented view (official) or on the plain images."""
+    coop: CoOpSettings = Field(default_factory=CoOpSettings)
+    """``name: coop``'s settings (CoOp, the white-box reference)."""
 
     def to_config(self, budget: int, init_phrase: str = "a photo of a") -> CraftConfig:
         """The method's config; ``init_phrase`` is the spec prompt's words (the p0 context)."""
+        if self.name == COOP:
+            raise ValueError("coop is trained by gradient: its settings are method.coop")
         return CraftConfig(
-            variant=self.name,
+            variant=self.name,  # type: ignore[arg-type]  # not coop: refused above
             budget=budget,
             init_phrase=init_phrase,
-            **self.model_dump(exclude={"name"}),
+            **self.model_dump(exclude={"name", "coop"}),
         )
 
 
@@ -103,12 +110,19 @@ class CraftTask(Task):
     def default_budget(self, shots: int) -> int:
         return craft_budget(shots)
 
+    def is_white_box(self, method: Any) -> bool:
+        return is_coop(method)
+
     def queries_per_generation(self, method: Any) -> int:
+        if is_coop(method):
+            return 0
         # The official budget pays for the population only; head_data=prompts also
         # scores the ES mean with it. The head's query (views) is counted apart.
         return queries_per_generation(int(method.popsize), str(method.head_data))
 
     def generations(self, spec: RunSpec) -> int:
+        if is_coop(spec.method):
+            return int(spec.method.coop.epochs)  # type: ignore[attr-defined]
         return (spec.query_budget() or 0) // self.queries_per_generation(spec.method)
 
     def run_id(self, spec: RunSpec, seed: int) -> str:
@@ -124,8 +138,25 @@ class CraftTask(Task):
         *,
         budget_key: str,
         eval_key: str,
-    ) -> Craft:
+    ) -> Craft | CoOpClassifier:
         assert isinstance(spec.method, CraftMethodSpec)
+        if is_coop(spec.method):
+            n_context = oracle.phrase_embeddings(spec.prompt_phrase).shape[0]
+            return CoOpClassifier(
+                oracle,
+                make_craft_data(
+                    oracle,
+                    data.train,
+                    data.test,
+                    shots=spec.shots,
+                    val_shots=spec.data.val_shots,
+                    seed=seed,
+                ),
+                spec.method.coop.config(n_context),
+                seed=seed,
+                eval_key=eval_key,
+                init_phrase=spec.prompt_phrase,
+            )
         budget = spec.query_budget()
         assert budget is not None  # craft specs always resolve a budget
         task = make_craft_data(
@@ -149,6 +180,14 @@ class CraftTask(Task):
         )
 
     def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if isinstance(method, CoOpClassifier):
+            return {"contexts": method.contexts()}, {
+                "class_names": method.task.class_names,
+                "mode": "coop",
+                "refinement": False,
+                "white_box": True,
+                "train_images": len(method.task.train_labels),
+            }
         assert isinstance(method, Craft)
         refinement = method.config.variant != "prompt_only"
         tensors = {"contexts": method.mean_contexts()}
@@ -201,7 +240,9 @@ class CraftTask(Task):
                     else "-"
                     for k in ladder
                 )
-                rows.append([str(method), *cells, str(of_method.seed.nunique()), queries])
+                rows.append(
+                    [self.method_label(str(method)), *cells, str(of_method.seed.nunique()), queries]
+                )
             title = f"CraFT — {backend} {model} on {dataset} (test accuracy, %, by shots)"
             tables.append(ReportTable(title, columns, rows))
         return tables

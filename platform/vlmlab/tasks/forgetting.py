@@ -18,6 +18,7 @@ from pydantic import Field
 
 from vlmlab.data import class_indices, partition_classes
 from vlmlab.methods import Method, Metrics
+from vlmlab.methods.coop import CoOpForgetting
 from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_data
 from vlmlab.oracle import Oracle
 from vlmlab.results import (
@@ -29,15 +30,17 @@ from vlmlab.results import (
     save_figure,
 )
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
+from vlmlab.tasks._coop import COOP, CoOpSettings, is_coop
 
 if TYPE_CHECKING:
     from vlmlab.specs import RunSpec
 
 
 class ForgettingMethodSpec(MethodSpec):
-    """Black-Box Forgetting and its baselines (see ``vlmlab.methods.forgetting``)."""
+    """Black-Box Forgetting and its baselines (see ``vlmlab.methods.forgetting``), and
+    CoOp, the white-box reference (``coop``: its ``coop:`` settings, ``n_context``)."""
 
-    name: Literal["bbf", "bbt", "wo_lcs"] = "bbf"
+    name: Literal["bbf", "bbt", "wo_lcs", "coop"] = "bbf"
     n_context: int = Field(4, ge=1, le=64)
     shared_dim: int = Field(20, ge=1)
     unique_dim: int = Field(5, ge=1)
@@ -55,10 +58,14 @@ class ForgettingMethodSpec(MethodSpec):
     projection_std: float | None = Field(None, gt=0)
     safety_tolerance: float = Field(0.01, ge=0, lt=1)
     """What ``safe_H`` counts as safe: DevSafety >= -tolerance (reported; never trained on)."""
+    coop: CoOpSettings = Field(default_factory=CoOpSettings)
+    """``name: coop``'s settings (CoOp, the white-box reference)."""
 
     def to_config(self) -> ForgettingConfig:
+        if self.name == COOP:
+            raise ValueError("coop is trained by gradient: its settings are method.coop")
         return ForgettingConfig(
-            variant=self.name,
+            variant=self.name,  # type: ignore[arg-type]  # not coop: refused above
             **self.model_dump(include=set(ForgettingConfig.__dataclass_fields__) - {"variant"}),
         )
 
@@ -79,6 +86,14 @@ class ForgettingTask(Task):
     table_metrics = metrics[:4]
     sweep_metrics = ("val_H", "test_H", "val_safe_H")
     evaluation_splits = ("test",)  # validation H is scored every generation
+
+    def is_white_box(self, method: Any) -> bool:
+        return is_coop(method)
+
+    def generations(self, spec: RunSpec) -> int:
+        if is_coop(spec.method):
+            return int(spec.method.coop.epochs)  # type: ignore[attr-defined]
+        return super().generations(spec)
 
     def build(
         self,
@@ -108,6 +123,16 @@ class ForgettingTask(Task):
             seed=seed,
             partition=partition,
         )
+        if is_coop(spec.method):
+            return CoOpForgetting(
+                oracle,
+                task,
+                spec.method.coop.config(spec.method.n_context),
+                seed=seed,
+                eval_key=eval_key,
+                reference_prompt=spec.prompt_phrase,
+                safety_tolerance=spec.method.safety_tolerance,
+            )
         return self.method_class(spec.method)(
             oracle,
             task,
@@ -137,6 +162,7 @@ class ForgettingTask(Task):
             "class_names": task.class_names,
             "forget": list(task.partition.forget),
             "memorize": list(task.partition.memorize),
+            "white_box": isinstance(method, CoOpForgetting),
         }
 
     def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
@@ -173,7 +199,7 @@ class ForgettingTask(Task):
                 known = safety.dropna()
                 rows.append(
                     [
-                        str(method),
+                        self.method_label(str(method)),
                         str(len(of_method)),
                         *[
                             mean_std(of_method[f"test_{key}"])

@@ -219,7 +219,7 @@ def _outcome_table(outcomes, task, where: str):
             if spent == "epochs"
             else f"{o.queries_used}/{o.budget}"
             if o.budget is not None
-            else "0 (white-box)"
+            else "white-box"
             if o.queries_used == 0
             else f"{o.queries_used}/∞",
         )

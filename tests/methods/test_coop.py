@@ -15,8 +15,11 @@ NAMES = ["T-shirt", "trousers", "ankle boot"]
 
 def _gradient_check(oracle) -> None:
     contexts = oracle.phrase_embeddings("a photo of a")[None].clone().requires_grad_(True)
+    # A scoring call first (in inference mode, as logits calls are): what it caches for
+    # these names (open_clip's suffix plan) must serve the differentiable call after it.
+    scored = oracle.class_embeddings(contexts.detach(), NAMES)
     embeddings = oracle.differentiable_class_embeddings(contexts, NAMES)
-    assert torch.allclose(embeddings.detach(), oracle.class_embeddings(contexts.detach(), NAMES))
+    assert torch.allclose(embeddings.detach(), scored)
     embeddings[0, 1].sum().backward()
     assert contexts.grad is not None and float(contexts.grad.abs().sum()) > 0
     # The model's own weights are never trained by it.
@@ -144,3 +147,22 @@ def test_coop_beats_zero_shot_on_the_stand_in(conse, fashion_train, fashion_test
     zero_shot = coop.reference("test", "a photo of a")["acc"]
     assert coop.queries_used == 0
     assert learned > zero_shot + 0.1, (learned, zero_shot)
+
+
+def test_a_budget_study_refuses_a_white_box_variant():
+    from vlmlab.specs import RunSpec
+
+    spec = RunSpec.model_validate(
+        {
+            "name": "study",
+            "task": "safe_forgetting",
+            "backend": {"name": "latency:0"},
+            "data": {"dataset": "fashion-mnist", "shots": 2, "forget": [0]},
+            "method": {"name": "safe_bbf", "popsize": 4, "iterations": 3},
+            "variants": [{"name": "safe_bbf"}, {"name": "coop"}],
+            "study": {"budgets": [8, 12]},
+        }
+    )
+    assert any("coop spend no oracle queries" in p for p in spec.problems())
+    alone = spec.model_copy(update={"variants": [{"name": "safe_bbf"}, {"name": "bbf"}]})
+    assert alone.problems() == []

@@ -107,15 +107,17 @@ def run_experiment_on_pool(
     ensure_ray(address)
     if spec.white_box:
         app_name, shard_size = "", 0  # no pool: each actor trains its own model
-    else:  # white-box variants (CoOp) beside black-box ones train in their actors
+        worker_cls = ray.remote(  # type: ignore[call-overload]  # actor options
+            num_cpus=spec.pool.num_cpus, num_gpus=spec.pool.num_gpus, max_concurrency=2
+        )(_TrialWorker)
+    else:
         pool = pool if pool is not None else deploy_for_spec(spec, address=address)
         app_name, shard_size = pool.app_name, pool.shard_size
-    trains = ray.remote(  # type: ignore[call-overload]  # actor options
-        num_cpus=spec.pool.num_cpus, num_gpus=spec.pool.num_gpus, max_concurrency=2
-    )(_TrialWorker)
-    queries = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)  # type: ignore[call-overload]
+        # A white-box variant beside the pool (CoOp) trains in its actor, which asks for
+        # what every trial asks for: the pool's replicas hold the CPUs (and GPUs) the spec
+        # gives, and an actor asking for them too would wait for them forever.
+        worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)  # type: ignore[call-overload]
     results = str(Path(results_dir).resolve())
-    expanded = [variant for variant in spec.expand_trials() for _ in spec.seeds]
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]
@@ -130,7 +132,7 @@ def run_experiment_on_pool(
         while queue and len(running) < limit:
             index = queue.pop(0)
             spec_json, seed = trials[index]
-            worker = (trains if expanded[index].white_box else queries).remote()
+            worker = worker_cls.remote()
             ref = worker.run.remote(
                 spec_json, seed, results, app_name, shard_size, resume, spec.task_entry
             )

@@ -219,21 +219,23 @@ class PrefixSharingEncoder:
             cursor += length
             end_positions.append(cursor - 1)
         device = self.tower.token_embedding.weight.device
-        with torch.no_grad():  # not inference tensors: a differentiable encode reuses the plan
+        # Normal tensors, not inference tensors, even when a logits call (in inference
+        # mode) builds the plan: a differentiable encode (CoOp) reuses the cached plan.
+        with torch.inference_mode(False), torch.no_grad():
             id_tensor = torch.tensor(ids, device=device)
             suffix_inputs = self.tower.token_embedding(id_tensor).to(self.tower.dtype)
             suffix_inputs = suffix_inputs + self.tower.positional_embedding[positions].to(
                 self.tower.dtype
             )
-        restore = torch.empty(len(order), dtype=torch.long)
-        restore[torch.tensor(order)] = torch.arange(len(order))
-        plan = SuffixPlan(
-            n_context=n_context,
-            suffix_inputs=suffix_inputs,
-            groups=tuple(groups),
-            end_positions=torch.tensor(end_positions, device=device),
-            restore_order=restore.to(device),
-        )
+            restore = torch.empty(len(order), dtype=torch.long)
+            restore[torch.tensor(order)] = torch.arange(len(order))
+            plan = SuffixPlan(
+                n_context=n_context,
+                suffix_inputs=suffix_inputs,
+                groups=tuple(groups),
+                end_positions=torch.tensor(end_positions, device=device),
+                restore_order=restore.to(device),
+            )
         if len(self._plans) > 64:
             self._plans.clear()
         self._plans[key] = plan

@@ -154,10 +154,19 @@ class RunSpec(StrictModel):
             found.append("data.shots: a sweep tunes one shot count; give one K, not a ladder")
         per_generation = task.queries_per_generation(self.method)
         if self.study is not None:
+            try:
+                white = [m.name for m in self.variant_methods() if task.is_white_box(m)]
+            except ValidationError:  # the variants' own messages come below
+                white = []
             if self.white_box:
                 found.append(
                     f"study: the {self.task} task spends no oracle queries; "
                     "a query-budget study does not apply"
+                )
+            elif white:
+                found.append(
+                    f"variants: {', '.join(white)} spend no oracle queries (white-box); a "
+                    "query-budget study does not apply to them: leave them out of the study"
                 )
             elif len(self.data.shot_ladder) > 1:
                 found.append("data.shots: a budget study runs one shot count, not a ladder")

@@ -400,6 +400,13 @@ def serve_command(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: a local Ray)")
     ] = None,
+    ledger: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLite journal of the query ledger: the keys' spent queries survive "
+            "restarts (default: $VLMLAB_LEDGER_JOURNAL, else memory only)"
+        ),
+    ] = None,
 ) -> None:
     """Serve every adapted model under ROOT, and with --keys the black box, over HTTP.
 
@@ -441,9 +448,21 @@ def serve_command(
                 oracle_cpus=oracle_cpus,
                 oracle_gpus=oracle_gpus,
                 max_request_bytes=int(max_request_mb * 1024 * 1024),
+                ledger=ledger,
             )
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
+    if keys is not None:
+        from vlmlab.pool import RemoteLedger
+
+        journal = RemoteLedger().journal()
+        console.print(
+            f"query ledger: journaled to {journal}"
+            if journal
+            else "query ledger: in memory; the keys' spent queries last as long as this Ray "
+            "cluster (--ledger PATH keeps them)",
+            soft_wrap=True,
+        )
     console.print(  # one line, whatever the width: scripts grep it for the URL
         f"serving {' and '.join(served)} at {url} (API docs: {url}/docs); Ctrl-C stops",
         soft_wrap=True,

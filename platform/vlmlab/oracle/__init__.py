@@ -16,6 +16,7 @@ from typing import Any
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle._base import FineTunableText, LocalOracle
 from vlmlab.oracle._cache import default_cache_dir
+from vlmlab.oracle._journal import JournaledLedger
 from vlmlab.oracle._ledger import (
     DEFAULT_BUDGET_KEY,
     Ledger,
@@ -55,6 +56,7 @@ __all__ = [
     "FineTunableText",
     "ImageSet",
     "ImageSetRef",
+    "JournaledLedger",
     "Ledger",
     "LocalOracle",
     "OpenClipOracle",

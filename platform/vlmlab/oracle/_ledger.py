@@ -65,16 +65,21 @@ class _Account:
     """Ticket -> the clock time its reservation lapses (only reservations with a ttl)."""
     expired: int = 0
     """Queries of reservations whose lease ran out (neither committed nor released)."""
+    expired_tickets: list[tuple[int, int]] = field(default_factory=list)
+    """``(ticket, queries)`` of lapsed leases not yet written to a journal (if any)."""
 
     @property
     def held(self) -> int:
         return self.usage.queries + sum(self.reserved.values())
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float, *, journaled: bool = False) -> None:
         lapsed = [ticket for ticket, until in self.leases.items() if until <= now]
         for ticket in lapsed:
             del self.leases[ticket]
-            self.expired += self.reserved.pop(ticket, 0)
+            queries = self.reserved.pop(ticket, 0)
+            self.expired += queries
+            if journaled:
+                self.expired_tickets.append((ticket, queries))
 
 
 class Ledger(Protocol):
@@ -126,13 +131,14 @@ class QueryLedger:
         self._accounts: dict[str, _Account] = {}
         self._tickets = itertools.count()
         self._clock = clock
+        self._journaled = False  # JournaledLedger: lapsed leases are also written down
 
     def _account(self, key: str) -> _Account:
         if not isinstance(key, str) or not key:
             raise ValueError(f"budget key must be a non-empty string, got {key!r}")
         account = self._accounts.setdefault(key, _Account())
         if account.leases:  # lapsed leases are dropped whenever the account is read
-            account.expire(self._clock())
+            account.expire(self._clock(), journaled=self._journaled)
         return account
 
     def set_budget(self, key: str, max_queries: int | None) -> None:

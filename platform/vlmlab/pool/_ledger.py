@@ -9,21 +9,40 @@ time, which is what makes reserve-then-check atomic.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle import QueryLedger, Reservation, Usage
+from vlmlab.oracle import JournaledLedger, QueryLedger, Reservation, Usage
 
 LEDGER_NAME = "vlmlab-ledger"
 HEAD_NODE = "node:__internal_head__"
 """The resource Ray gives the head node alone."""
 
 
-class _LedgerService:
-    """Runs inside the actor: a QueryLedger whose refusals come back as values."""
+JOURNAL_ENV = "VLMLAB_LEDGER_JOURNAL"
+"""Where a new ledger actor journals when its creator names no journal (unset: nowhere)."""
 
-    def __init__(self) -> None:
-        self._ledger = QueryLedger()
+
+class _LedgerService:
+    """Runs inside the actor: a QueryLedger whose refusals come back as values.
+
+    With a ``journal`` path it is a :class:`~vlmlab.oracle.JournaledLedger`: it
+    starts from what the file holds and writes every change there first.
+    """
+
+    def __init__(self, journal: str | None = None) -> None:
+        self._journal = journal
+        self._ledger: QueryLedger = QueryLedger() if journal is None else JournaledLedger(journal)
+
+    def journal(self) -> str | None:
+        return self._journal
+
+    def events(self, key: str | None = None) -> list[dict[str, Any]]:
+        if not isinstance(self._ledger, JournaledLedger):
+            raise ValueError("this ledger keeps no journal (start it with one: --ledger PATH)")
+        return self._ledger.events(key)
 
     def reserve(self, key: str, queries: int, ttl: float | None = None) -> tuple[str, Any]:
         try:
@@ -46,8 +65,15 @@ class _LedgerService:
         return getattr(self._ledger, method)(*args, **kwargs)
 
 
-def ledger_actor(name: str = LEDGER_NAME):
+def ledger_actor(name: str = LEDGER_NAME, *, journal: str | Path | None = None):
     """The named ledger actor of this Ray namespace, created on first use.
+
+    ``journal``: the SQLite file the ledger keeps its account book in, so that
+    budgets and spent queries survive the actor, the cluster and the head node
+    (with the file on storage that outlives them). Only its creator decides:
+    asking an existing actor for another journal than its own is an error
+    (None asks for nothing). Default for a new actor: ``$VLMLAB_LEDGER_JOURNAL``,
+    else no journal (the account book lives as long as the cluster).
 
     It lives on the head node (a worker node lost mid-sweep must not take the
     counts with it; the head is the one node a Ray cluster cannot lose) and is
@@ -59,14 +85,25 @@ def ledger_actor(name: str = LEDGER_NAME):
 
     from vlmlab.pool._ray import NAMESPACE
 
+    wanted = None if journal is None else str(Path(journal).expanduser().resolve())
+    initial = wanted if wanted is not None else os.environ.get(JOURNAL_ENV) or None
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_LedgerService)
-    return actor_cls.options(
+    actor = actor_cls.options(
         name=name,
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
         resources={HEAD_NODE: 0.001},
-    ).remote()
+    ).remote(initial)
+    if wanted is not None:
+        current: str | None = ray.get(actor.journal.remote())  # type: ignore[attr-defined,assignment]
+        if current != wanted:
+            raise ValueError(
+                f"the ledger of this Ray cluster journals to {current or 'no file'}, not "
+                f"{wanted}: its first user started it. Use the same journal, or start a new "
+                "cluster (`ray stop`) to open this one"
+            )
+    return actor
 
 
 class RemoteLedger:
@@ -124,6 +161,18 @@ class RemoteLedger:
 
     def account(self, key: str) -> dict[str, Any]:
         return self._call("account", key)
+
+    def journal(self) -> str | None:
+        """The SQLite journal the ledger keeps its account book in (None: memory only)."""
+        import ray
+
+        return ray.get(self._actor.journal.remote())
+
+    def events(self, key: str | None = None) -> list[dict[str, Any]]:
+        """The journal's events, oldest first (a ledger without journal: ValueError)."""
+        import ray
+
+        return ray.get(self._actor.events.remote(key))
 
     def __reduce__(self):  # travels to Ray workers as a handle to the same actor
         return (RemoteLedger, (self._actor,))

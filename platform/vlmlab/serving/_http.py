@@ -613,12 +613,18 @@ def serve_adapters(
 ) -> str:
     """Deploy the app on Ray Serve with an HTTP proxy at ``host:port``; return its base URL.
 
+    ``ledger=PATH`` (an option): the query ledger journals to that SQLite file
+    (:func:`vlmlab.pool.ledger_actor`), so the keys' spent queries survive a restart.
+
     Serve keeps one HTTP proxy per cluster: if Serve is already running, its
     proxy (and port) is used as it is.
     """
-    from vlmlab.pool import ensure_ray
+    from vlmlab.pool import ensure_ray, ledger_actor
 
     ensure_ray(address)
+    ledger = options.pop("ledger", None)
+    if ledger is not None:  # before any replica asks for the ledger: it opens the journal
+        ledger_actor(journal=ledger)
     settings = _server_limits(
         options.get("limits"), options.get("max_request_bytes", MAX_REQUEST_BYTES)
     )

@@ -140,25 +140,8 @@ class CraftTask(Task):
         eval_key: str,
     ) -> Craft | CoOpClassifier:
         assert isinstance(spec.method, CraftMethodSpec)
-        if is_coop(spec.method):
-            n_context = oracle.phrase_embeddings(spec.prompt_phrase).shape[0]
-            return CoOpClassifier(
-                oracle,
-                make_craft_data(
-                    oracle,
-                    data.train,
-                    data.test,
-                    shots=spec.shots,
-                    val_shots=spec.data.val_shots,
-                    seed=seed,
-                ),
-                spec.method.coop.config(n_context),
-                seed=seed,
-                eval_key=eval_key,
-                init_phrase=spec.prompt_phrase,
-            )
-        budget = spec.query_budget()
-        assert budget is not None  # craft specs always resolve a budget
+        coop = is_coop(spec.method)
+        augmented = spec.method.fitness_images == "augmented" and not coop  # CoOp: plain images
         task = make_craft_data(
             oracle,
             data.train,
@@ -166,10 +149,20 @@ class CraftTask(Task):
             shots=spec.shots,
             val_shots=spec.data.val_shots,
             seed=seed,
-            fitness_view=(
-                spec.method.augment_scale if spec.method.fitness_images == "augmented" else None
-            ),
+            fitness_view=spec.method.augment_scale if augmented else None,
         )
+        if coop:
+            n_context = oracle.phrase_embeddings(spec.prompt_phrase).shape[0]
+            return CoOpClassifier(
+                oracle,
+                task,
+                spec.method.coop.config(n_context),
+                seed=seed,
+                eval_key=eval_key,
+                init_phrase=spec.prompt_phrase,
+            )
+        budget = spec.query_budget()
+        assert budget is not None  # craft specs always resolve a budget
         return Craft(
             oracle,
             task,

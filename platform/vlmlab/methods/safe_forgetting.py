@@ -123,32 +123,14 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
     config: SafeForgettingConfig
 
     def __init__(
-        self,
-        oracle: Oracle,
-        task: ForgettingData,
-        config: SafeForgettingConfig,
-        *,
-        seed: int,
-        max_queries: int | None = None,
-        budget_key: str = "train",
-        eval_key: str = "eval",
-        reference_prompt: str = "a photo of a",
-        safety_tolerance: float = 0.01,
+        self, oracle: Oracle, task: ForgettingData, config: SafeForgettingConfig, **options: Any
     ) -> None:
+        """``options``: :class:`BlackBoxForgetting`'s keyword arguments, as they are."""
         self._kept_logits: dict[tuple[str, bytes | None], torch.Tensor] = {}
-        super().__init__(
-            oracle,
-            task,
-            config,
-            seed=seed,
-            max_queries=max_queries,
-            budget_key=budget_key,
-            eval_key=eval_key,
-            reference_prompt=reference_prompt,
-            safety_tolerance=safety_tolerance,
-        )
+        super().__init__(oracle, task, config, **options)
         self.kept = [int(k) for k in task.partition.memorize]
         self.forget = [int(c) for c in task.partition.forget]
+        reference_prompt = self.reference_prompt
         reference = oracle.phrase_embeddings(reference_prompt)
         self.reference_contexts = reference.unsqueeze(0)
         if config.start == "prompt":
@@ -166,7 +148,7 @@ class SafeBlackBoxForgetting(BlackBoxForgetting):
             task.class_names,
             task.pool,
             indices=indices,
-            budget_key=eval_key,
+            budget_key=self.eval_key,
         )
         n_train = len(task.train_index)
         labels = torch.from_numpy(task.train_labels.astype(np.int64))

@@ -70,8 +70,9 @@ class ServerLimits(BaseModel):
     """A refusal from the headers alone (401 unknown key, 429 over a key's slots
     or rate, 503 no anonymous slot) is answered after this pause, so a client
     that retries at once (hostile or careless) sends two a second on a
-    connection, not hundreds: each costs Serve's proxy and the gateway ~5 ms
-    of CPU, which the oracle's calls then lack. It also slows guessing keys."""
+    connection, not hundreds: each costs Serve's proxy and the gateway ~4 ms
+    of CPU (measured: 0.51 of a core for ~130 a second), which the oracle's
+    calls then lack. It also slows guessing keys."""
     paced_refusals: int = Field(default=64, ge=0)
     """Refusals held for ``refusal_delay_s`` at once; beyond, they are answered at
     once, so the pause can never pile up connections."""
@@ -108,7 +109,8 @@ class RefusalPacer:
     A refusal costs the server almost as much as a cheap call (a round trip
     through Serve's proxy), and a client that retries at once can send
     hundreds a second: measured, ~130 a second from 20 hostile clients, which
-    took 0.55 of a core from an oracle on two. Pausing each refusal bounds that
+    kept Serve's proxy and the gateway 0.51 of a core busy on a 2-core machine
+    (the oracle got 0.66 of a core, 0.85 once they were paced). Pausing each refusal bounds that
     loop by the number of connections, not by the server's speed. The pause is
     bounded too: past ``capacity`` held refusals, the next is answered at once.
     """

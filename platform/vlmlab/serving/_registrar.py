@@ -37,8 +37,8 @@ def lower_thread_priority() -> None:
     constructor would lower only the thread that ran it). Niceness alone is not
     enough: Ray already runs its workers at niceness 15, and under a ``nice``
     of 5 or more every replica sits at the cap of 19 with the registrar (a
-    measured run: decoding took 0.63 of a core from an oracle replica that got
-    0.66). ``SCHED_IDLE`` threads weigh less than any niceness yet still run
+    measured run: the decoding threads kept 0.63 of a core busy while the oracle
+    replica got 0.66). ``SCHED_IDLE`` threads weigh less than any niceness yet still run
     (they are never starved outright), and an unprivileged process may choose it.
     """
     try:

@@ -117,3 +117,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on loopback for the whole run."""
+    from vlmlab.testing import LoopbackS3
+
+    with LoopbackS3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_results(s3_server, request) -> str:
+    """A fresh bucket for one test; returns its ``s3://`` URI (endpoint and keys in it)."""
+    import re
+
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    return s3_server.create_bucket(bucket)

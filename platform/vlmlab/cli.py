@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from vlmlab.storage import Location
 
 app = typer.Typer(
     help="vlmlab: adapt black-box vision-language models.",
@@ -139,6 +145,35 @@ def datasets() -> None:
 
     for name, text in list_datasets().items():
         typer.echo(f"{name:14s} {text}")
+
+
+def _results_location(results: str) -> Location:
+    """``--results`` as a :class:`vlmlab.storage.Location` (a path or a URI)."""
+    from vlmlab.storage import locate
+
+    try:
+        return locate(results)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
+@contextmanager
+def _report_folder(root: Location) -> Iterator[tuple[Path, str]]:
+    """A local folder for report files and the name they get under ``root/report``.
+
+    Plots are drawn to local files; for results on an object store they are
+    written to a temporary folder and uploaded (each upload atomic) on exit.
+    """
+    import tempfile
+
+    target = root / "report"
+    if target.is_local:
+        yield target.local_path, str(target)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        yield Path(folder), str(target)
+        for path in sorted(Path(folder).iterdir()):
+            (target / path.name).write_bytes(path.read_bytes())
 
 
 def _fail(message: str) -> typer.Exit:
@@ -319,7 +354,8 @@ def run(
     console.print(_outcome_table(outcomes, loaded.task_entry, where))
     for line in loaded.task_entry.headline(outcomes, first.backend, loaded.data.dataset):
         console.print(line)
-    console.print(f"results: {results}/runs, {results}/steps; artifacts: {results}/artifacts")
+    folder = str(_results_location(results))
+    console.print(f"results: {folder}/runs, {folder}/steps; artifacts: {folder}/artifacts")
 
 
 @app.command()
@@ -366,7 +402,7 @@ def sweep(
     best = grid.get_best_result(metric=loaded.sweep.metric, mode=loaded.sweep.mode)
     console.print(
         f"best trial: {loaded.sweep.metric}={best.metrics.get(loaded.sweep.metric):.3f} with "
-        f"{ {k: v for k, v in best.config.items()} }; rows in {results}/runs and {results}/steps"
+        f"{ {k: v for k, v in best.config.items()} }; rows in {_results_location(results)}/runs and .../steps"
     )
 
 
@@ -589,7 +625,6 @@ def study_budget(
     again skips the trials already completed.
     """
     import time
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -628,10 +663,10 @@ def study_budget(
     if not tables:
         console.print(f"{elapsed}; one budget leaves nothing to compare: no table or figure")
         return
-    report_dir = Path(results) / "report"
-    atomic_write_text(report_dir / "budget_study.md", "\n".join(t.markdown() for t in tables))
-    figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
-    console.print(f"{elapsed}; wrote {report_dir / 'budget_study.md'}, {figure}")
+    with _report_folder(_results_location(results)) as (report_dir, shown):
+        atomic_write_text(report_dir / "budget_study.md", "\n".join(t.markdown() for t in tables))
+        plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
+    console.print(f"{elapsed}; wrote {shown}/budget_study.md, {shown}/budget_study.png")
 
 
 @app.command()
@@ -648,8 +683,6 @@ def report(
     CraFT: test accuracy by shots (K) and method, and accuracy against K.
     Devsafety: target gain, DevSafety(acc) and the safety ratio over seeds, by method.
     """
-    from pathlib import Path
-
     from rich.console import Console
 
     from vlmlab._io import atomic_write_text
@@ -657,25 +690,25 @@ def report(
     from vlmlab.runner import results_store
     from vlmlab.tasks import iter_tasks, study_metrics
 
-    root = Path(results)
+    root = _results_location(results)
     if not (root / "runs").is_dir():
-        raise _fail(f"no results in {results!r} (expected {results}/runs/ from `vlmlab run`)")
+        raise _fail(f"no results in {str(root)!r} (expected {root}/runs/ from `vlmlab run`)")
     store = results_store(root)
     runs, steps = store.runs(), store.steps()
     tasks = list(iter_tasks())
     tables = [table for task in tasks for table in task.tables(runs, tolerance=tolerance)]
     tables += budget_tables(runs, study_metrics())
     if not tables:
-        raise _fail(f"{results!r} holds no completed runs yet")
+        raise _fail(f"{str(root)!r} holds no completed runs yet")
     console = Console()
     _print_tables(console, tables)
-    report_dir = root / "report"
-    atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
-    figures = [figure for task in tasks for figure in task.figures(runs, steps, report_dir)]
-    budget_figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
-    figures += [budget_figure] if budget_figure is not None else []
-    written = ", ".join(str(f) for f in [report_dir / "report.md", *figures] if f is not None)
-    console.print(f"wrote {written}")
+    with _report_folder(root) as (report_dir, shown):
+        atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
+        figures = [figure for task in tasks for figure in task.figures(runs, steps, report_dir)]
+        budget_figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
+        figures += [budget_figure] if budget_figure is not None else []
+        written = [report_dir / "report.md", *(f for f in figures if f is not None)]
+    console.print("wrote " + ", ".join(f"{shown}/{Path(f).name}" for f in written))
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import vlmlab
-from vlmlab._io import atomic_write_bytes
 from vlmlab.data import load_dataset, read_class_names, rename_classes, stratified_subset
 from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
+from vlmlab.storage import Location, is_uri, locate
 from vlmlab.tasks import DEFAULT_TASK, TrialData, metric_names, runs_schema_of_tasks
 
 CHECKPOINT_VERSION = 1
@@ -53,7 +53,7 @@ class TrialOutcome:
     queries_used: int
     budget: int | None
     generations: int
-    artifact: Path
+    artifact: Path | str  # a URI when the results live on an object store
     resumed_from: int = 0
     skipped: bool = False
     task: str = DEFAULT_TASK
@@ -91,8 +91,8 @@ def build_oracle(spec: RunSpec) -> Oracle:
     return create_oracle(spec.backend.name, **spec.backend.oracle_kwargs())
 
 
-def results_store(results_dir: str | Path) -> ResultsStore:
-    """A results folder whose ``runs`` files carry every registered task's metric columns."""
+def results_store(results_dir: str | Path | Location) -> ResultsStore:
+    """A results folder (path or URI) whose ``runs`` files carry every registered task's metric columns."""
     return ResultsStore(results_dir, runs_schema_of_tasks())
 
 
@@ -133,7 +133,7 @@ def load_data(spec: RunSpec) -> TrialData:
 
 def run_experiment(
     spec: RunSpec,
-    results_dir: str | Path,
+    results_dir: str | Path | Location,
     *,
     resume: bool = False,
     oracle: Oracle | None = None,
@@ -181,10 +181,10 @@ class Checkpointer(Protocol):
 
 
 class FileCheckpointer:
-    """One pickle file, replaced atomically at every save."""
+    """One pickle file (local or on an object store), replaced atomically at every save."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: str | Path | Location) -> None:
+        self.path = locate(path)
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -193,7 +193,7 @@ class FileCheckpointer:
         return state
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
-        atomic_write_bytes(self.path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        self.path.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def run_trial(
@@ -304,7 +304,7 @@ def run_trial(
             queries_used=trial.queries_used,
             budget=budget,
             generations=trial.generation,
-            artifact=store.artifact_dir(run_id),
+            artifact=store.artifact_dir(run_id).native,
             resumed_from=resumed_from,
             task=spec.task,
             shots=spec.shots,
@@ -461,7 +461,7 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         queries_used=int(row["queries_used"]),
         budget=None if is_missing(row["budget"]) else int(row["budget"]),
         generations=int(row["generations"]),
-        artifact=Path(row["artifact"]),
+        artifact=row["artifact"] if is_uri(row["artifact"]) else Path(row["artifact"]),
         skipped=True,
         task=row["task"],
         shots=None if is_missing(row.get("shots")) else int(row["shots"]),

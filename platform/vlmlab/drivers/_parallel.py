@@ -16,6 +16,7 @@ from typing import Any
 from vlmlab.oracle import Oracle
 from vlmlab.pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool, ensure_ray
 from vlmlab.specs import RunSpec
+from vlmlab.storage import Location, locate
 from vlmlab.tasks import Task, ensure_registered
 
 
@@ -88,7 +89,7 @@ def deploy_for_spec(
 
 def run_experiment_on_pool(
     spec: RunSpec,
-    results_dir: str | Path,
+    results_dir: str | Path | Location,
     *,
     resume: bool = False,
     address: str | None = None,
@@ -117,7 +118,7 @@ def run_experiment_on_pool(
         # what every trial asks for: the pool's replicas hold the CPUs (and GPUs) the spec
         # gives, and an actor asking for them too would wait for them forever.
         worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)  # type: ignore[call-overload]
-    results = str(Path(results_dir).resolve())
+    results = locate(results_dir).uri  # what every actor, on any node, can open
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]

@@ -19,6 +19,7 @@ from vlmlab.drivers._parallel import deploy_for_spec
 from vlmlab.drivers._sweep import TUNE_DIR, TuneCheckpointer
 from vlmlab.pool import PoolOracle, ensure_ray
 from vlmlab.specs import BudgetSpec, RunSpec, SpecError
+from vlmlab.storage import Location, locate, tune_storage
 from vlmlab.tasks import Task, ensure_registered
 
 _DATA_CACHE: dict[str, Any] = {}
@@ -72,7 +73,7 @@ def _trial(
 
 def run_budget_study(
     spec: RunSpec,
-    results_dir: str | Path,
+    results_dir: str | Path | Location,
     *,
     address: str | None = None,
     pool: PoolOracle | None = None,
@@ -87,8 +88,8 @@ def run_budget_study(
 
     trials = study_trials(spec)
     assert spec.study is not None
-    results = Path(results_dir).resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    results = locate(results_dir)
+    results.make_folder()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray(address)
@@ -99,7 +100,7 @@ def run_budget_study(
             _trial,
             trials=encoded,
             task=spec.task_entry,
-            results=str(results),
+            results=results.uri,
             app_name=pool.app_name,
             shard_size=pool.shard_size,
         ),
@@ -113,7 +114,7 @@ def run_budget_study(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-study",
-            storage_path=str(results / TUNE_DIR),
+            **tune_storage(results / TUNE_DIR),
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],

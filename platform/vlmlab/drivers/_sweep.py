@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlmlab._io import atomic_write_text
 from vlmlab.drivers._parallel import deploy_for_spec
 from vlmlab.pool import PoolOracle, ensure_ray
 from vlmlab.results import is_missing
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
+from vlmlab.storage import Location, locate, tune_storage
 from vlmlab.tasks import Task, ensure_registered
 
 SPEC_FILE = "sweep_spec.json"
@@ -136,7 +136,12 @@ def _check_space_paths(spec: RunSpec) -> None:
 
 
 def _tuner(
-    spec: RunSpec, results: Path, pool: PoolOracle | None, *, restore: bool, callbacks: list[Any]
+    spec: RunSpec,
+    results: Location,
+    pool: PoolOracle | None,
+    *,
+    restore: bool,
+    callbacks: list[Any],
 ):
     from optuna.samplers import CmaEsSampler, TPESampler
     from ray import tune
@@ -151,16 +156,21 @@ def _tuner(
             _trial,
             spec_json=spec.model_dump_json(),
             task=spec.task_entry,
-            results=str(results),
+            results=results.uri,
             app_name=pool.app_name if pool is not None else "",
             shard_size=pool.shard_size if pool is not None else 0,
         ),
         {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus},
     )
-    storage = str(results / TUNE_DIR)
+    storage = tune_storage(results / TUNE_DIR)
     if restore:
+        experiment = results / TUNE_DIR / spec.name
         return tune.Tuner.restore(
-            str(Path(storage) / spec.name), trainable, resume_unfinished=True, resume_errored=True
+            experiment.path,  # within storage_filesystem when the results are remote
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage.get("storage_filesystem"),
         )
     sampler = (
         TPESampler(seed=sweep.seed) if sweep.sampler == "tpe" else CmaEsSampler(seed=sweep.seed)
@@ -194,7 +204,7 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             name=spec.name,
-            storage_path=storage,
+            **storage,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             # Tune deletes a trial's older checkpoints when a new one registers, before
             # its next experiment snapshot: a driver killed in between leaves a snapshot
@@ -210,7 +220,7 @@ def _tuner(
 
 def run_sweep(
     spec: RunSpec,
-    results_dir: str | Path,
+    results_dir: str | Path | Location,
     *,
     resume: bool = False,
     address: str | None = None,
@@ -226,8 +236,8 @@ def run_sweep(
     if spec.sweep is None:
         raise SpecError(f"{spec.name}: a sweep needs a `sweep:` section (space, num_samples, ...)")
     _check_space_paths(spec)
-    results = Path(results_dir).resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    results = locate(results_dir)
+    results.make_folder()
     spec_path = results / SPEC_FILE
     if resume:
         if not (results / TUNE_DIR / spec.name).is_dir():
@@ -236,7 +246,7 @@ def run_sweep(
             spec.model_dump_json()
         ):
             raise SpecError(f"{results}: holds a sweep of another spec; resume it with that spec")
-    atomic_write_text(spec_path, spec.model_dump_json(indent=2))
+    spec_path.write_text(spec.model_dump_json(indent=2))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # Experiment snapshots every second make --resume after a killed driver lose little;
     # Tune's warning about frequent snapshots is off.
@@ -255,7 +265,7 @@ def run_sweep(
 LEDGER_AUDIT = "ledger.json"
 
 
-def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
+def _write_ledger_audit(spec: RunSpec, results: Location) -> None:
     """Every ledger account of this sweep's trials, one per attempt (``<run id>@<attempt>``).
 
     A trial restored after a failure has two or more attempts: the queries its
@@ -274,10 +284,10 @@ def _write_ledger_audit(spec: RunSpec, results: Path) -> None:
         "queries": sum(a["queries"] for a in accounts.values()),
         "reserved": sum(a["reserved"] for a in accounts.values()),
     }
-    atomic_write_text(results / LEDGER_AUDIT, json.dumps(audit, indent=2))
+    (results / LEDGER_AUDIT).write_text(json.dumps(audit, indent=2))
 
 
-def _close_stopped_trials(spec: RunSpec, results: Path, grid: Any) -> None:
+def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
     """Trials ASHA stopped (or that failed for good) never finish their row: close it here."""
     from vlmlab.runner import results_store
     from vlmlab.tasks import metric_columns_of_tasks

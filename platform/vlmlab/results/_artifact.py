@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from vlmlab._io import atomic_write_bytes, atomic_write_text
+from vlmlab.storage import Location, locate
 
 MANIFEST = "manifest.json"
 TENSORS = "contexts.safetensors"
@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 class Artifact:
     """A loaded artifact: its tensors and its manifest."""
 
-    path: Path
+    path: Path | str
     tensors: dict[str, torch.Tensor]
     manifest: dict[str, Any]
 
@@ -42,34 +42,32 @@ class Artifact:
 
 
 def save_artifact(
-    folder: str | Path,
+    folder: str | Path | Location,
     tensors: dict[str, torch.Tensor],
     manifest: dict[str, Any],
     *,
     required: str = "contexts",
-) -> Path:
+) -> Path | str:
     """Write ``tensors`` and ``manifest`` atomically; ``required`` names the kind's main tensor.
 
     ``manifest["kind"]`` names the task that wrote it (its registry entry reads it back).
     """
     if required not in tensors:
         raise ValueError(f"a {manifest.get('kind', 'prompt')} artifact needs a {required!r} tensor")
-    folder = Path(folder)
+    location = locate(folder)
     blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(folder / TENSORS, blob)
+    (location / TENSORS).write_bytes(blob)
     document = {"format_version": FORMAT_VERSION, **manifest}
-    atomic_write_text(
-        folder / MANIFEST, json.dumps(document, indent=2, sort_keys=True, default=str)
-    )
-    return folder
+    (location / MANIFEST).write_text(json.dumps(document, indent=2, sort_keys=True, default=str))
+    return location.native
 
 
-def load_artifact(folder: str | Path) -> Artifact:
-    """Read an artifact folder written by :func:`save_artifact`."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
+def load_artifact(folder: str | Path | Location) -> Artifact:
+    """Read an artifact folder written by :func:`save_artifact` (a path or a URI)."""
+    location = locate(folder)
+    manifest_path = location / MANIFEST
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"not an artifact folder (no {MANIFEST}): {str(folder)!r}")
+        raise FileNotFoundError(f"not an artifact folder (no {MANIFEST}): {str(location)!r}")
     manifest = json.loads(manifest_path.read_text())
-    tensors = load_safetensors((folder / TENSORS).read_bytes())
-    return Artifact(folder, tensors, manifest)
+    tensors = load_safetensors((location / TENSORS).read_bytes())
+    return Artifact(location.native, tensors, manifest)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vlmlab.errors import LimitExceededError
 from vlmlab.oracle import LocalOracle
 from vlmlab.results import MANIFEST, load_artifact
+from vlmlab.storage import Location, locate
 from vlmlab.tasks import get_task, list_tasks
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -167,38 +168,54 @@ def decode_image(
 
 
 class AdapterStore:
-    """The artifact folders under ``root``; ids are folder names, never paths."""
+    """The artifact folders under ``root`` (a path or a URI); ids are folder names, never paths."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"adapter root is not a folder: {str(self.root)!r}")
+    def __init__(self, root: str | Path | Location) -> None:
+        self.location = locate(root)
+        if not self.location.is_dir():
+            raise FileNotFoundError(f"adapter root is not a folder: {str(self.location)!r}")
+        self.root = self.location.native
 
     def ids(self) -> list[str]:
+        if not self.location.is_local:  # an object store has no links to escape through
+            return [
+                entry.name
+                for entry in self.location.entries(folders=True)
+                if ADAPTER_ID.match(entry.name) and (entry / MANIFEST).is_file()
+            ]
+        root = self.location.local_path
         return sorted(
             p.name
-            for p in self.root.iterdir()
+            for p in root.iterdir()
             if ADAPTER_ID.match(p.name)
-            and p.resolve().parent == self.root  # a link out of the root is not an adapter
+            and p.resolve().parent == root  # a link out of the root is not an adapter
             and (p / MANIFEST).is_file()
         )
 
-    def folder(self, adapter_id: str) -> Path:
+    def folder(self, adapter_id: str) -> Path | str:
         """The folder of ``adapter_id``: 400 for a malformed id, 404 for an unknown one."""
         if not isinstance(adapter_id, str) or not ADAPTER_ID.match(adapter_id):
             raise RequestError(
                 400, "adapter ids are folder names: letters, digits, '.', '_' or '-' (max 128)"
             )
-        folder = (self.root / adapter_id).resolve()
-        if folder.parent != self.root or not (folder / MANIFEST).is_file():
+        folder = self.location / adapter_id
+        if self.location.is_local:
+            resolved = Path(folder.path).resolve()
+            if resolved.parent != self.location.local_path:
+                raise RequestError(404, f"no adapter {adapter_id!r}; GET /v1/adapters lists them")
+            folder = locate(resolved)
+        if not (folder / MANIFEST).is_file():
             raise RequestError(404, f"no adapter {adapter_id!r}; GET /v1/adapters lists them")
-        return folder
+        return folder.native
 
     def manifest(self, adapter_id: str) -> dict[str, Any]:
         """The adapter's manifest (a small JSON file; its tensors stay on disk)."""
         import json
 
-        return json.loads((self.folder(adapter_id) / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads(
+            (locate(self.folder(adapter_id)) / MANIFEST).read_text()
+        )
+        return manifest
 
     def describe(self, adapter_id: str) -> dict[str, Any]:
         manifest = self.manifest(adapter_id)

@@ -4,6 +4,8 @@
   oracle passes it or is not an oracle.
 - :class:`LocalCluster`: a real multi-node Ray cluster on one machine (one
   ``ray start`` process group a node) for node-loss tests and rehearsals.
+- :class:`LoopbackS3`: a real S3-compatible server (moto's) on loopback, for
+  results on an object store without a cloud.
 
 Importing this package needs pytest (the ``dev`` extra).
 """
@@ -12,5 +14,6 @@ from __future__ import annotations
 
 from vlmlab.testing._conformance import CLASS_NAMES, OracleConformance, random_contexts
 from vlmlab.testing._local_cluster import LocalCluster
+from vlmlab.testing._s3 import LoopbackS3
 
-__all__ = ["CLASS_NAMES", "LocalCluster", "OracleConformance", "random_contexts"]
+__all__ = ["CLASS_NAMES", "LocalCluster", "LoopbackS3", "OracleConformance", "random_contexts"]

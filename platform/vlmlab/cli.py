@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -174,6 +174,47 @@ def _report_folder(root: Location) -> Iterator[tuple[Path, str]]:
         yield Path(folder), str(target)
         for path in sorted(Path(folder).iterdir()):
             (target / path.name).write_bytes(path.read_bytes())
+
+
+class _KeysWatcher:
+    """Reloads the keys file of a running ``vlmlab serve`` on SIGHUP or when it changes.
+
+    A change is a new modification time, size or inode (an editor's atomic save
+    replaces the file). A broken file is reported and the served keys stay as
+    they were.
+    """
+
+    def __init__(self, path: str, console: Any) -> None:
+        self.path = Path(path)
+        self.console = console
+        self.requested = False
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def request(self, signum: int, frame: Any) -> None:  # the SIGHUP handler
+        self.requested = True
+
+    def poll(self) -> None:
+        stamp = self._stamp()
+        if not self.requested and stamp == self.seen:
+            return
+        why = "SIGHUP" if self.requested else "the file changed"
+        self.requested, self.seen = False, stamp
+        from vlmlab.serving import KeysFileError, reload_keys
+
+        try:
+            changes = reload_keys(self.path)
+        except KeysFileError as error:
+            self.console.print(f"keys not reloaded ({why}), the served keys stay: {error}")
+            return
+        summary = ", ".join(f"{what} {names}" for what, names in changes.items() if names)
+        self.console.print(f"keys reloaded ({why}): {summary or 'no change'}", soft_wrap=True)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -509,9 +550,14 @@ def serve_command(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    watcher = _KeysWatcher(keys, console) if keys is not None else None
+    if watcher is not None:
+        signal.signal(signal.SIGHUP, watcher.request)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(1.0)
+            if watcher is not None:
+                watcher.poll()
     except KeyboardInterrupt:
         from ray import serve
 

@@ -1,6 +1,6 @@
 """A sweep driver for the multi-node tests: joins the cluster, sweeps, reports what it saw.
 
-    python tests/cluster/sweep_driver.py SPEC_JSON RESULTS ADDRESS SUMMARY_JSON
+    python tests/cluster/sweep_driver.py SPEC_JSON RESULTS ADDRESS SUMMARY_JSON [--resume]
 
 Runs as its own process (a process holds one Ray connection; the test process
 has its own). Writes SUMMARY_JSON: the trials' errors and the node of each
@@ -13,13 +13,13 @@ import json
 import sys
 
 
-def main(spec_json: str, results: str, address: str, summary: str) -> None:
+def main(spec_json: str, results: str, address: str, summary: str, resume: bool) -> None:
     from vlmlab.drivers import run_sweep
     from vlmlab.pool import DEFAULT_APP, PoolOracle
     from vlmlab.specs import validate_spec
 
     spec = validate_spec(json.loads(spec_json), "multi-node sweep")
-    grid = run_sweep(spec, results, address=address)
+    grid = run_sweep(spec, results, address=address, resume=resume)
     pool = PoolOracle(DEFAULT_APP)
     replica_nodes = sorted({pool.replica_stats()["node_id"] for _ in range(40)})
     with open(summary, "w") as out:
@@ -34,4 +34,4 @@ def main(spec_json: str, results: str, address: str, summary: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:5], resume="--resume" in sys.argv[5:])

@@ -3,13 +3,14 @@
 The oracle pool and a sweep's trials spread over the nodes (the runs table
 records each trial's node); then a worker node is SIGKILLed mid-sweep and the
 sweep still completes, with one row per trial, no duplicate steps and an
-exact ledger. Run alone with `pytest -m cluster`.
+exact ledger. Results, Tune's storage and the ledger audit are on a loopback
+S3 server (moto's), as on a cluster with no shared filesystem. Run alone with
+`pytest -m cluster`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vlmlab.results import ResultsStore
+from vlmlab.storage import locate
 from vlmlab.testing import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -54,18 +56,23 @@ def cluster():
         yield running
 
 
-def _driver(cluster, cache_dir, spec, results: Path) -> tuple[subprocess.Popen, Path]:
-    summary = results.parent / f"{results.name}-summary.json"
-    env = {**cluster.env, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir}
-    log = (results.parent / f"{results.name}-driver.log").open("w")
+def _driver(
+    cluster, cache_dir, spec, results: str, logs: Path, *, resume: bool = False, env=None
+) -> tuple[subprocess.Popen, Path]:
+    """A sweep driver process on ``cluster``, results at ``results`` (a URI), logs in ``logs``."""
+    attempt = "resume" if resume else "first"
+    summary = logs / f"{spec['name']}-{attempt}-summary.json"
+    env = {**cluster.env, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir, **(env or {})}
+    log = (logs / f"{spec['name']}-{attempt}-driver.log").open("w")
     process = subprocess.Popen(
         [
             sys.executable,
             str(DRIVER),
             json.dumps(spec),
-            str(results),
+            results,
             cluster.address,
             str(summary),
+            *(["--resume"] if resume else []),
         ],
         env=env,
         stdout=log,
@@ -94,9 +101,9 @@ def _attempts(audit: dict, run_id: str) -> dict[str, dict]:
     }
 
 
-def test_pool_and_sweep_trials_spread_over_nodes(cluster, cache_dir, tmp_path):
-    results = tmp_path / "spread"
-    process, summary = _driver(cluster, cache_dir, _spec("spread", 4, 3), results)
+def test_pool_and_sweep_trials_spread_over_nodes(cluster, cache_dir, tmp_path, s3_results):
+    results = s3_results
+    process, summary = _driver(cluster, cache_dir, _spec("spread", 4, 3), results, tmp_path)
     seen = _finish(process, summary, timeout=600)
     assert seen["errors"] == [] and seen["trials"] == 3
     nodes = {cluster.node_id(name) for name in cluster.nodes}
@@ -106,17 +113,17 @@ def test_pool_and_sweep_trials_spread_over_nodes(cluster, cache_dir, tmp_path):
     assert len(runs) == 3 and set(runs.status) == {"completed"}
     assert set(runs.ray_node) <= nodes
     assert runs.ray_node.nunique() > 1, runs.ray_node.tolist()  # the trials span nodes
-    audit = json.loads((results / "ledger.json").read_text())
+    audit = json.loads((locate(results) / "ledger.json").read_text())
     for row in runs.itertuples():
         (attempt,) = _attempts(audit, row.run_id).values()
         assert attempt["queries"] == row.queries_used == 4 * POPSIZE and attempt["reserved"] == 0
 
 
-def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
+def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path, s3_results):
     victim = cluster.node_id("w2")
-    results = tmp_path / "loss"
+    results = s3_results
     iterations = 30
-    process, summary = _driver(cluster, cache_dir, _spec("loss", iterations, 4), results)
+    process, summary = _driver(cluster, cache_dir, _spec("loss", iterations, 4), results, tmp_path)
     store = ResultsStore(results)
     deadline = time.monotonic() + 300
     doomed = None
@@ -146,7 +153,7 @@ def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
     # lost work, whole generations. Another trial may also have an attempt the loss
     # cut short (CI saw one that spent 0 queries, likely started as w2 died): the same
     # rule holds for it. A trial with one attempt spent exactly its row's queries.
-    audit = json.loads((results / "ledger.json").read_text())
+    audit = json.loads((locate(results) / "ledger.json").read_text())
     for row in runs.itertuples():
         attempts = _attempts(audit, row.run_id)
         spent = sum(a["queries"] for a in attempts.values())
@@ -157,4 +164,59 @@ def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path):
         if len(attempts) == 1:
             assert spent == row.queries_used
             assert all(a["reserved"] == 0 for a in attempts.values())
-    assert os.path.exists(results / "tune")
+    assert (locate(results) / "tune" / "loss").is_dir()  # Tune's own state, on S3 too
+
+
+def test_the_whole_cluster_lost_mid_sweep(cache_dir, tmp_path, s3_results):
+    """Head node and all: a fresh cluster's `--resume` finishes from S3 and the journal alone.
+
+    The ledger journals to a file outside either cluster (a volume that survives the
+    head node); results and Tune's state are on the loopback S3 server.
+    """
+    from vlmlab.pool import JOURNAL_ENV
+
+    iterations = 20
+    spec = _spec("crash", iterations, 3)
+    journal = {JOURNAL_ENV: str(tmp_path / "volume" / "ledger.sqlite")}
+    (tmp_path / "volume").mkdir()
+    store = ResultsStore(s3_results)
+    with LocalCluster({"w1": 2}, head_cpus=2) as first:
+        process, _ = _driver(first, cache_dir, spec, s3_results, tmp_path, env=journal)
+        deadline = time.monotonic() + 300
+        doomed = None
+        while doomed is None:  # a trial past its second checkpoint, on S3
+            assert process.poll() is None and time.monotonic() < deadline, "no trial got going"
+            time.sleep(0.2)
+            try:
+                runs, steps = store.runs(), store.steps()
+            except Exception:
+                continue
+            for run_id in runs[runs.status == "running"].run_id:
+                if len(steps) and steps[steps.run_id == run_id].step.max() >= 2:
+                    doomed = run_id
+        first.crash()  # the head, its GCS, the ledger actor, Tune's driver node: all gone
+        process.kill()
+        process.wait()
+
+    with LocalCluster({"w1": 2}, head_cpus=2) as second:
+        process, summary = _driver(
+            second, cache_dir, spec, s3_results, tmp_path, resume=True, env=journal
+        )
+        seen = _finish(process, summary, timeout=600)
+    assert seen["errors"] == []
+    everything, steps = store.runs(), store.steps()
+    runs = everything[everything.status != "abandoned"]  # started < 1 s before the crash
+    assert len(runs) == 3 and everything.run_id.is_unique, everything[["run_id", "status"]]
+    assert set(runs.status) == {"completed"} and doomed in set(runs.run_id)
+    assert not steps.duplicated(["run_id", "step", "split", "metric"]).any()
+    assert (runs.queries_used == POPSIZE * iterations).all()
+    # The journal brought the first cluster's accounts to the second: the doomed
+    # trial's lost attempt is on the books, and every attempt spent whole generations.
+    audit = json.loads((locate(s3_results) / "ledger.json").read_text())
+    for row in runs.itertuples():
+        attempts = _attempts(audit, row.run_id)
+        spent = sum(a["queries"] for a in attempts.values())
+        assert all(a["queries"] % POPSIZE == 0 for a in attempts.values()), attempts
+        assert spent >= row.queries_used and (spent - row.queries_used) % POPSIZE == 0
+        if row.run_id == doomed:
+            assert len(attempts) >= 2, attempts

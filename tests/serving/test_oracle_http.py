@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -227,6 +228,34 @@ def test_a_key_with_budget_b_is_served_exactly_b_queries(url, keys, images):
         client_oracle = HttpOracle(url, token)
         client_oracle.register_images(images)
         client_oracle.logits(torch.tensor(contexts[:1]), NAMES, set_id)
+
+
+def test_a_reloaded_keys_file_keeps_spent_queries_with_the_name(url, keys, images):
+    """Remove a key, add it again with a new token: it has spent what it had spent."""
+    from vlmlab.serving import reload_keys
+
+    path = keys[0]
+    carol = add_key(path, "carol", budget=10)
+    assert reload_keys(path)["added"] == ["carol"]
+    set_id = _register(url, carol, images.pixels)
+    contexts = random_contexts(HttpOracle(url, carol), 3).tolist()
+    body = {"contexts": contexts, "class_names": NAMES, "image_set": set_id}
+    assert requests.post(f"{url}/v1/oracle/logits", json=body, headers=_auth(carol)).ok
+
+    tree = yaml.safe_load(path.read_text())
+    record = tree["keys"].pop("carol")
+    path.write_text(yaml.safe_dump(tree))
+    assert reload_keys(path)["removed"] == ["carol"]
+    refused = requests.get(f"{url}/v1/oracle/usage", headers=_auth(carol))
+    assert refused.status_code == 401
+    assert requests.get(f"{url}/v1/oracle/usage", headers=_auth(keys[1]["bob"])).ok
+
+    again = add_key(path, "carol", budget=12)  # a new token for the same name
+    assert again != carol and record["sha256"] not in path.read_text()
+    assert reload_keys(path)["added"] == ["carol"]
+    usage = requests.get(f"{url}/v1/oracle/usage", headers=_auth(again)).json()
+    assert (usage["queries_used"], usage["budget"], usage["queries_left"]) == (3, 12, 9)
+    assert requests.get(f"{url}/v1/oracle/usage", headers=_auth(carol)).status_code == 401
 
 
 def test_rate_limit_answers_429_with_retry_after(url, keys):

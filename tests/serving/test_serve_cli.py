@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 pytestmark = pytest.mark.slow
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_path):
@@ -56,6 +61,40 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
             f"{url}/v1/oracle/usage", headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
         assert usage.status_code == 200 and usage.json()["queries_left"] == 5, usage.text
+
+        def logged(line: str) -> None:
+            deadline = time.monotonic() + 60
+            while line not in log.read_text():
+                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+                time.sleep(0.2)
+
+        # Key operations without a restart: a new key is served once the file changes ...
+        second = subprocess.run(
+            [vlmlab, "keys", "add", "ci2", "--file", str(keys), "--budget", "3"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        logged("keys reloaded (the file changed): added ['ci2']")
+        usage = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
+        assert usage.status_code == 200 and usage.json()["queries_left"] == 3, usage.text
+        # ... and a key removed from it stops working at the next request, on SIGHUP.
+        tree = yaml.safe_load(keys.read_text())
+        del tree["keys"]["ci"]
+        stat = keys.stat()
+        keys.write_text(yaml.safe_dump(tree))
+        os.utime(keys, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # only the signal tells
+        process.send_signal(signal.SIGHUP)
+        logged("keys reloaded (SIGHUP): removed ['ci']")
+        gone = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(token), timeout=60)
+        assert gone.status_code == 401, gone.text
+        kept = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
+        assert kept.status_code == 200
+        # A broken file changes nothing: the served keys stay.
+        keys.write_text("keys: [not, a, mapping]")
+        logged("keys not reloaded (the file changed), the served keys stay")
+        kept = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
+        assert kept.status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:

@@ -8,7 +8,7 @@ here first needs it (``import vlmlab.pool`` stays light).
 
 from __future__ import annotations
 
-from vlmlab.pool._ledger import LEDGER_NAME, RemoteLedger, ledger_actor
+from vlmlab.pool._ledger import JOURNAL_ENV, LEDGER_NAME, RemoteLedger, ledger_actor
 from vlmlab.pool._pool import (
     DEFAULT_APP,
     OracleReplica,
@@ -21,6 +21,7 @@ from vlmlab.pool._ray import NAMESPACE, ensure_ray
 
 __all__ = [
     "DEFAULT_APP",
+    "JOURNAL_ENV",
     "LEDGER_NAME",
     "NAMESPACE",
     "OracleReplica",

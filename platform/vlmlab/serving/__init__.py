@@ -24,7 +24,7 @@ from vlmlab.serving._limits import ServerLimits, proxy_http_options
 
 def __getattr__(name: str) -> Any:
     # The Ray Serve app needs Ray: it loads when asked for.
-    if name in ("APP_NAME", "build_adapters_app", "serve_adapters"):
+    if name in ("APP_NAME", "build_adapters_app", "reload_keys", "serve_adapters"):
         from vlmlab.serving import _http
 
         return getattr(_http, name)
@@ -47,5 +47,6 @@ __all__ = [
     "hash_key",
     "load_keys",
     "proxy_http_options",
+    "reload_keys",
     "serve_adapters",
 ]

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -247,6 +248,12 @@ class Gateway:
             "adapters": len(self.store.ids()) if self.store else 0,
             "oracle": self.service is not None,
         }
+
+    async def reload_keys(self, keys: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """Serve these key records from now on (:func:`reload_keys` calls it); what changed."""
+        if self.service is None:
+            raise ValueError("this server has no oracle service: it was started without keys")
+        return self.service.replace_keys({n: ApiKey(**k) for n, k in keys.items()})
 
     # ----------------------------------------------------------- admission
     @contextlib.asynccontextmanager
@@ -601,6 +608,19 @@ def build_app(args: dict[str, Any]):
     """``serve run serve/adapted.yaml``: ``args`` are :func:`build_adapters_app`'s."""
     args = dict(args)
     return build_adapters_app(args.pop("root", None), **args)
+
+
+def reload_keys(keys: str | Path, *, app_name: str = APP_NAME) -> dict[str, list[str]]:
+    """Read the keys file again and hand it to the running gateway; returns what changed.
+
+    The file is checked first (:func:`load_keys`): a broken file changes nothing
+    and raises :class:`KeysFileError`. ``vlmlab serve`` calls this on SIGHUP
+    and when the file changes; each key's spent queries stay with its name.
+    """
+    records = {name: key.model_dump() for name, key in load_keys(keys).items()}
+    gateway = serve.get_deployment_handle("Gateway", app_name=app_name)
+    changes: dict[str, list[str]] = gateway.reload_keys.remote(records).result()
+    return changes
 
 
 def serve_adapters(

@@ -206,6 +206,12 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last time)
         self._lock = threading.Lock()
 
+    def update(self, keys: dict[str, ApiKey]) -> None:
+        """New rates (a reloaded keys file); a kept key keeps what its bucket holds."""
+        with self._lock:
+            self._limits = {n: (k.rate, k.burst) for n, k in keys.items() if k.rate is not None}
+            self._buckets = {n: b for n, b in self._buckets.items() if n in self._limits}
+
     def acquire(self, name: str, cost: float = 1.0) -> float:
         """0.0 when ``cost`` tokens were taken; else the seconds until they will be there.
 
@@ -241,11 +247,16 @@ class KeySlots:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def update(self, keys: dict[str, ApiKey]) -> None:
+        """New limits (a reloaded keys file); slots held now stay held until left."""
+        with self._lock:
+            self._limits = {name: key.max_concurrent for name, key in keys.items()}
+
     def enter(self, name: str) -> bool:
         """Take a slot of ``name``; False when all its slots are held."""
         with self._lock:
             held = self._held.get(name, 0)
-            if held >= self._limits[name]:
+            if held >= self._limits.get(name, 0):  # a key removed meanwhile has none
                 return False
             self._held[name] = held + 1
             return True

@@ -288,6 +288,34 @@ class OracleService:
     def leave(self, name: str) -> None:
         self.slots.leave(name)
 
+    def replace_keys(self, keys: dict[str, ApiKey]) -> dict[str, list[str]]:
+        """Serve ``keys`` from now on (a reloaded keys file); returns what changed.
+
+        A removed key is refused from the next request on; its requests already
+        in progress finish with its old record. A key's spent queries are its
+        ledger account's (``api:<name>``), so they stay with its name: a key
+        removed and added again, or given a new digest or budget, keeps them.
+        New budgets are set on the ledger before the next metered call.
+        """
+        old = self.keys
+        removed = set(old) - set(keys)
+        in_progress = {name for name in removed if self.slots.held(name)}
+        changed = sorted(n for n in set(old) & set(keys) if old[n] != keys[n])
+        self.ring = KeyRing(keys)  # authentication sees only the new keys, at once
+        self.keys = {**{name: old[name] for name in in_progress}, **keys}
+        self.limiter.update(keys)
+        self.slots.update(keys)
+        for name in removed - in_progress:  # their image sets go with them
+            self._state.pop(name, None)
+        for name in keys:
+            self._state.setdefault(name, _KeyState())
+        self._budgets_set = False
+        return {
+            "added": sorted(set(keys) - set(old)),
+            "removed": sorted(removed),
+            "changed": changed,
+        }
+
     def _rate_limited(self, name: str, wait: float) -> RequestError:
         rate = self.keys[name].rate
         return RequestError(

@@ -9,7 +9,8 @@ launched one, minus the network. Drivers join it as subprocesses with
 connection, so a test process with its own Ray cannot also drive this one).
 
 ``kill(name)`` is a node crash: SIGKILL to the node's whole process group
-(raylet, object store, workers), no draining.
+(raylet, object store, workers), no draining; ``crash()`` is every node's at
+once, the head's included (a lost head node, a spot reclaim of the cluster).
 """
 
 from __future__ import annotations
@@ -155,8 +156,22 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         """Crash a worker node: SIGKILL to its raylet, object store and workers at once."""
         if name == "head":
-            raise ValueError("the head cannot be lost: it holds the GCS (see the README)")
-        node = self.nodes[name]
+            raise ValueError("losing the head loses the cluster: crash() is that case")
+        self._sigkill(self.nodes[name])
+
+    def crash(self) -> None:
+        """Lose the whole cluster, head included: every node SIGKILLed, nothing drained.
+
+        What the cluster held (the GCS, actors, the object store, its temp dir) is
+        gone; only what was written outside it (an object store, a journal on a
+        volume) is left for the next cluster.
+        """
+        for node in self.nodes.values():
+            self._sigkill(node)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    @staticmethod
+    def _sigkill(node: _Node) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)

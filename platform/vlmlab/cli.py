@@ -147,6 +147,38 @@ def datasets() -> None:
         typer.echo(f"{name:14s} {text}")
 
 
+_TRACK_OPTION = typer.Option(
+    "--track",
+    help="also send metrics to mlflow and/or tensorboard (repeatable; the spec's `tracking:`)",
+)
+
+
+def _track_overrides(track: list[str] | None) -> list[str]:
+    """``--track mlflow --track tensorboard`` as spec overrides."""
+    overrides = []
+    for name in track or []:
+        if name not in ("mlflow", "tensorboard"):
+            raise _fail(f"--track {name!r}: choose mlflow or tensorboard")
+        overrides.append(f"tracking.{name}=true")
+    return overrides
+
+
+def _print_tracking(console: Any, spec: Any, results: str) -> None:
+    if spec.tracking is None or not spec.tracking.enabled:
+        return
+    from vlmlab.tracking import mlflow_uri, tensorboard_dir
+
+    location = _results_location(results)
+    places = []
+    uri = mlflow_uri(spec.tracking, location)
+    if uri is not None:
+        places.append(f"MLflow {uri} (experiment {spec.tracking.experiment or spec.name!r})")
+    folder = tensorboard_dir(spec.tracking, location)
+    if folder is not None:
+        places.append(f"TensorBoard {folder}")
+    console.print("tracking: " + "; ".join(places), soft_wrap=True)
+
+
 def _results_location(results: str) -> Location:
     """``--results`` as a :class:`vlmlab.storage.Location` (a path or a URI)."""
     from vlmlab.storage import locate
@@ -324,6 +356,7 @@ def run(
         str | None,
         typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     ] = None,
+    track: Annotated[list[str] | None, _TRACK_OPTION] = None,
 ) -> None:
     """Run an experiment spec: on the Ray Serve oracle pool (default) or in-process.
 
@@ -339,9 +372,10 @@ def run(
 
     console = Console()
     try:
-        loaded = load_spec(spec, set_ or [])
+        loaded = load_spec(spec, [*(set_ or []), *_track_overrides(track)])
     except (VlmlabError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
+    _print_tracking(console, loaded, results)
     try:
         oracle = pool_oracle = None
         if in_process:
@@ -410,6 +444,7 @@ def sweep(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: local Ray)")
     ] = None,
+    track: Annotated[list[str] | None, _TRACK_OPTION] = None,
 ) -> None:
     """Ray Tune sweep with Optuna search and ASHA over the spec's search space, on the oracle pool."""
     from rich.console import Console
@@ -419,9 +454,10 @@ def sweep(
 
     console = Console()
     try:
-        loaded = load_spec(spec, set_ or [])
+        loaded = load_spec(spec, [*(set_ or []), *_track_overrides(track)])
         if loaded.sweep is None:
             raise _fail(f"{spec}: no `sweep:` section (see experiments/sweep-quickstart.yaml)")
+        _print_tracking(console, loaded, results)
         from vlmlab.drivers import deploy_for_spec, run_sweep, sweep_progress
 
         pool = None

@@ -33,6 +33,7 @@ from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
 from vlmlab.storage import Location, is_uri, locate
 from vlmlab.tasks import DEFAULT_TASK, TrialData, metric_names, runs_schema_of_tasks
+from vlmlab.tracking import with_tracking
 
 CHECKPOINT_VERSION = 1
 
@@ -150,6 +151,7 @@ def run_experiment(
             (tests use it to simulate an interruption); the trial stays ``running``.
     """
     store = results_store(results_dir)
+    listener = with_tracking(spec, store.location, listener or SilentListener())
     oracle = oracle if oracle is not None else build_oracle(spec)
     data = load_data(spec)
     return [
@@ -241,7 +243,8 @@ def run_trial(
         "dataset": spec.data.dataset,
         "shots": spec.shots,
         "seed": seed,
-        "config": spec.model_dump_json(),
+        # Where progress is also sent is no part of what a trial is: --resume may change it.
+        "config": spec.model_dump_json(exclude={"tracking"}),
         "budget": budget,
         "vlmlab_version": vlmlab.__version__,
         "node": platform.node(),

@@ -59,10 +59,20 @@ def _check_tables(results, expected_trials: int) -> pd.DataFrame:
 def test_sweep_of_six_trials(conse_pool, tmp_path):
     from vlmlab.drivers import run_sweep
 
-    spec = validate_spec(SWEEP, "test")
+    tracked = {**SWEEP, "tracking": {"mlflow": True, "tensorboard": True}}
+    spec = validate_spec(tracked, "test")
     grid = run_sweep(spec, tmp_path, pool=conse_pool)
     assert len(grid) == 6 and not grid.errors
     runs = _check_tables(tmp_path, 6)
+    # Tune's MLflow logger: a run per trial, its hyperparameters and its reports.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny-sweep")
+    tracked_runs = client.search_runs([experiment.experiment_id])
+    assert len(tracked_runs) == 6
+    assert all("method.sigma" in r.data.params and "val_H" in r.data.metrics for r in tracked_runs)
+    assert list((tmp_path / "tune" / "tiny-sweep").glob("*/events.out.tfevents.*"))
     completed = runs[runs.status == "completed"]
     assert (completed.queries_used == 96).all() and completed.zeroshot_test_H.notna().all()
     configs = {(r.config) for r in runs.itertuples()}

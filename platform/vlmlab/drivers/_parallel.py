@@ -119,6 +119,11 @@ def run_experiment_on_pool(
         # gives, and an actor asking for them too would wait for them forever.
         worker_cls = ray.remote(num_cpus=0.25, max_concurrency=2)(_TrialWorker)  # type: ignore[call-overload]
     results = locate(results_dir).uri  # what every actor, on any node, can open
+    if spec.tracking is not None and spec.tracking.enabled:  # sent from here, the driver
+        from vlmlab.runner import SilentListener
+        from vlmlab.tracking import with_tracking
+
+        listener = with_tracking(spec, results_dir, listener or SilentListener())
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]

@@ -242,7 +242,7 @@ def run_sweep(
     if resume:
         if not (results / TUNE_DIR / spec.name).is_dir():
             raise SpecError(f"nothing to resume: no sweep {spec.name!r} in {str(results)!r}")
-        if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(
+        if spec_path.is_file() and _without_tracking(spec_path.read_text()) != _without_tracking(
             spec.model_dump_json()
         ):
             raise SpecError(f"{results}: holds a sweep of another spec; resume it with that spec")
@@ -256,10 +256,43 @@ def run_sweep(
         pool = None  # each trial trains its own model in-process
     elif pool is None:
         pool = deploy_for_spec(spec, address=address)
-    grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks or []).fit()
+    callbacks = [*(callbacks or []), *tune_callbacks(spec, results)]
+    grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks).fit()
     _close_stopped_trials(spec, results, grid)
     _write_ledger_audit(spec, results)
     return grid
+
+
+def tune_callbacks(spec: RunSpec, results: Location) -> list[Any]:
+    """Ray Tune's logger callbacks for the spec's ``tracking`` section (none without one)."""
+    from vlmlab.tracking import mlflow_uri
+
+    tracking = spec.tracking
+    if tracking is None or not tracking.enabled:
+        return []
+    callbacks: list[Any] = []
+    uri = mlflow_uri(tracking, results)
+    if uri is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(
+            MLflowLoggerCallback(
+                tracking_uri=uri,
+                experiment_name=tracking.experiment or spec.name,
+                save_artifact=False,
+            )
+        )
+    if tracking.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    return callbacks
+
+
+def _without_tracking(spec_json: str) -> dict[str, Any]:
+    tree: dict[str, Any] = json.loads(spec_json)
+    tree.pop("tracking", None)
+    return tree
 
 
 LEDGER_AUDIT = "ledger.json"

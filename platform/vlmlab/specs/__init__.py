@@ -21,6 +21,7 @@ from vlmlab.specs._sections import (
     SpecError,
     StudySpec,
     SweepSpec,
+    TrackingSpec,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "SpecError",
     "StudySpec",
     "SweepSpec",
+    "TrackingSpec",
     "apply_overrides",
     "load_spec",
     "validate_spec",

@@ -26,6 +26,7 @@ from vlmlab.specs._sections import (
     PoolSpec,
     StudySpec,
     SweepSpec,
+    TrackingSpec,
 )
 from vlmlab.tasks import DEFAULT_TASK, MethodSpec, StrictModel, Task, get_task, list_tasks
 
@@ -59,6 +60,8 @@ class RunSpec(StrictModel):
     sweep: SweepSpec | None = None
     study: StudySpec | None = None
     """``vlmlab study budget``: the budgets to compare (each replaces ``budget``)."""
+    tracking: TrackingSpec | None = None
+    """MLflow / TensorBoard for every trial (``--track``); not part of a trial's identity."""
     variants: list[dict[str, Any]] | None = None
     """Method variants run side by side: each entry overrides fields of ``method``
     (e.g. ``[{name: bbf}, {name: bbt}, {name: wo_lcs}]``); every variant runs every seed."""

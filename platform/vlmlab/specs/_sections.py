@@ -188,6 +188,28 @@ class ParamSpec(_Strict):
         return self.values
 
 
+class TrackingSpec(_Strict):
+    """Where each trial's parameters and metrics also go; an absent section sends nothing.
+
+    MLflow: ``true`` is a SQLite store, ``mlflow.db`` in the results folder (in
+    the working directory when the results are on an object store, where SQLite
+    cannot live); a string is any tracking URI (``http://mlflow:5000``,
+    ``sqlite:///path/mlflow.db``). TensorBoard: ``vlmlab run`` writes each
+    trial's scalars under ``<results>/tensorboard/<run id>`` (``./tensorboard``
+    for remote results); a sweep uses Ray Tune's TensorBoard logger, whose event
+    files sit in each trial's folder under ``<results>/tune/<name>/``.
+    """
+
+    mlflow: bool | str = False
+    tensorboard: bool = False
+    experiment: str | None = None
+    """The MLflow experiment (default: the spec's name)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mlflow) or self.tensorboard
+
+
 class SweepSpec(_Strict):
     """A Ray Tune sweep: Optuna search over ``space``, ASHA on queries used."""
 

@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on this machine: `ray start --head` and two worker nodes.
 
 The oracle pool and a sweep's trials spread over the nodes (the runs table
-records each trial's node); then a worker node is SIGKILLed mid-sweep and the
+records each trial's node); a worker node is SIGKILLed mid-sweep and the
 sweep still completes, with one row per trial, no duplicate steps and an
 exact ledger. Results, Tune's storage and the ledger audit are on a loopback
 S3 server (moto's), as on a cluster with no shared filesystem. Run alone with
@@ -101,22 +101,24 @@ def _attempts(audit: dict, run_id: str) -> dict[str, dict]:
     }
 
 
-def test_pool_and_sweep_trials_spread_over_nodes(cluster, cache_dir, tmp_path, s3_results):
-    results = s3_results
-    process, summary = _driver(cluster, cache_dir, _spec("spread", 4, 3), results, tmp_path)
-    seen = _finish(process, summary, timeout=600)
-    assert seen["errors"] == [] and seen["trials"] == 3
-    nodes = {cluster.node_id(name) for name in cluster.nodes}
-    assert len(seen["replica_nodes"]) == 2 and set(seen["replica_nodes"]) <= nodes
-
-    runs = ResultsStore(results).runs()
-    assert len(runs) == 3 and set(runs.status) == {"completed"}
-    assert set(runs.ray_node) <= nodes
-    assert runs.ray_node.nunique() > 1, runs.ray_node.tolist()  # the trials span nodes
-    audit = json.loads((locate(results) / "ledger.json").read_text())
-    for row in runs.itertuples():
-        (attempt,) = _attempts(audit, row.run_id).values()
-        assert attempt["queries"] == row.queries_used == 4 * POPSIZE and attempt["reserved"] == 0
+def _running_trial_past_step_two(
+    store: ResultsStore, process: subprocess.Popen, node: str | None = None
+) -> str:
+    """A running trial (on ``node``, if given) past its second checkpoint, as the store shows."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "no trial got going"
+        time.sleep(0.2)
+        try:
+            runs, steps = store.runs(), store.steps()
+        except Exception:  # a table read while a file was being replaced: read again
+            continue
+        running = runs[runs.status == "running"]
+        if node is not None:
+            running = running[running.ray_node == node]
+        for run_id in running.run_id:
+            if len(steps) and steps[steps.run_id == run_id].step.max() >= 2:
+                return str(run_id)
 
 
 def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path, s3_results):
@@ -125,24 +127,17 @@ def test_a_worker_node_lost_mid_sweep(cluster, cache_dir, tmp_path, s3_results):
     iterations = 30
     process, summary = _driver(cluster, cache_dir, _spec("loss", iterations, 4), results, tmp_path)
     store = ResultsStore(results)
-    deadline = time.monotonic() + 300
-    doomed = None
-    while doomed is None:  # a trial on w2, past its second checkpoint
-        assert process.poll() is None and time.monotonic() < deadline, "no trial ran on w2"
-        time.sleep(0.2)
-        try:
-            runs, steps = store.runs(), store.steps()
-        except Exception:
-            continue
-        running = runs[(runs.status == "running") & (runs.ray_node == victim)]
-        for run_id in running.run_id:
-            if len(steps) and steps[steps.run_id == run_id].step.max() >= 2:
-                doomed = run_id
+    doomed = _running_trial_past_step_two(store, process, node=victim)
     cluster.kill("w2")
 
     seen = _finish(process, summary, timeout=600)
     assert seen["errors"] == [] and seen["trials"] == 4
+    # The replicas answer from live nodes only: the lost node's were replaced.
+    nodes = {cluster.node_id(name) for name in cluster.nodes}
+    assert seen["replica_nodes"] and set(seen["replica_nodes"]) <= nodes - {victim}
     runs, steps = store.runs(), store.steps()
+    # The trials spanned nodes: the doomed one ran on w2, the rest end elsewhere.
+    assert set(runs.ray_node) <= nodes - {victim}
     # Every trial completed, one row each, none on the lost node at the end.
     assert len(runs) == 4 and runs.run_id.is_unique and set(runs.status) == {"completed"}
     assert victim not in set(runs.ray_node)
@@ -175,25 +170,14 @@ def test_the_whole_cluster_lost_mid_sweep(cache_dir, tmp_path, s3_results):
     """
     from vlmlab.pool import JOURNAL_ENV
 
-    iterations = 20
-    spec = _spec("crash", iterations, 3)
+    iterations = 12
+    spec = _spec("crash", iterations, 2)
     journal = {JOURNAL_ENV: str(tmp_path / "volume" / "ledger.sqlite")}
     (tmp_path / "volume").mkdir()
     store = ResultsStore(s3_results)
     with LocalCluster({"w1": 2}, head_cpus=2) as first:
         process, _ = _driver(first, cache_dir, spec, s3_results, tmp_path, env=journal)
-        deadline = time.monotonic() + 300
-        doomed = None
-        while doomed is None:  # a trial past its second checkpoint, on S3
-            assert process.poll() is None and time.monotonic() < deadline, "no trial got going"
-            time.sleep(0.2)
-            try:
-                runs, steps = store.runs(), store.steps()
-            except Exception:
-                continue
-            for run_id in runs[runs.status == "running"].run_id:
-                if len(steps) and steps[steps.run_id == run_id].step.max() >= 2:
-                    doomed = run_id
+        doomed = _running_trial_past_step_two(store, process)
         first.crash()  # the head, its GCS, the ledger actor, Tune's driver node: all gone
         process.kill()
         process.wait()
@@ -206,7 +190,7 @@ def test_the_whole_cluster_lost_mid_sweep(cache_dir, tmp_path, s3_results):
     assert seen["errors"] == []
     everything, steps = store.runs(), store.steps()
     runs = everything[everything.status != "abandoned"]  # started < 1 s before the crash
-    assert len(runs) == 3 and everything.run_id.is_unique, everything[["run_id", "status"]]
+    assert len(runs) == 2 and everything.run_id.is_unique, everything[["run_id", "status"]]
     assert set(runs.status) == {"completed"} and doomed in set(runs.run_id)
     assert not steps.duplicated(["run_id", "step", "split", "metric"]).any()
     assert (runs.queries_used == POPSIZE * iterations).all()

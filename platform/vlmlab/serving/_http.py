@@ -61,7 +61,7 @@ from vlmlab.serving._limits import (
     trim_memory,
     truncate,
 )
-from vlmlab.serving._oracle_service import Answer, OracleService, user_error
+from vlmlab.serving._oracle_service import Answer, OracleService, answer_of
 from vlmlab.serving._registrar import ImageRegistrar
 
 log = logging.getLogger(__name__)
@@ -347,13 +347,8 @@ class Gateway:
             most, side = self.limits.max_image_pixels, self.limits.max_image_side
             probe_image(image, max_pixels=most, max_side=side)  # the header: refused here
             handle = self.replicas.options(multiplexed_model_id=adapter)
-            try:  # decoded by the adapter replica: the gateway never holds pixels
-                predictions = await handle.classify.remote(image, top_k, most, side)
-            except Exception as error:
-                mapped = user_error(error)
-                if mapped is None:
-                    raise
-                raise mapped from None
+            # Decoded by the adapter replica: the gateway never holds pixels.
+            predictions = await answer_of(handle.classify.remote(image, top_k, most, side))
         return {
             "adapter": adapter,
             "kind": facts["kind"],

@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,23 @@ def user_error(error: BaseException) -> RequestError | None:
     if isinstance(cause, ValueError | TypeError):
         return RequestError(422, str(cause), kind=type(cause).__name__)
     return None
+
+
+async def answer_of(call: Awaitable[Any], unavailable: str | None = None) -> Any:
+    """Await a call to another deployment; a client's mistake it found comes back as its 4xx.
+
+    Any other failure is re-raised, or, with ``unavailable``, answered as a 503
+    with that message.
+    """
+    try:
+        return await call
+    except Exception as error:
+        mapped = user_error(error)
+        if mapped is not None:
+            raise mapped from None
+        if unavailable is None:
+            raise
+        raise RequestError(503, unavailable) from None
 
 
 def _lost(error: BaseException) -> bool:
@@ -383,13 +401,9 @@ class OracleService:
         if not isinstance(phrase, str):
             raise RequestError(422, "phrase must be a string")
         self._text_bytes(name, phrase, "the phrase")
-        try:
-            array = await self.oracle.phrase_embeddings.remote(phrase, self.keys[name].max_tokens)
-        except Exception as error:
-            mapped = user_error(error)
-            if mapped is None:
-                raise
-            raise mapped from None
+        array = await answer_of(
+            self.oracle.phrase_embeddings.remote(phrase, self.keys[name].max_tokens)
+        )
         return Answer({}, "embeddings", np.asarray(array), bool(fields.get("binary")))
 
     # ------------------------------------------------------------ image sets
@@ -427,15 +441,10 @@ class OracleService:
             }
             room = (key.max_images - state.images, key.max_image_bytes - state.image_bytes)
             async with self.decoding.turn(name, sum(len(data) for data in images)):
-                try:
-                    box = await self.registrar.register.remote(name, images, limits, room)
-                except Exception as error:
-                    mapped = user_error(error)
-                    if mapped is None:
-                        raise RequestError(
-                            503, "the image registrar failed; nothing was registered, retry"
-                        ) from None
-                    raise mapped from None
+                box = await answer_of(
+                    self.registrar.register.remote(name, images, limits, room),
+                    "the image registrar failed; nothing was registered, retry",
+                )
             if box["id"] not in state.image_sets:  # the same pixels again: registered once
                 state.image_sets[box["id"]] = {**box, "upload": upload}
                 state.images += box["size"]
@@ -523,15 +532,10 @@ class OracleService:
         room = min(key.max_tokens, int(described["context_length"]) - 3 - n_context)
         suspect = sorted({n for n in names if len(n.encode("utf-8", "surrogatepass")) > room})
         if suspect:
-            try:
-                await self.oracle.check_names.remote(suspect, n_context, key.max_tokens)
-            except Exception as error:
-                mapped = user_error(error)
-                if mapped is None:
-                    raise RequestError(
-                        503, "the oracle failed; nothing was charged, retry"
-                    ) from None
-                raise mapped from None
+            await answer_of(
+                self.oracle.check_names.remote(suspect, n_context, key.max_tokens),
+                "the oracle failed; nothing was charged, retry",
+            )
 
         account = BUDGET_PREFIX + name
         lease = self.limits.call_timeout_s + LEASE_MARGIN_S

@@ -135,3 +135,21 @@ def s3_results(s3_server, request) -> str:
 
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     return s3_server.create_bucket(bucket)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for the whole run (started on first use)."""
+    from vlmlab.testing import LoopbackPostgres
+
+    with LoopbackPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_ledger(postgres_server, request) -> str:
+    """A fresh database for one test; returns its ``postgresql://`` URI."""
+    import re
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:60]
+    return postgres_server.create_database(name)

@@ -516,8 +516,9 @@ def serve_command(
     ledger: Annotated[
         str | None,
         typer.Option(
-            help="SQLite journal of the query ledger: the keys' spent queries survive "
-            "restarts (default: $VLMLAB_LEDGER_JOURNAL, else memory only)"
+            help="where the query ledger keeps its book: a SQLite file (the keys' spent "
+            "queries survive restarts) or a postgresql:// URI (one book shared by several "
+            "services) (default: $VLMLAB_LEDGER_JOURNAL, else memory only)"
         ),
     ] = None,
 ) -> None:
@@ -566,14 +567,15 @@ def serve_command(
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     if keys is not None:
+        from vlmlab.oracle import redact_postgres_uri
         from vlmlab.pool import RemoteLedger
 
         journal = RemoteLedger().journal()
         console.print(
-            f"query ledger: journaled to {journal}"
+            f"query ledger: journaled to {redact_postgres_uri(journal)}"
             if journal
             else "query ledger: in memory; the keys' spent queries last as long as this Ray "
-            "cluster (--ledger PATH keeps them)",
+            "cluster (--ledger PATH or postgresql://... keeps them)",
             soft_wrap=True,
         )
     console.print(  # one line, whatever the width: scripts grep it for the URL

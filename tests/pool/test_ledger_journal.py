@@ -48,3 +48,21 @@ def test_a_ledger_without_a_journal_says_so(ray_session, monkeypatch):
     with pytest.raises(ValueError, match="journals to no file"):
         ledger_actor(name, journal="/tmp/vlmlab-never-opened.sqlite")
     ray_session.kill(ledger._actor)
+
+
+def test_two_ledger_actors_on_one_postgres_database_keep_one_book(ray_session, postgres_ledger):
+    """Two services (two ledger actors, as two clusters would run) charge one key."""
+    eu = RemoteLedger(ledger_actor("vlmlab-ledger-pg-eu", journal=postgres_ledger))
+    us = RemoteLedger(ledger_actor("vlmlab-ledger-pg-us", journal=postgres_ledger))
+    assert eu.journal() == postgres_ledger
+    eu.set_budget("api:alice", 100)
+    held = eu.reserve("api:alice", 60)
+    eu.commit(held, images_scored=10, prompts_encoded=20, wall_seconds=0.1)
+    ray_session.kill(eu._actor)  # one service goes down: the book is the database's
+    assert us.remaining("api:alice") == 40
+    from vlmlab.errors import BudgetExceededError
+
+    with pytest.raises(BudgetExceededError):
+        us.reserve("api:alice", 41)
+    assert [e["op"] for e in us.events("api:alice")] == ["set_budget", "reserve", "commit"]
+    ray_session.kill(us._actor)

@@ -16,7 +16,7 @@ from typing import Any
 from vlmlab.errors import BudgetExceededError
 from vlmlab.oracle._base import FineTunableText, LocalOracle
 from vlmlab.oracle._cache import default_cache_dir
-from vlmlab.oracle._journal import JournaledLedger
+from vlmlab.oracle._journal import JournaledLedger, open_ledger
 from vlmlab.oracle._ledger import (
     DEFAULT_BUDGET_KEY,
     Ledger,
@@ -25,6 +25,7 @@ from vlmlab.oracle._ledger import (
     Usage,
     metered,
 )
+from vlmlab.oracle._postgres import PostgresLedger, is_postgres_uri, redact_postgres_uri
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, Oracle, OracleMetadata
 from vlmlab.oracle._registry import backend_takes_model, create_oracle, list_backends
 from vlmlab.oracle._validation import (
@@ -62,6 +63,7 @@ __all__ = [
     "OpenClipOracle",
     "Oracle",
     "OracleMetadata",
+    "PostgresLedger",
     "QueryLedger",
     "Reservation",
     "Usage",
@@ -70,9 +72,12 @@ __all__ = [
     "create_oracle",
     "default_cache_dir",
     "image_set_ref",
+    "is_postgres_uri",
     "list_backends",
     "metered",
+    "open_ledger",
     "preprocess_pixels",
+    "redact_postgres_uri",
     "register_model_configs",
     "validate_class_names",
     "validate_contexts",

@@ -308,3 +308,16 @@ class JournaledLedger(QueryLedger):
 
     def close(self) -> None:
         self._db.close()
+
+
+def open_ledger(journal: str | Path | None, **options: Any) -> Any:
+    """The ledger a journal names: ``None``, an in-memory :class:`QueryLedger`; a
+    ``postgresql://`` URI, a :class:`~vlmlab.oracle.PostgresLedger` (one book for
+    several services); any other string or path, a :class:`JournaledLedger` (SQLite)."""
+    from vlmlab.oracle._postgres import PostgresLedger, is_postgres_uri
+
+    if journal is None:
+        return QueryLedger()
+    if is_postgres_uri(journal):
+        return PostgresLedger(str(journal), **options)
+    return JournaledLedger(journal, **options)

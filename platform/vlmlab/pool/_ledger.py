@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle import JournaledLedger, QueryLedger, Reservation, Usage
+from vlmlab.oracle import (
+    Reservation,
+    Usage,
+    is_postgres_uri,
+    open_ledger,
+    redact_postgres_uri,
+)
 
 LEDGER_NAME = "vlmlab-ledger"
 HEAD_NODE = "node:__internal_head__"
@@ -29,19 +35,23 @@ class _LedgerService:
     """Runs inside the actor: a QueryLedger whose refusals come back as values.
 
     With a ``journal`` path it is a :class:`~vlmlab.oracle.JournaledLedger`: it
-    starts from what the file holds and writes every change there first.
+    starts from what the file holds and writes every change there first. With a
+    ``postgresql://`` URI it is a :class:`~vlmlab.oracle.PostgresLedger`: the
+    database is the book, shared with every other service that names it.
     """
 
     def __init__(self, journal: str | None = None) -> None:
         self._journal = journal
-        self._ledger: QueryLedger = QueryLedger() if journal is None else JournaledLedger(journal)
+        self._ledger: Any = open_ledger(journal)
 
     def journal(self) -> str | None:
         return self._journal
 
     def events(self, key: str | None = None) -> list[dict[str, Any]]:
-        if not isinstance(self._ledger, JournaledLedger):
-            raise ValueError("this ledger keeps no journal (start it with one: --ledger PATH)")
+        if not hasattr(self._ledger, "events"):
+            raise ValueError(
+                "this ledger keeps no journal (start it with one: --ledger PATH or postgresql://...)"
+            )
         return self._ledger.events(key)
 
     def reserve(self, key: str, queries: int, ttl: float | None = None) -> tuple[str, Any]:
@@ -70,7 +80,8 @@ def ledger_actor(name: str = LEDGER_NAME, *, journal: str | Path | None = None):
 
     ``journal``: the SQLite file the ledger keeps its account book in, so that
     budgets and spent queries survive the actor, the cluster and the head node
-    (with the file on storage that outlives them). Only its creator decides:
+    (with the file on storage that outlives them); or a ``postgresql://`` URI,
+    the database that is the book of every service naming it. Only its creator decides:
     asking an existing actor for another journal than its own is an error
     (None asks for nothing). Default for a new actor: ``$VLMLAB_LEDGER_JOURNAL``,
     else no journal (the account book lives as long as the cluster).
@@ -85,7 +96,7 @@ def ledger_actor(name: str = LEDGER_NAME, *, journal: str | Path | None = None):
 
     from vlmlab.pool._ray import NAMESPACE
 
-    wanted = None if journal is None else str(Path(journal).expanduser().resolve())
+    wanted = None if journal is None else _journal_name(journal)
     initial = wanted if wanted is not None else os.environ.get(JOURNAL_ENV) or None
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_LedgerService)
     actor = actor_cls.options(
@@ -98,12 +109,20 @@ def ledger_actor(name: str = LEDGER_NAME, *, journal: str | Path | None = None):
     if wanted is not None:
         current: str | None = ray.get(actor.journal.remote())  # type: ignore[attr-defined,assignment]
         if current != wanted:
+            shown = redact_postgres_uri(current) if current else "no file"
             raise ValueError(
-                f"the ledger of this Ray cluster journals to {current or 'no file'}, not "
-                f"{wanted}: its first user started it. Use the same journal, or start a new "
+                f"the ledger of this Ray cluster journals to {shown}, not "
+                f"{redact_postgres_uri(wanted)}: its first user started it. Use the same journal, or start a new "
                 "cluster (`ray stop`) to open this one"
             )
     return actor
+
+
+def _journal_name(journal: str | Path) -> str:
+    """A database URI as given; a file as its absolute path (one name per journal)."""
+    if is_postgres_uri(journal):
+        return str(journal)
+    return str(Path(journal).expanduser().resolve())
 
 
 class RemoteLedger:
@@ -163,7 +182,8 @@ class RemoteLedger:
         return self._call("account", key)
 
     def journal(self) -> str | None:
-        """The SQLite journal the ledger keeps its account book in (None: memory only)."""
+        """Where the ledger keeps its account book: a SQLite file or a PostgreSQL URI
+        (None: memory only). A URI may hold a password: print it redacted."""
         import ray
 
         return ray.get(self._actor.journal.remote())

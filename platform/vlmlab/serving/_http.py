@@ -629,7 +629,9 @@ def serve_adapters(
     """Deploy the app on Ray Serve with an HTTP proxy at ``host:port``; return its base URL.
 
     ``ledger=PATH`` (an option): the query ledger journals to that SQLite file
-    (:func:`vlmlab.pool.ledger_actor`), so the keys' spent queries survive a restart.
+    (:func:`vlmlab.pool.ledger_actor`), so the keys' spent queries survive a restart;
+    or ``ledger="postgresql://..."``: the book in that database, shared by every
+    service that names it.
 
     Serve keeps one HTTP proxy per cluster: if Serve is already running, its
     proxy (and port) is used as it is.

@@ -6,6 +6,8 @@
   ``ray start`` process group a node) for node-loss tests and rehearsals.
 - :class:`LoopbackS3`: a real S3-compatible server (moto's) on loopback, for
   results on an object store without a cloud.
+- :class:`LoopbackPostgres`: a real PostgreSQL server (pgserver's binaries) on
+  loopback, for the ledger shared by several services.
 
 Importing this package needs pytest (the ``dev`` extra).
 """
@@ -14,6 +16,14 @@ from __future__ import annotations
 
 from vlmlab.testing._conformance import CLASS_NAMES, OracleConformance, random_contexts
 from vlmlab.testing._local_cluster import LocalCluster
+from vlmlab.testing._postgres import LoopbackPostgres
 from vlmlab.testing._s3 import LoopbackS3
 
-__all__ = ["CLASS_NAMES", "LocalCluster", "LoopbackS3", "OracleConformance", "random_contexts"]
+__all__ = [
+    "CLASS_NAMES",
+    "LocalCluster",
+    "LoopbackPostgres",
+    "LoopbackS3",
+    "OracleConformance",
+    "random_contexts",
+]

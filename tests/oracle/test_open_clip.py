@@ -81,6 +81,30 @@ def test_chunked_population_equals_single_chunk(vit_b32):
     assert float((whole - chunked).abs().max()) <= 1e-5
 
 
+def test_a_class_list_too_long_for_one_sequence_is_split_exactly(vit_b32):
+    """C = 1,000 classes do not fit one bounded sequence: they go in several, same features."""
+    names = NAMES[:5]
+    suffixes = [vit_b32._suffix(n) for n in names]
+    contexts = _contexts(vit_b32, 3, 4, seed=8)
+    whole = vit_b32._fast.encode(contexts, vit_b32._fast.plan(suffixes, 4))
+    old = vit_b32._fast.max_tokens_per_chunk
+    vit_b32._fast.max_tokens_per_chunk = 5 + 2 * max(len(s) for s in suffixes)  # two classes
+    try:
+        split = vit_b32._fast.encode_classes(contexts, suffixes)
+        calls: list[int] = []
+        original = vit_b32._fast.plan
+        vit_b32._fast.plan = lambda part, n: calls.append(len(part)) or original(part, n)
+        try:
+            vit_b32._fast.encode_classes(contexts, suffixes)
+        finally:
+            del vit_b32._fast.plan
+    finally:
+        vit_b32._fast.max_tokens_per_chunk = old
+    assert len(calls) >= 2 and sum(calls) == 5  # really split, every class once
+    assert split.shape == whole.shape
+    assert float((whole - split).abs().max()) <= 1e-5
+
+
 def test_logits_equal_between_fast_and_padded_oracles(clip_factory, cache_dir):
     fast = clip_factory("ViT-B-32")
     slow = clip_factory("ViT-B-32", prefix_sharing=False)
@@ -147,3 +171,19 @@ def test_metadata(vit_b32):
     assert torch.allclose(meta.embedding_mean, table.mean(0))
     assert meta.embedding_std == pytest.approx(float(table.std()))
     assert vit_b32.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_image_features_are_cached_per_precision(tmp_path):
+    """bf16 features are computed in bf16 and kept under a key that names it."""
+    from pathlib import Path
+
+    pixels = np.random.default_rng(5).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    images = ImageSet(pixels, {"dataset": "noise-precision"})
+    full = create_oracle("open_clip:vlmlab-tiny-fmnist", cache_dir=str(tmp_path))
+    half = create_oracle("open_clip:vlmlab-tiny-fmnist", cache_dir=str(tmp_path), precision="bf16")
+    assert half.metadata.model.endswith("/bf16") and half.tower.dtype == torch.bfloat16
+    a, b = full.register_images(images), half.register_images(images)
+    files = sorted(Path(tmp_path).glob("features/open_clip/**/noise-precision-*.npy"))
+    assert len(files) == 2  # one per precision: neither is served the other's features
+    low, high = half.image_features(b), full.image_features(a)
+    assert not torch.equal(low, high) and float((low - high).abs().max()) < 0.05

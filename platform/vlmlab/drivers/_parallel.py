@@ -84,6 +84,7 @@ def deploy_for_spec(
         app_name=app_name,
         address=address,
         shard_size=pool.shard_size,
+        batching=pool.batching(),
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle._base import FineTunableText, LocalOracle
+from vlmlab.oracle._base import FineTunableText, LocalOracle, LogitsRequest
 from vlmlab.oracle._cache import default_cache_dir
 from vlmlab.oracle._journal import JournaledLedger, open_ledger
 from vlmlab.oracle._ledger import (
@@ -60,6 +60,7 @@ __all__ = [
     "JournaledLedger",
     "Ledger",
     "LocalOracle",
+    "LogitsRequest",
     "OpenClipOracle",
     "Oracle",
     "OracleMetadata",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 
 from vlmlab.errors import LimitExceededError
 from vlmlab.oracle._cache import FeatureCache
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, metered
+from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation, metered
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._validation import (
     check_prompt_length,
@@ -45,6 +46,34 @@ class FineTunableText:
 
     tower: nn.Module
     projection: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LogitsRequest:
+    """One ``logits`` call's arguments, for :meth:`LocalOracle.logits_many`."""
+
+    contexts: torch.Tensor
+    class_names: Sequence[str]
+    image_set: ImageSetRef | str
+    indices: Sequence[int] | np.ndarray | None = None
+    budget_key: str = DEFAULT_BUDGET_KEY
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    contexts: torch.Tensor
+    names: list[str]
+    image: torch.Tensor
+    budget_key: str
+
+    @property
+    def charges(self) -> dict[str, int]:
+        population = self.contexts.shape[0]
+        return {
+            "queries": population,
+            "images_scored": population * len(self.image),
+            "prompts_encoded": population * len(self.names),
+        }
 
 
 class LocalOracle(ABC):
@@ -264,6 +293,65 @@ class LocalOracle(ABC):
             scores = torch.einsum("ne,pce->pnc", image, text) * self.logit_scale
             scores = scores + self.logit_bias
         return scores
+
+    def logits_many(self, requests: Sequence[LogitsRequest]) -> list[torch.Tensor]:
+        """The logits of several calls, their text passes stacked: what a replica does
+        with concurrent requests of several trials (``vlmlab.pool`` batching).
+
+        Each request is checked and metered as its own ``logits`` call (all are
+        reserved before any work; a failure releases them all). Requests with the
+        same class names and context length share one text-tower pass over their
+        candidates stacked along the population axis, which is exact in
+        principle (candidates never attend to each other) and equal within float
+        tolerance in practice: a larger matrix product may sum in another order
+        (``tests/pool/test_batching.py`` states the bound).
+        """
+        prepared: list[_Prepared] = []
+        for request in requests:
+            contexts = validate_contexts(request.contexts, self.metadata)
+            names = self.check_class_names(request.class_names, n_context=contexts.shape[1])
+            features = self._features[self._resolve_image_set(request.image_set)]
+            index = validate_indices(request.indices, len(features))
+            image = features if index is None else features[index]
+            prepared.append(_Prepared(contexts, names, image, request.budget_key))
+        reservations: list[Reservation] = []
+        try:
+            for call in prepared:
+                reservations.append(self._ledger.reserve(call.budget_key, call.charges["queries"]))
+            started = time.perf_counter()
+            outputs = self._compute_many(prepared)
+        except BaseException:
+            for reservation in reservations:
+                self._ledger.release(reservation)
+            raise
+        share = (time.perf_counter() - started) / max(1, len(prepared))
+        for call, reservation in zip(prepared, reservations, strict=True):
+            self._ledger.commit(
+                reservation,
+                images_scored=call.charges["images_scored"],
+                prompts_encoded=call.charges["prompts_encoded"],
+                wall_seconds=share,
+            )
+        return outputs
+
+    def _compute_many(self, prepared: Sequence[_Prepared]) -> list[torch.Tensor]:
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for i, call in enumerate(prepared):
+            groups.setdefault((tuple(call.names), call.contexts.shape[1]), []).append(i)
+        texts: list[torch.Tensor | None] = [None] * len(prepared)
+        with torch.inference_mode():
+            for (names, _), members in groups.items():
+                stacked = torch.cat([prepared[i].contexts for i in members])
+                text = self._encode_population(stacked, list(names))
+                sizes = [prepared[i].contexts.shape[0] for i in members]
+                for i, part in zip(members, torch.split(text, sizes), strict=True):
+                    texts[i] = part
+            outputs = []
+            for call, computed in zip(prepared, texts, strict=True):
+                assert computed is not None
+                scores = torch.einsum("ne,pce->pnc", call.image, computed) * self.logit_scale
+                outputs.append(scores + self.logit_bias)
+        return outputs
 
     # ------------------------------------------------------------ validation
     def check_class_names(self, class_names: Sequence[str], *, n_context: int) -> list[str]:

@@ -174,7 +174,11 @@ class PrefixSharingEncoder:
         start_token: the [SOS] id.
         end_token: the [EOS] id every suffix ends with (where features are pooled).
         max_tokens_per_chunk: candidates are processed in chunks whose
-            sequences hold at most this many tokens together, to bound memory.
+            sequences hold at most this many tokens together, to bound memory;
+            a class list too long for one sequence (C = 1,000 ImageNet classes:
+            about 4,000 suffix tokens) is split into sequences that fit
+            (:meth:`encode_classes`), each with its own copy of the prefix.
+            Peak activation memory is then set by this bound, not by P or C.
     """
 
     def __init__(
@@ -240,6 +244,29 @@ class PrefixSharingEncoder:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+    def encode_classes(
+        self, contexts: torch.Tensor, suffixes: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Text features ``P x C x E`` of every class, the class list split into
+        sequences of at most ``max_tokens_per_chunk`` tokens where it is longer.
+
+        Exact: a class's tokens attend only to the prefix and to themselves, so
+        which other classes share its sequence changes nothing but the float
+        summation order of the batched products.
+        """
+        n_context = contexts.shape[1]
+        room = max(1, self.max_tokens_per_chunk - (n_context + 1))
+        parts: list[list[Sequence[int]]] = [[]]
+        used = 0
+        for suffix in suffixes:
+            if parts[-1] and used + len(suffix) > room:
+                parts.append([])
+                used = 0
+            parts[-1].append(suffix)
+            used += len(suffix)
+        features = [self.encode(contexts, self.plan(part, n_context)) for part in parts]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=1)
 
     def encode(self, contexts: torch.Tensor, plan: SuffixPlan) -> torch.Tensor:
         """Text features ``P x C x E`` (projected, not normalized)."""

@@ -167,6 +167,8 @@ class OpenClipOracle(LocalOracle):
             reproducible (and their cached image features stay valid).
         prefix_sharing: use the fast text path (default); False forces the
             model's own ``encode_text`` on padded prompts.
+        max_tokens_per_chunk: the most tokens the fast path puts through the
+            tower at once (it bounds activation memory; ``benchmarks/oracle_memory.py``).
 
     Raises:
         ValueError: unknown model name or pretrained tag, or an architecture whose
@@ -186,6 +188,7 @@ class OpenClipOracle(LocalOracle):
         precision: str = "fp32",
         seed: int = 0,
         prefix_sharing: bool = True,
+        max_tokens_per_chunk: int = 8192,
         cache_dir: str | None = None,
         disk_cache: bool = True,
         ledger: QueryLedger | None = None,
@@ -194,6 +197,10 @@ class OpenClipOracle(LocalOracle):
 
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        if not isinstance(max_tokens_per_chunk, int) or max_tokens_per_chunk < 1:
+            raise ValueError(
+                f"max_tokens_per_chunk must be a positive int, got {max_tokens_per_chunk!r}"
+            )
         name, weights, model_id = resolve_open_clip_model(model_name, pretrained)
         if weights is None:
             model_id = f"{model_id}-seed{seed}"
@@ -211,7 +218,9 @@ class OpenClipOracle(LocalOracle):
         self._placeholder = self._token_ids("X")[0]
         self._fast: PrefixSharingEncoder | None = None
         if prefix_sharing and self.tower.supports_prefix_sharing(self._end) is None:
-            self._fast = PrefixSharingEncoder(self.tower, self._start, self._end)
+            self._fast = PrefixSharingEncoder(
+                self.tower, self._start, self._end, max_tokens_per_chunk=max_tokens_per_chunk
+            )
         mean, std = embedding_table_stats(self.tower.token_embedding.weight)
         self._metadata = OracleMetadata(
             backend="open_clip",
@@ -289,8 +298,7 @@ class OpenClipOracle(LocalOracle):
             raise ValueError("this architecture has no prefix-sharing path")
         with torch.inference_mode():
             if fast is not None:
-                plan = fast.plan([self._suffix(name) for name in class_names], n_context)
-                return fast.encode(contexts, plan)
+                return fast.encode_classes(contexts, [self._suffix(name) for name in class_names])
             rows = self.padded_token_rows(class_names, n_context)
             return encode_padded(self.tower, contexts, rows, n_context)
 
@@ -299,8 +307,8 @@ class OpenClipOracle(LocalOracle):
     ) -> torch.Tensor:
         n_context = contexts.shape[1]
         if self._fast is not None:
-            plan = self._fast.plan([self._suffix(name) for name in class_names], n_context)
-            features = self._fast.encode(contexts, plan)
+            suffixes = [self._suffix(name) for name in class_names]
+            features = self._fast.encode_classes(contexts, suffixes)
         else:
             rows = self.padded_token_rows(class_names, n_context)
             features = encode_padded(self.tower, contexts, rows, n_context)

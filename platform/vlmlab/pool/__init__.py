@@ -2,17 +2,20 @@
 
 Nothing here knows tasks or specs: a :class:`PoolOracle` is one more
 :class:`~vlmlab.oracle.Oracle`, so a method runs on the pool unchanged, with
-the same numbers as in-process. Ray itself is imported only when a function
+the same numbers as in-process (bit for bit; with batching on, within float
+tolerance: ``tests/pool/test_batching.py``). Ray itself is imported only when a function
 here first needs it (``import vlmlab.pool`` stays light).
 """
 
 from __future__ import annotations
 
+from vlmlab.pool._batching import BatchStats, MicroBatcher
 from vlmlab.pool._ledger import JOURNAL_ENV, LEDGER_NAME, RemoteLedger, ledger_actor
 from vlmlab.pool._pool import (
     DEFAULT_APP,
     OracleReplica,
     PoolOracle,
+    batching_settings,
     build_app,
     deploy_oracle_pool,
     oracle_deployment,
@@ -24,9 +27,12 @@ __all__ = [
     "JOURNAL_ENV",
     "LEDGER_NAME",
     "NAMESPACE",
+    "BatchStats",
+    "MicroBatcher",
     "OracleReplica",
     "PoolOracle",
     "RemoteLedger",
+    "batching_settings",
     "build_app",
     "deploy_oracle_pool",
     "ensure_ray",

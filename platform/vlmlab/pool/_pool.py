@@ -1,7 +1,9 @@
 """The oracle replica pool on Ray Serve, and its client (itself an Oracle).
 
 - :class:`OracleReplica` is the Serve deployment: it builds one backend in
-  ``__init__`` and answers whole populations. Image sets arrive as a
+  ``__init__`` and answers whole populations; with batching on it computes the
+  populations of concurrent requests (several trials) in one text-tower pass
+  (:class:`~vlmlab.pool.MicroBatcher`). Image sets arrive as a
   reference into Ray's object store; each replica fetches and encodes a set
   the first time a request names it, then keeps the features (and the on-disk
   feature cache spares the other replicas on the same machine the encoding).
@@ -32,11 +34,13 @@ from vlmlab.oracle import (
     DEFAULT_BUDGET_KEY,
     ImageSet,
     ImageSetRef,
+    LogitsRequest,
     OracleMetadata,
     check_call,
     image_set_ref,
     metered,
 )
+from vlmlab.pool._batching import MicroBatcher
 from vlmlab.pool._ledger import RemoteLedger
 from vlmlab.pool._ray import NAMESPACE, ensure_ray
 
@@ -46,14 +50,40 @@ DEFAULT_APP = "vlmlab-oracle"
 DEPLOYMENT = "OracleReplica"
 
 
+def batching_settings(batching: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{"max_requests": n, "wait_ms": w}`` checked (None or ``max_requests`` 1: off)."""
+    if not batching:
+        return None
+    unknown = set(batching) - {"max_requests", "wait_ms"}
+    if unknown:
+        raise ValueError(
+            f"unknown batching settings {sorted(unknown)}; known: max_requests, wait_ms"
+        )
+    max_requests = batching.get("max_requests", 8)
+    wait_ms = batching.get("wait_ms", 2.0)
+    if not isinstance(max_requests, int) or max_requests < 1:
+        raise ValueError(f"batching max_requests must be an int >= 1, got {max_requests!r}")
+    if not isinstance(wait_ms, int | float) or wait_ms < 0:
+        raise ValueError(f"batching wait_ms must be non-negative milliseconds, got {wait_ms!r}")
+    if max_requests == 1:
+        return None
+    return {"max_requests": max_requests, "wait_ms": float(wait_ms)}
+
+
 class OracleReplica:
-    """One replica of the pool: a backend, its image features, whole-population calls."""
+    """One replica of the pool: a backend, its image features, whole-population calls.
+
+    ``batching`` (``{"max_requests": 8, "wait_ms": 2}``): concurrent requests are
+    computed together, up to ``max_requests`` at a time, a request waiting at
+    most ``wait_ms`` for company. None computes each request alone.
+    """
 
     def __init__(
         self,
         backend: str = "conse",
         backend_kwargs: dict[str, Any] | None = None,
         torch_threads: int | None = None,
+        batching: dict[str, Any] | None = None,
     ) -> None:
         from vlmlab.oracle import create_oracle
 
@@ -68,6 +98,15 @@ class OracleReplica:
             thread_name_prefix="oracle",
             initializer=(lambda: torch.set_num_threads(threads)) if threads else None,
         )
+        settings = batching_settings(batching)
+        self._batcher: MicroBatcher[tuple[Any, ...], np.ndarray] | None = None
+        if settings is not None:
+            self._batcher = MicroBatcher(
+                self._logits_many,
+                self._compute,
+                max_requests=settings["max_requests"],
+                wait_s=settings["wait_ms"] / 1000,
+            )
 
     def describe(self) -> dict[str, Any]:
         meta = self.oracle.metadata
@@ -106,10 +145,23 @@ class OracleReplica:
         image_set: dict[str, Any],
         indices: np.ndarray | None,
     ) -> np.ndarray:
+        if self._batcher is not None:
+            return await self._batcher.submit((contexts, class_names, image_set, indices))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._compute, self._logits, contexts, class_names, image_set, indices
         )
+
+    def _ensure_image_set(self, image_set: dict[str, Any]) -> str:
+        set_id: str = image_set["id"]
+        if not self.oracle.has_image_set(set_id):
+            import ray
+
+            pixels = ray.get(
+                image_set["pixels"][0]
+            )  # the boxed ObjectRef, fetched once per replica
+            self.oracle.register_images(ImageSet(pixels, image_set["meta"]))
+        return set_id
 
     def _logits(
         self,
@@ -118,16 +170,18 @@ class OracleReplica:
         image_set: dict[str, Any],
         indices: np.ndarray | None,
     ) -> np.ndarray:
-        set_id = image_set["id"]
-        if not self.oracle.has_image_set(set_id):
-            import ray
-
-            pixels = ray.get(
-                image_set["pixels"][0]
-            )  # the boxed ObjectRef, fetched once per replica
-            self.oracle.register_images(ImageSet(pixels, image_set["meta"]))
+        set_id = self._ensure_image_set(image_set)
         out = self.oracle.logits(torch.from_numpy(contexts), class_names, set_id, indices=indices)
         return out.numpy()
+
+    def _logits_many(self, requests: list[tuple[Any, ...]]) -> list[np.ndarray]:
+        calls = [
+            LogitsRequest(
+                torch.from_numpy(contexts), names, self._ensure_image_set(image_set), indices
+            )
+            for contexts, names, image_set, indices in requests
+        ]
+        return [out.numpy() for out in self.oracle.logits_many(calls)]
 
     def stats(self) -> dict[str, Any]:
         import resource
@@ -143,6 +197,7 @@ class OracleReplica:
             "queries": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).queries,
             "torch_threads": torch.get_num_threads(),
             "busy_seconds": self.oracle.ledger.usage(DEFAULT_BUDGET_KEY).wall_seconds,
+            "batching": None if self._batcher is None else self._batcher.stats.as_dict(),
         }
 
 
@@ -170,19 +225,22 @@ def oracle_deployment(
 def build_app(args: dict[str, Any]):
     """Application builder for Serve config files (``serve run serve/oracle.yaml``).
 
-    ``args``: ``backend`` (default ``conse``), ``backend_kwargs`` and ``torch_threads``; replicas and
-    resources come from the config file's ``deployments`` section.
+    ``args``: ``backend`` (default ``conse``), ``backend_kwargs``, ``torch_threads`` and
+    ``batching`` (``{max_requests, wait_ms}``); replicas and resources come from the
+    config file's ``deployments`` section (``max_ongoing_requests`` at least
+    ``max_requests``, or batches cannot fill).
     """
     args = dict(args or {})
     backend = args.pop("backend", "conse")
     backend_kwargs = args.pop("backend_kwargs", None) or {}
     torch_threads = args.pop("torch_threads", None)
+    batching = batching_settings(args.pop("batching", None))
     if args:
         raise ValueError(
             f"unknown oracle app arguments {sorted(args)}; "
-            "known: backend, backend_kwargs, torch_threads"
+            "known: backend, backend_kwargs, torch_threads, batching"
         )
-    return oracle_deployment().bind(backend, backend_kwargs, torch_threads)
+    return oracle_deployment().bind(backend, backend_kwargs, torch_threads, batching)
 
 
 def deploy_oracle_pool(
@@ -198,6 +256,7 @@ def deploy_oracle_pool(
     address: str | None = None,
     shard_size: int = 64,
     torch_threads: int | None = None,
+    batching: dict[str, Any] | None = None,
 ) -> PoolOracle:
     """Deploy (or update) the oracle pool as a Serve app and return a client for it.
 
@@ -209,9 +268,20 @@ def deploy_oracle_pool(
         num_cpus, num_gpus: resources of each replica.
         address: Ray cluster to join (default: ``$RAY_ADDRESS`` or a local Ray).
         torch_threads: torch threads of each replica (default: its CPUs).
+        batching: ``{"max_requests": n, "wait_ms": w}``: each replica computes up to
+            n concurrent requests (several trials' populations) in one pass, a
+            request waiting at most w ms for company; ``max_ongoing_requests``
+            must be at least n. None: each request alone.
     """
     from ray import serve
 
+    settings = batching_settings(batching)
+    if settings is not None and max_ongoing_requests < settings["max_requests"]:
+        raise ValueError(
+            f"batching max_requests={settings['max_requests']} needs max_ongoing_requests >= "
+            f"{settings['max_requests']} (got {max_ongoing_requests}): a replica batches only "
+            "the requests it holds"
+        )
     ensure_ray(address)
     serve.start(proxy_location="Disabled")
     app = oracle_deployment(
@@ -220,7 +290,7 @@ def deploy_oracle_pool(
         max_ongoing_requests=max_ongoing_requests,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-    ).bind(backend, backend_kwargs or {}, torch_threads)
+    ).bind(backend, backend_kwargs or {}, torch_threads, settings)
     serve.run(app, name=app_name, route_prefix=None)
     return PoolOracle(app_name, shard_size=shard_size)
 
@@ -383,6 +453,7 @@ __all__ = [
     "NAMESPACE",
     "OracleReplica",
     "PoolOracle",
+    "batching_settings",
     "build_app",
     "deploy_oracle_pool",
 ]

@@ -154,6 +154,29 @@ class PoolSpec(_Strict):
     """Populations larger than this are split across replicas."""
     max_parallel_trials: int | None = Field(None, ge=1)
     """Seeds run concurrently as Ray actors; None runs them all at once."""
+    batch_requests: int = Field(1, ge=1)
+    """Concurrent requests (trials' populations) a replica computes in one text-tower
+    pass; 1 computes each alone (bit-for-bit equal to in-process). Many trials
+    sharing a GPU: set it to the trials per replica, and ``max_ongoing_requests``
+    at least as high."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """The longest a request waits for company when ``batch_requests`` > 1."""
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> PoolSpec:
+        if self.batch_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"pool.batch_requests={self.batch_requests} needs pool.max_ongoing_requests >= "
+                f"{self.batch_requests} (got {self.max_ongoing_requests}): a replica batches "
+                "only the requests it holds"
+            )
+        return self
+
+    def batching(self) -> dict[str, Any] | None:
+        """The replica's batching settings (None: off)."""
+        if self.batch_requests == 1:
+            return None
+        return {"max_requests": self.batch_requests, "wait_ms": self.batch_wait_ms}
 
 
 class ParamSpec(_Strict):

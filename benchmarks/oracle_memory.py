@@ -33,9 +33,13 @@ from vlmlab.oracle import OpenClipOracle
 
 def class_names(count: int) -> list[str]:
     """``count`` distinct multi-word names, about as long in tokens as ImageNet's."""
-    words = ["red", "small", "striped", "wild", "northern", "giant", "spotted", "common"]
-    things = ["fox", "warbler", "beetle", "terrier", "mushroom", "sports car", "teapot"]
+    words = ["red", "small", "striped", "wild", "northern", "giant", "spotted", "common",
+             "grey", "crested", "american", "european"]  # fmt: skip
+    things = ["fox", "warbler", "beetle", "terrier", "mushroom", "sports car", "teapot",
+              "lizard", "snake", "moth"]  # fmt: skip
     names = [f"{a} {b} {c}" for a in words for b in words if a != b for c in things]
+    if len(names) < count:
+        raise ValueError(f"at most {len(names)} names, asked for {count}")
     return names[:count]
 
 

@@ -83,12 +83,15 @@ class LoopbackPostgres:
             check=True, capture_output=True, user=run_as, env=environment,
         )  # fmt: skip
         settings = ["-c", "max_connections=200"] + ([] if self.fsync else ["-c", "fsync=off"])
-        self._process = subprocess.Popen(
-            [str(binaries / "postgres"), "-D", str(data), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", "", *settings],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=run_as, env=environment,
-            start_new_session=True,
-        )  # fmt: skip
+        # The server's log goes to a file: a pipe nobody reads would stall it once full.
+        self._log = self._root / "postgres.log"
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen(
+                [str(binaries / "postgres"), "-D", str(data), "-h", "127.0.0.1",
+                 "-p", str(self.port), "-k", "", *settings],
+                stdout=subprocess.DEVNULL, stderr=log, user=run_as, env=environment,
+                start_new_session=True,
+            )  # fmt: skip
         self._wait_ready(timeout_s)
         return self
 
@@ -121,8 +124,8 @@ class LoopbackPostgres:
         while True:
             assert self._process is not None
             if self._process.poll() is not None:
-                error = self._process.stderr.read().decode() if self._process.stderr else ""
-                raise RuntimeError(f"postgres exited at start: {error[-2000:]}")
+                error = self._log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"postgres exited at start: {error}")
             try:
                 psycopg.connect(self.uri("postgres"), connect_timeout=2).close()
                 return
@@ -156,8 +159,6 @@ class LoopbackPostgres:
                 except subprocess.TimeoutExpired:
                     self._process.kill()
                     self._process.wait()
-            if self._process.stderr is not None:
-                self._process.stderr.close()
             self._process = None
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)

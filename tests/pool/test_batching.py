@@ -253,3 +253,17 @@ def test_eight_clients_on_one_key_are_batched_and_charged_exactly(
     assert len(refusals) == 8 and max(worst) <= BOUND
     batching = batching_pool.replica_stats()["batching"]
     assert batching["largest_batch"] > 1 and batching["mean_batch"] > 1.5, batching
+
+
+def test_a_specs_batching_fields_reach_the_pool_it_deploys(monkeypatch):
+    from vlmlab.drivers import _parallel
+    from vlmlab.specs import load_spec
+
+    captured: dict = {}
+    monkeypatch.setattr(_parallel, "deploy_oracle_pool", lambda *a, **k: captured.update(k))
+    overrides = ["pool.batch_requests=8", "pool.max_ongoing_requests=8", "pool.batch_wait_ms=5"]
+    _parallel.deploy_for_spec(load_spec("experiments/quickstart.yaml", overrides))
+    assert captured["batching"] == {"max_requests": 8, "wait_ms": 5.0}
+    assert captured["max_ongoing_requests"] == 8
+    _parallel.deploy_for_spec(load_spec("experiments/quickstart.yaml"))
+    assert captured["batching"] is None  # off unless asked: pool = in-process, bit for bit

@@ -76,12 +76,12 @@ def main() -> None:
     print(
         f"backend=open_clip model={args.model}/random-init fp32 device={device} C=1000 m=16 P={population}"
     )
+    if args.child:  # one bound, in this fresh process
+        peak, seconds = measure(args.model, device, population, args.bounds[0])
+        print(f"{peak:.1f} {seconds:.2f}")
+        return
     figures = {}
     for bound in args.bounds:
-        if args.child:
-            peak, seconds = measure(args.model, device, population, bound)
-            print(f"{peak:.1f} {seconds:.2f}")
-            return
         # A fresh process per bound: a CPU peak is a high-water mark of the process.
         out = subprocess.run(
             [sys.executable, __file__, "--child", "--device", device, "--model", args.model,

@@ -68,14 +68,17 @@ def reference_qps(
     return population * repeats / (time.perf_counter() - started)
 
 
-def pool_qps(app: str, names, population: int, n_context: int, images, trials: int, gens: int):
-    """Queries/s of ``trials`` concurrent clients, ``gens`` populations each."""
+def pool_qps(
+    app: str, names, population: int, n_context: int, images, trials: int, gens: int, scored: int
+):
+    """Queries/s of ``trials`` concurrent clients, ``gens`` populations each, ``scored`` images
+    a request."""
     from vlmlab.pool import PoolOracle
 
     barrier = threading.Barrier(trials + 1)
     errors: list[BaseException] = []
     rng = np.random.default_rng(0)
-    batches = [rng.choice(len(images.pixels), args.images, replace=False) for _ in range(gens)]
+    batches = [rng.choice(len(images.pixels), scored, replace=False) for _ in range(gens)]
 
     def trial(index: int) -> None:
         try:
@@ -154,18 +157,17 @@ def main() -> None:
     cases = [("c100", CIFAR100, 20, 16), ("c10", CIFAR10, 20, 4)]
     for label, names, population, n_context in cases:
         a = reference_qps(oracle, names, reference_population, n_context, ref, args.repeats)
-        b = pool_qps("bench-unbatched", names, population, n_context, images, 1, generations)
+        case = (names, population, n_context, images)
+
+        def qps(app: str, trials: int, case: tuple = case) -> float:
+            return pool_qps(app, *case, trials, generations, args.images)
+
+        b = qps("bench-unbatched", 1)
         # Interleaved rounds: the machine's drift weighs on both alike.
         unbatched, batched = [], []
         for _ in range(args.rounds):
-            unbatched.append(
-                pool_qps(
-                    "bench-unbatched", names, population, n_context, images, TRIALS, generations
-                )
-            )
-            batched.append(
-                pool_qps("bench-batched", names, population, n_context, images, TRIALS, generations)
-            )
+            unbatched.append(qps("bench-unbatched", TRIALS))
+            batched.append(qps("bench-batched", TRIALS))
         c_unbatched, c_batched = float(np.median(unbatched)), float(np.median(batched))
         print(
             f"{label}: C={len(names)} m={n_context} P={population} | (a) reference "

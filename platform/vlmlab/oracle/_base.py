@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmlab.errors import LimitExceededError
 from vlmlab.oracle._cache import FeatureCache
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation, metered
+from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
 from vlmlab.oracle._validation import (
     check_prompt_length,
@@ -270,29 +270,8 @@ class LocalOracle(ABC):
         indices: Sequence[int] | np.ndarray | None = None,
         budget_key: str = DEFAULT_BUDGET_KEY,
     ) -> torch.Tensor:
-        contexts = validate_contexts(contexts, self.metadata)
-        names = self.check_class_names(class_names, n_context=contexts.shape[1])
-        set_id = self._resolve_image_set(image_set)
-        features = self._features[set_id]
-        index = validate_indices(indices, len(features))
-        population = contexts.shape[0]
-        n_images = len(features) if index is None else len(index)
-
-        with (
-            metered(
-                self._ledger,
-                budget_key,
-                queries=population,
-                images_scored=population * n_images,
-                prompts_encoded=population * len(names),
-            ),
-            torch.inference_mode(),
-        ):
-            text = self._encode_population(contexts, names)
-            image = features if index is None else features[index]
-            scores = torch.einsum("ne,pce->pnc", image, text) * self.logit_scale
-            scores = scores + self.logit_bias
-        return scores
+        request = LogitsRequest(contexts, class_names, image_set, indices, budget_key)
+        return self.logits_many([request])[0]
 
     def logits_many(self, requests: Sequence[LogitsRequest]) -> list[torch.Tensor]:
         """The logits of several calls, their text passes stacked: what a replica does
@@ -341,7 +320,8 @@ class LocalOracle(ABC):
         texts: list[torch.Tensor | None] = [None] * len(prepared)
         with torch.inference_mode():
             for (names, _), members in groups.items():
-                stacked = torch.cat([prepared[i].contexts for i in members])
+                parts = [prepared[i].contexts for i in members]
+                stacked = parts[0] if len(parts) == 1 else torch.cat(parts)  # alone: no copy
                 text = self._encode_population(stacked, list(names))
                 sizes = [prepared[i].contexts.shape[0] for i in members]
                 for i, part in zip(members, torch.split(text, sizes), strict=True):

@@ -34,6 +34,8 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -180,32 +182,13 @@ class PostgresLedger:
                 ) from None
         return self._connection
 
-    class _Transaction:
-        def __init__(self, ledger: PostgresLedger) -> None:
-            self._ledger = ledger
-
-        def __enter__(self) -> Any:
-            self._ledger._lock.acquire()
-            try:
-                connection = self._ledger._connect()
-                self._transaction = connection.transaction()
-                self._transaction.__enter__()
-                self._cursor = connection.cursor()
-            except BaseException:
-                self._ledger._lock.release()
-                raise
-            return self._cursor
-
-        def __exit__(self, *exc: Any) -> None:
-            try:
-                self._cursor.close()
-                self._transaction.__exit__(*exc)
-            finally:
-                self._ledger._lock.release()
-
-    def _transaction(self) -> PostgresLedger._Transaction:
-        """``with``: a cursor in one transaction, committed at the end, rolled back on error."""
-        return PostgresLedger._Transaction(self)
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A cursor in one transaction, committed at the end, rolled back on error."""
+        with self._lock:
+            connection = self._connect()
+            with connection.transaction(), connection.cursor() as cursor:
+                yield cursor
 
     def _event(
         self,

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pandas as pd
 import pytest
@@ -110,30 +109,51 @@ def test_run_and_resume_on_s3_equal_a_local_run(conse, s3_results, tmp_path):
 
 
 def test_a_writer_killed_mid_upload_leaves_nothing_visible(s3_server, s3_results):
-    """SIGKILL while a 96 MB object is uploading in parts: no object, readers unaffected."""
+    """SIGKILL after a 96 MB object's parts are on the server, before the upload completes.
+
+    The writer goes through ``Location.write_bytes`` on a filesystem whose stream holds
+    before closing, so the kill always lands in that window (racing a real upload was
+    flaky: on a fast machine the upload could finish first).
+    """
     ResultsStore(s3_results).write_run({"run_id": "kept", "status": "completed", "seed": 1})
     target = (locate(s3_results) / "runs" / "big.parquet").uri
     writer = textwrap.dedent(
         f"""
-        import sys
-        from vlmlab.storage import locate
-        data = bytes(96 * 2**20)
-        print("writing", flush=True)
-        locate({target!r}).write_bytes(data)
+        import time
+        from vlmlab.storage import Location, locate
+
+        real = locate({target!r})
+
+        class HoldBeforeClose:
+            def __init__(self, stream):
+                self.stream = stream
+            def __enter__(self):
+                return self
+            def write(self, data):
+                written = self.stream.write(data)
+                self.stream.flush()  # waits for the parts already sent
+                print("parts sent", flush=True)
+                time.sleep(600)  # the kill lands here, before close completes the upload
+                return written
+            def __exit__(self, *exc):
+                self.stream.close()
+
+        class Filesystem:
+            def open_output_stream(self, path):
+                return HoldBeforeClose(real.filesystem.open_output_stream(path))
+
+        Location(Filesystem(), real.path, real.uri).write_bytes(bytes(96 * 2**20))
         print("written", flush=True)
         """
     )
     process = subprocess.Popen(
         [sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
     )
-    assert process.stdout is not None and process.stdout.readline().strip() == "writing"
-    bucket = locate(s3_results).path
-    deadline = time.monotonic() + 60
-    while s3_server.open_uploads(bucket) == 0:  # parts are on their way
-        assert process.poll() is None, "the upload finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "parts sent"
+        assert s3_server.open_uploads(locate(s3_results).path) >= 1  # an unfinished upload
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     assert not locate(target).exists()
     assert ResultsStore(s3_results).runs().run_id.tolist() == ["kept"]

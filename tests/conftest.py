@@ -128,13 +128,43 @@ def s3_server():
         yield server
 
 
+def _bucket_name(request) -> str:
+    """A bucket name from the test's name, valid on S3 and GCS."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+
+
 @pytest.fixture
 def s3_results(s3_server, request) -> str:
     """A fresh bucket for one test; returns its ``s3://`` URI (endpoint and keys in it)."""
-    import re
+    return s3_server.create_bucket(_bucket_name(request))
 
-    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
-    return s3_server.create_bucket(bucket)
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-compatible server (fake-gcs-server) on loopback for the whole run.
+
+    Clients authenticate through Google's usual credential chain: while it runs,
+    ``$GOOGLE_APPLICATION_CREDENTIALS`` names credentials whose token endpoint is
+    on loopback too.
+    """
+    from vlmlab.testing import LoopbackGCS
+
+    with LoopbackGCS() as server:
+        yield server
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def object_store(request):
+    """Each loopback object store in turn: moto's S3, then fake-gcs-server."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture
+def object_store_results(object_store, request) -> str:
+    """A fresh bucket for one test on ``object_store``; returns its ``s3://`` or ``gs://`` URI."""
+    return object_store.create_bucket(_bucket_name(request))
 
 
 @pytest.fixture(scope="session")

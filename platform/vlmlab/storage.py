@@ -8,7 +8,7 @@ disk and a cluster's object store, and a sweep can be resumed from the URI
 alone on a new cluster.
 
 Credentials follow pyarrow's usual chain (environment, ``~/.aws``, instance
-roles). For S3-compatible stores (MinIO, Ceph, a test's loopback server) give
+roles; ``$GOOGLE_APPLICATION_CREDENTIALS`` or the VM's account for GCS). For S3-compatible stores (MinIO, Ceph, a test's loopback server) give
 the endpoint in the URI (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``)
 or in ``$AWS_ENDPOINT_URL``, which pyarrow reads. A URI is passed to Ray workers
 as a string, so whatever it carries reaches every node; printed forms are
@@ -130,7 +130,13 @@ class Location:
 
         Hidden names (``.x``: a local writer's temporaries) are skipped; a missing
         folder has no entries.
+
+        On an object store a folder is a name prefix, and not every filesystem lists
+        prefixes (pyarrow's GCS lists only marker objects), so sub-folders there are
+        read off the names of the objects below.
         """
+        if folders and not self.is_local:
+            return [self.child(name) for name in self._object_store_folders(suffix)]
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
         wanted = pafs.FileType.Directory if folders else pafs.FileType.File
         found = []
@@ -139,6 +145,17 @@ class Location:
             if info.type == wanted and not name.startswith(".") and name.endswith(suffix):
                 found.append(self.child(name))
         return sorted(found, key=lambda loc: loc.path)
+
+    def _object_store_folders(self, suffix: str) -> list[str]:
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=True)
+        base = self.path.rstrip("/") + "/"
+        names = set()
+        for info in self.filesystem.get_file_info(selector):
+            relative = info.path.removeprefix(base)
+            name, below, _ = relative.partition("/")
+            if (below or info.type == pafs.FileType.Directory) and name:
+                names.add(name)
+        return sorted(n for n in names if not n.startswith(".") and n.endswith(suffix))
 
     # ------------------------------------------------------------- writing
     def make_folder(self) -> None:

@@ -32,8 +32,9 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
-from vlmlab.testing._s3 import _free_port
+from vlmlab.testing._loopback import LoopbackServer, free_port, stop_child
 
 CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 PROJECT = "vlmlab-test"
@@ -75,7 +76,7 @@ class _TokenEndpoint(BaseHTTPRequestHandler):
         """Silent: a line per token refresh is noise in a test log."""
 
 
-class LoopbackGCS:
+class LoopbackGCS(LoopbackServer):
     """fake-gcs-server on ``127.0.0.1``; ``uri(bucket, prefix)`` names a place in it.
 
     While started, ``$GOOGLE_APPLICATION_CREDENTIALS`` in this process names the
@@ -84,7 +85,7 @@ class LoopbackGCS:
     """
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._root: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._tokens: ThreadingHTTPServer | None = None
@@ -105,7 +106,7 @@ class LoopbackGCS:
         """The variables a child process needs to reach this server."""
         return {CREDENTIALS_ENV: str(self.credentials_file)}
 
-    def start(self, timeout_s: float = 30.0) -> LoopbackGCS:
+    def start(self, timeout_s: float = 30.0) -> Self:
         self._root = Path(tempfile.mkdtemp(prefix="vlmlab-gcs-"))
         self._tokens = ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
         threading.Thread(target=self._tokens.serve_forever, daemon=True).start()
@@ -158,12 +159,7 @@ class LoopbackGCS:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_child(self._process, timeout_s=10)
             self._process = None
         if self._credentials_set:
             if self._previous_credentials is None:
@@ -178,12 +174,6 @@ class LoopbackGCS:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-
-    def __enter__(self) -> LoopbackGCS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def uri(self, bucket: str, prefix: str = "") -> str:
         """``gs://`` URI of ``bucket/prefix`` with this server's endpoint (credentials: the env)."""

@@ -21,21 +21,17 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
+
+from vlmlab.testing._loopback import LoopbackServer, free_port
 
 NODE_RESOURCE = "vlmlab_node_{}"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -47,7 +43,7 @@ class _Node:
 
 
 @dataclass
-class LocalCluster:
+class LocalCluster(LoopbackServer):
     """A head and ``workers`` (name -> CPUs) as separate Ray nodes on this machine."""
 
     workers: dict[str, int]
@@ -58,7 +54,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         # Short: Ray's Unix socket paths must fit in 107 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="vlc-", dir="/tmp"))
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -74,7 +70,7 @@ class LocalCluster:
         self.env.pop("RAY_ADDRESS", None)
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> LocalCluster:
+    def start(self) -> Self:
         try:
             self._start_node("head", self.head_cpus, ["--head", f"--port={self.port}"])
             self._await_started("head")
@@ -87,12 +83,6 @@ class LocalCluster:
             self.stop()
             raise
         return self
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))

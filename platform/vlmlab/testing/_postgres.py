@@ -19,8 +19,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
-from vlmlab.testing._s3 import _free_port
+from vlmlab.testing._loopback import LoopbackServer, free_port, stop_child
 
 BIN_ENV = "VLMLAB_PG_BIN"
 """A folder with ``initdb`` and ``postgres`` to use instead of the pgserver wheel's."""
@@ -48,7 +49,7 @@ def postgres_binaries() -> Path:
     return folder
 
 
-class LoopbackPostgres:
+class LoopbackPostgres(LoopbackServer):
     """A throwaway PostgreSQL server on ``127.0.0.1``; ``uri(database)`` names a database.
 
     The server lives until :meth:`stop` (or the end of a ``with`` block) and its
@@ -58,12 +59,12 @@ class LoopbackPostgres:
 
     def __init__(self, *, fsync: bool = False) -> None:
         self.fsync = fsync
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "vlmlab"
         self._root: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> LoopbackPostgres:
+    def start(self, timeout_s: float = 60.0) -> Self:
         self._root = Path(tempfile.mkdtemp(prefix="vlmlab-pg-"))
         binaries = postgres_binaries()
         run_as: str | None = None
@@ -152,20 +153,9 @@ class LoopbackPostgres:
 
     def stop(self) -> None:
         if self._process is not None:
-            if self._process.poll() is None:
-                self._process.send_signal(signal.SIGINT)  # postgres's "fast" shutdown
-                try:
-                    self._process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
+            # SIGINT is postgres's "fast" shutdown.
+            stop_child(self._process, first=signal.SIGINT, timeout_s=30)
             self._process = None
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-
-    def __enter__(self) -> LoopbackPostgres:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -12,33 +12,27 @@ clusters a test starts and kills.
 from __future__ import annotations
 
 import logging
-import socket
-from typing import Any
+from typing import Any, Self
+
+from vlmlab.testing._loopback import LoopbackServer, free_port
 
 ACCESS_KEY = "vlmlab-test"
 SECRET_KEY = "vlmlab-test-secret"
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class LoopbackS3:
+class LoopbackS3(LoopbackServer):
     """moto's S3 server on ``127.0.0.1``; ``uri(bucket, prefix)`` names a place in it."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._server: Any = None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> LoopbackS3:
+    def start(self) -> Self:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
@@ -50,12 +44,6 @@ class LoopbackS3:
         if self._server is not None:
             self._server.stop()
             self._server = None
-
-    def __enter__(self) -> LoopbackS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def uri(self, bucket: str, prefix: str = "") -> str:
         """``s3://`` URI of ``bucket/prefix`` with this server's endpoint and credentials."""

@@ -1,13 +1,14 @@
-"""A 1,000-trial ``runs`` table on a loopback S3 server vs the local disk, side by side.
+"""A 1,000-trial ``runs`` table on loopback S3 and GCS servers vs the local disk, side by side.
 
 Writes N ``runs`` rows the way trials do (one Parquet file per run, each an
-atomic write: a temporary and a rename locally, one upload on S3), then reads
-the whole table back as ``vlmlab report`` does (one parallel pyarrow dataset),
-alternating local and S3 for ``--rounds`` rounds so the machine's other load
-weighs on both alike. Prints the median of each and the S3 / local ratio.
+atomic write: a temporary and a rename locally, one upload on an object store),
+then reads the whole table back as ``vlmlab report`` does (one parallel pyarrow
+dataset), alternating local, S3 and GCS for ``--rounds`` rounds so the machine's
+other load weighs on all alike. Prints the median of each and its ratio to local.
 
-The S3 server is moto's in a thread of this process (``vlmlab.testing.LoopbackS3``):
-it measures the protocol's round trips and the client's work, not a cloud
+The S3 server is moto's in a thread of this process (``vlmlab.testing.LoopbackS3``),
+the GCS server fake-gcs-server in a child process (``vlmlab.testing.LoopbackGCS``):
+they measure the protocol's round trips and the client's work, not a cloud
 store's network latency (add one RTT per file written; reads overlap).
 
     .venv/bin/python benchmarks/results_storage.py [--trials 1000] [--rounds 3]
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 
 from vlmlab.results import ResultsStore
 from vlmlab.tasks import runs_schema_of_tasks
-from vlmlab.testing import LoopbackS3
+from vlmlab.testing import LoopbackGCS, LoopbackS3
 
 
 def _row(index: int) -> dict:
@@ -65,17 +66,18 @@ def _timed(store: ResultsStore, trials: int) -> tuple[float, float]:
 
 def main(trials: int, rounds: int) -> None:
     schema = runs_schema_of_tasks()
+    places = ("local", "s3", "gcs")
     times: dict[str, dict[str, list[float]]] = {
-        where: {"write": [], "read": []} for where in ("local", "s3")
+        where: {"write": [], "read": []} for where in places
     }
-    with LoopbackS3() as server, tempfile.TemporaryDirectory() as folder:
+    with LoopbackS3() as s3, LoopbackGCS() as gcs, tempfile.TemporaryDirectory() as folder:
+        servers = {"s3": s3, "gcs": gcs}
         for round_ in range(rounds):
-            for where in ("local", "s3"):
-                root = (
-                    f"{folder}/r{round_}"
-                    if where == "local"
-                    else server.create_bucket(f"bench-r{round_}")
-                )
+            for where in places:
+                if where == "local":
+                    root = f"{folder}/r{round_}"
+                else:
+                    root = servers[where].create_bucket(f"bench-r{round_}")
                 write, read = _timed(ResultsStore(root, schema), trials)
                 times[where]["write"].append(write)
                 times[where]["read"].append(read)
@@ -84,9 +86,14 @@ def main(trials: int, rounds: int) -> None:
     for where, measured in times.items():
         write, read = statistics.median(measured["write"]), statistics.median(measured["read"])
         print(f"{where:8s} {write:10.2f} {1000 * write / trials:8.2f}ms {read:10.2f}")
-    for step in ("write", "read"):
-        ratio = statistics.median(times["s3"][step]) / statistics.median(times["local"][step])
-        print(f"s3/local {step}: {ratio:.2f}x")
+    pairs = []
+    for where in ("s3", "gcs"):
+        for step in ("write", "read"):
+            local = statistics.median(times["local"][step])
+            ratio = statistics.median(times[where][step]) / local
+            print(f"{where}/local {step}: {ratio:.2f}x")
+            pairs.append(f"{where}_over_local_{step}={ratio:.2f}")
+    print(" ".join(pairs))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ disk and a cluster's object store, and a sweep can be resumed from the URI
 alone on a new cluster.
 
 Credentials follow pyarrow's usual chain (environment, ``~/.aws``, instance
-roles; ``$GOOGLE_APPLICATION_CREDENTIALS`` or the VM's account for GCS). For S3-compatible stores (MinIO, Ceph, a test's loopback server) give
-the endpoint in the URI (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``)
+roles; ``$GOOGLE_APPLICATION_CREDENTIALS`` or the VM's account for GCS). For
+S3-compatible stores (MinIO, Ceph, a test's loopback server) give the endpoint
+in the URI (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``)
 or in ``$AWS_ENDPOINT_URL``, which pyarrow reads. A URI is passed to Ray workers
 as a string, so whatever it carries reaches every node; printed forms are
 ``s3://bucket/key``, without keys or query.

@@ -39,6 +39,9 @@ from vlmlab.testing._loopback import LoopbackServer, free_port, stop_child
 CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 PROJECT = "vlmlab-test"
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Loopback never goes through ``$http_proxy``."""
+
 _ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
@@ -80,8 +83,8 @@ class LoopbackGCS(LoopbackServer):
     """fake-gcs-server on ``127.0.0.1``; ``uri(bucket, prefix)`` names a place in it.
 
     While started, ``$GOOGLE_APPLICATION_CREDENTIALS`` in this process names the
-    loopback credentials (the previous value comes back on :meth:`stop`);
-    :meth:`environment` gives the same for a child process.
+    loopback credentials (the previous value comes back on :meth:`stop`), and
+    child processes started meanwhile inherit it.
     """
 
     def __init__(self) -> None:
@@ -102,11 +105,8 @@ class LoopbackGCS(LoopbackServer):
             raise RuntimeError("LoopbackGCS is not started")
         return self._root / "credentials.json"
 
-    def environment(self) -> dict[str, str]:
-        """The variables a child process needs to reach this server."""
-        return {CREDENTIALS_ENV: str(self.credentials_file)}
-
     def start(self, timeout_s: float = 30.0) -> Self:
+        binary = fake_gcs_server_binary()  # before anything starts: a missing one stops here
         self._root = Path(tempfile.mkdtemp(prefix="vlmlab-gcs-"))
         self._tokens = ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
         threading.Thread(target=self._tokens.serve_forever, daemon=True).start()
@@ -123,7 +123,7 @@ class LoopbackGCS(LoopbackServer):
         with log.open("wb") as sink:
             self._process = subprocess.Popen(
                 [
-                    str(fake_gcs_server_binary()),
+                    str(binary),
                     "-scheme", "http",
                     "-backend", "memory",
                     "-host", "127.0.0.1",
@@ -150,7 +150,7 @@ class LoopbackGCS(LoopbackServer):
                 self.stop()
                 raise RuntimeError(f"fake-gcs-server exited at start:\n{tail}")
             try:
-                with urllib.request.urlopen(f"http://{self.endpoint}/storage/v1/b", timeout=2):
+                with _DIRECT.open(f"http://{self.endpoint}/storage/v1/b", timeout=2):
                     return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)

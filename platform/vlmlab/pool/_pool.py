@@ -145,12 +145,12 @@ class OracleReplica:
         image_set: dict[str, Any],
         indices: np.ndarray | None,
     ) -> np.ndarray:
+        request = (contexts, class_names, image_set, indices)
         if self._batcher is not None:
-            return await self._batcher.submit((contexts, class_names, image_set, indices))
+            return await self._batcher.submit(request)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._compute, self._logits, contexts, class_names, image_set, indices
-        )
+        alone = await loop.run_in_executor(self._compute, self._logits_many, [request])
+        return alone[0]  # one request is the oracle's logits call itself
 
     def _ensure_image_set(self, image_set: dict[str, Any]) -> str:
         set_id: str = image_set["id"]
@@ -162,17 +162,6 @@ class OracleReplica:
             )  # the boxed ObjectRef, fetched once per replica
             self.oracle.register_images(ImageSet(pixels, image_set["meta"]))
         return set_id
-
-    def _logits(
-        self,
-        contexts: np.ndarray,
-        class_names: list[str],
-        image_set: dict[str, Any],
-        indices: np.ndarray | None,
-    ) -> np.ndarray:
-        set_id = self._ensure_image_set(image_set)
-        out = self.oracle.logits(torch.from_numpy(contexts), class_names, set_id, indices=indices)
-        return out.numpy()
 
     def _logits_many(self, requests: list[tuple[Any, ...]]) -> list[np.ndarray]:
         calls = [

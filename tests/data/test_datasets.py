@@ -106,8 +106,10 @@ def test_partition_defaults_to_first_40_percent():
         partition_classes(3, forget=[0, 1, 2])
 
 
-def test_imagefolder(tmp_path):
+def test_imagefolder(tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setenv("VLMLAB_DATA_DIR", str(tmp_path / "data-cache"))  # split manifests
 
     for name, color in (("red_apple", (255, 0, 0)), ("green_leaf", (0, 255, 0))):
         folder = tmp_path / "train" / name
@@ -145,12 +147,14 @@ def test_prompt_names_from_folders(folder, prompt):
 def _two_class_folder(root, names):
     from PIL import Image
 
-    for name in names:
+    for name in names:  # two images a class: a flat folder is split into train and test
         (root / name).mkdir(parents=True)
-        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / name / "a.png")
+        for image in ("a.png", "b.png"):
+            Image.new("RGB", (8, 8), (9, 9, 9)).save(root / name / image)
 
 
-def test_imagefolder_cleans_cub_style_names_and_maps_by_folder(tmp_path):
+def test_imagefolder_cleans_cub_style_names_and_maps_by_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMLAB_DATA_DIR", str(tmp_path / ".data-cache"))  # split manifests
     _two_class_folder(tmp_path, ["001.Black_footed_Albatross", "002.Laysan_Albatross"])
     data = load_dataset("imagefolder", "test", root=tmp_path, image_size=8)
     assert data.class_names == ["Black footed Albatross", "Laysan Albatross"]

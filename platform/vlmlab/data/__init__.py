@@ -8,10 +8,19 @@
 from __future__ import annotations
 
 from vlmlab.data._augment import augmented_view
+from vlmlab.data._catalog import DatasetCatalog, inspect_dataset
 from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
+from vlmlab.data._imagefolder import imagefolder_split_manifest
+from vlmlab.data._lazy import LazyImages
 from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
-from vlmlab.data._names import ClassNames, prompt_name, read_class_names, rename_classes
+from vlmlab.data._names import (
+    ClassNames,
+    prompt_name,
+    read_class_names,
+    rename_classes,
+    renamed,
+)
 from vlmlab.data._splits import (
     ClassPartition,
     FewShotSplit,
@@ -27,17 +36,22 @@ __all__ = [
     "OFFLINE_DATASET",
     "ClassNames",
     "ClassPartition",
+    "DatasetCatalog",
     "FewShotSplit",
     "ImageDataset",
+    "LazyImages",
     "augmented_view",
     "class_indices",
     "few_shot_split",
+    "imagefolder_split_manifest",
+    "inspect_dataset",
     "list_datasets",
     "load_dataset",
     "partition_classes",
     "prompt_name",
     "read_class_names",
     "rename_classes",
+    "renamed",
     "sample_per_class",
     "stratified_subset",
 ]

@@ -7,15 +7,20 @@ from typing import Any
 
 import numpy as np
 
-from vlmlab.oracle import ImageSet
+from vlmlab.oracle import ImageSet, PixelSource
 
 
 @dataclass(frozen=True)
 class ImageDataset:
     """Images (uint8 ``N x H x W x 3``), integer labels and prompt-ready class names.
 
-    ``images`` is a NumPy array, or for large torchvision sets a lazy array that
-    decodes only the rows a subset or image set takes.
+    ``images`` is a NumPy array, or for large sets (torchvision's, a user's
+    folder) a lazy array (``LazyImages``) that decodes only the rows a subset
+    takes; an image set made of it stays lazy, and an oracle decodes it batch
+    by batch.
+
+    ``meta["files"]``, where a loader gives it, lists the file of each row; a
+    subset keeps the files of its rows.
 
     ``indices`` records which rows of the full split this is (None: all of it),
     so image sets made from subsets are named precisely in caches and reports.
@@ -57,6 +62,10 @@ class ImageDataset:
                 f"subset indices out of range for {self.name}/{self.split} of {len(self)} images"
             )
         base = self.indices[index] if self.indices is not None else index
+        meta = self.meta
+        files = meta.get("files")
+        if isinstance(files, list) and len(files) == len(self):
+            meta = {**meta, "files": [files[i] for i in index.tolist()]}
         return ImageDataset(
             self.name,
             self.split,
@@ -64,7 +73,7 @@ class ImageDataset:
             self.labels[index],
             self.class_names,
             base,
-            self.meta,
+            meta,
         )
 
     def image_set(self) -> ImageSet:
@@ -74,4 +83,7 @@ class ImageDataset:
             meta["indices"] = self.indices.tolist()
         if "augmentation" in self.meta:
             meta["augmentation"] = self.meta["augmentation"]
-        return ImageSet(np.asarray(self.images), meta)  # lazy images decode here
+        images = self.images
+        if not isinstance(images, np.ndarray) and not isinstance(images, PixelSource):
+            images = np.asarray(images)
+        return ImageSet(images, meta)  # lazy images stay lazy: the oracle decodes in batches

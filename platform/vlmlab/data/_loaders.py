@@ -2,7 +2,8 @@
 
 ``fashion-mnist`` works offline from Debian's ``dataset-fashion-mnist`` files;
 ``cifar10`` and ``cifar100`` come from torchvision (downloaded when online);
-``imagefolder`` reads a user's own ``root/<class>/<image>`` tree.
+``imagefolder`` reads a user's own ``root/train|test/<class>/<image>`` tree, or
+splits a flat ``root/<class>/<image>`` one (``vlmlab.data._imagefolder``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from vlmlab.data._common import DATA_ENV, OFFLINE_DATASET, SPLITS, data_root, square_crop
+from vlmlab.data._common import DATA_ENV, OFFLINE_DATASET, SPLITS, data_root
 from vlmlab.data._dataset import ImageDataset
-from vlmlab.data._names import ClassNames, prompt_name, rename_classes
+from vlmlab.data._imagefolder import load_imagefolder
 from vlmlab.data._torchvision import COOP_SOURCES, load_coop_dataset
 from vlmlab.errors import DatasetUnavailableError
 
@@ -138,71 +139,15 @@ def load_cifar100(split: str = "test", *, root: str | Path | None = None) -> Ima
     return _load_cifar("cifar100", split, root)
 
 
-# --------------------------------------------------------------- imagefolder
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def load_imagefolder(
-    split: str = "test",
-    *,
-    root: str | Path | None = None,
-    image_size: int = 224,
-    class_names: ClassNames | None = None,
-) -> ImageDataset:
-    """A user's own images: ``root/<split>/<class>/*.jpg`` or ``root/<class>/*.jpg``.
-
-    Classes are the sub-folder names in sorted order. Prompts get them cleaned
-    (``001.Black_footed_Albatross`` → ``Black footed Albatross``, see
-    ``prompt_name``) unless ``class_names`` renames them (mapping keys may be
-    folder names). Images are resized (shorter side) and centre-cropped to
-    ``image_size`` so one array holds them.
-    """
-    from PIL import Image
-
-    if root is None:
-        raise ValueError("imagefolder needs root=<folder with one sub-folder per class>")
-    base = Path(root).expanduser()
-    folder = base / split if (base / split).is_dir() else base
-    if not folder.is_dir():
-        raise FileNotFoundError(f"imagefolder root not found: {str(folder)!r}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"imagefolder {str(folder)!r} has no class sub-folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((folder / name).iterdir()):
-            if path.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    images.append(square_crop(image, image_size))
-            except OSError as error:
-                raise ValueError(
-                    f"imagefolder: cannot read image {str(path)!r}: {error}"
-                ) from error
-            labels.append(label)
-    if not images:
-        raise ValueError(f"imagefolder {str(folder)!r} holds no images ({sorted(_IMAGE_SUFFIXES)})")
-    dataset = ImageDataset(
-        "imagefolder",
-        split,
-        np.stack(images).astype(np.uint8),
-        np.asarray(labels, dtype=np.int64),
-        [prompt_name(name) for name in classes],
-        meta={"root": str(folder), "folders": classes},
-    )
-    if isinstance(class_names, dict):  # keys may be the raw folder names
-        by_folder = dict(zip(classes, dataset.class_names, strict=True))
-        class_names = {by_folder.get(key) or key: value for key, value in class_names.items()}
-    return dataset if class_names is None else rename_classes(dataset, class_names)
-
-
 # ------------------------------------------------------------------ registry
 _LOADERS: dict[str, tuple[Callable[..., ImageDataset], str]] = {
     "fashion-mnist": (load_fashion_mnist, "Fashion-MNIST, 10 classes (offline: Debian files)"),
     "cifar10": (load_cifar10, "CIFAR-10 via torchvision (needs internet once)"),
     "cifar100": (load_cifar100, "CIFAR-100 via torchvision (needs internet once)"),
-    "imagefolder": (load_imagefolder, "your own images: root/<class>/*.jpg"),
+    "imagefolder": (
+        load_imagefolder,
+        "your own images: root/train|test/<class>/*.jpg, or root/<class>/*.jpg split here",
+    ),
 }
 
 

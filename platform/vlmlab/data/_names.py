@@ -81,26 +81,32 @@ def rename_classes(dataset: ImageDataset, names: ClassNames) -> ImageDataset:
     Raises a ``ValueError`` naming every key that matches no class, or the count
     when a list has the wrong length, so a typo never silently keeps a name.
     """
-    current = list(dataset.class_names)
+    return replace(dataset, class_names=renamed(dataset.class_names, names, dataset.name))
+
+
+def renamed(current: Sequence[str], names: ClassNames, source: str) -> list[str]:
+    """The class names ``current`` (of dataset ``source``) after :func:`rename_classes`'s
+    rules, checked the same way; ``vlmlab validate`` renames a class list without images."""
+    current = list(current)
     if isinstance(names, Mapping):
         by_key = {str(i): i for i in range(len(current))} | {n: i for i, n in enumerate(current)}
         unknown = [key for key in names if key not in by_key]
         if unknown:
             raise ValueError(
                 f"data.class_names: {', '.join(map(repr, unknown))} match no class of "
-                f"{dataset.name} (classes: {', '.join(current)})"
+                f"{source} (classes: {', '.join(current)})"
             )
-        renamed = list(current)
+        result = list(current)
         for key, value in names.items():
-            renamed[by_key[key]] = _name(value, dataset.name)
+            result[by_key[key]] = _name(value, source)
     else:
         if len(names) != len(current):
             raise ValueError(
-                f"data.class_names: {len(names)} names given but {dataset.name} has "
+                f"data.class_names: {len(names)} names given but {source} has "
                 f"{len(current)} classes"
             )
-        renamed = [_name(value, dataset.name) for value in names]
-    duplicates = sorted({n for n in renamed if renamed.count(n) > 1})
+        result = [_name(value, source) for value in names]
+    duplicates = sorted({n for n in result if result.count(n) > 1})
     if duplicates:
         raise ValueError(f"data.class_names: names must be distinct; repeated: {duplicates}")
-    return replace(dataset, class_names=renamed)
+    return result

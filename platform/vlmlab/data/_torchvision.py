@@ -31,6 +31,7 @@ import numpy as np
 
 from vlmlab.data._common import IMAGE_SIZE, OFFLINE_DATASET, SPLITS, data_root, square_crop
 from vlmlab.data._dataset import ImageDataset
+from vlmlab.data._lazy import LazyImages
 from vlmlab.errors import DatasetUnavailableError
 
 HOLDOUT_TEST_FRACTION = 0.4
@@ -127,33 +128,6 @@ COOP_SOURCES: dict[str, TorchvisionSource] = {
         downloadable=False,
     ),
 }
-
-
-class LazyImages:
-    """``N x S x S x 3`` uint8 images decoded on indexing; indexing returns a NumPy array."""
-
-    dtype = np.dtype(np.uint8)
-    ndim = 4
-
-    def __init__(self, decode: Callable[[int], np.ndarray], rows: np.ndarray, size: int) -> None:
-        self._decode, self._rows, self._size = decode, np.asarray(rows, dtype=np.int64), size
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self._rows), self._size, self._size, 3)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        rows = np.atleast_1d(self._rows[index])
-        if rows.size == 0:
-            return np.zeros((0, self._size, self._size, 3), dtype=np.uint8)
-        return np.stack([self._decode(int(row)) for row in rows])
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        array = self[np.arange(len(self))]
-        return array if dtype is None else array.astype(dtype)
 
 
 def _labels_of(dataset: Any) -> np.ndarray:

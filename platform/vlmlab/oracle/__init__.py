@@ -26,8 +26,20 @@ from vlmlab.oracle._ledger import (
     metered,
 )
 from vlmlab.oracle._postgres import PostgresLedger, is_postgres_uri, redact_postgres_uri
-from vlmlab.oracle._protocol import ImageSet, ImageSetRef, Oracle, OracleMetadata
-from vlmlab.oracle._registry import backend_takes_model, create_oracle, list_backends
+from vlmlab.oracle._protocol import (
+    ImageSet,
+    ImageSetRef,
+    Oracle,
+    OracleMetadata,
+    PixelSource,
+    pixel_batches,
+)
+from vlmlab.oracle._registry import (
+    backend_takes_model,
+    check_backend,
+    create_oracle,
+    list_backends,
+)
 from vlmlab.oracle._validation import (
     check_call,
     image_set_ref,
@@ -64,11 +76,13 @@ __all__ = [
     "OpenClipOracle",
     "Oracle",
     "OracleMetadata",
+    "PixelSource",
     "PostgresLedger",
     "QueryLedger",
     "Reservation",
     "Usage",
     "backend_takes_model",
+    "check_backend",
     "check_call",
     "create_oracle",
     "default_cache_dir",
@@ -77,6 +91,7 @@ __all__ = [
     "list_backends",
     "metered",
     "open_ledger",
+    "pixel_batches",
     "preprocess_pixels",
     "redact_postgres_uri",
     "register_model_configs",

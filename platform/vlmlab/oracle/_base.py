@@ -22,7 +22,7 @@ from torch import nn
 from vlmlab.errors import LimitExceededError
 from vlmlab.oracle._cache import FeatureCache
 from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation
-from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata
+from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata, PixelSource
 from vlmlab.oracle._validation import (
     check_prompt_length,
     image_set_id,
@@ -170,8 +170,13 @@ class LocalOracle(ABC):
             return self._embed_tokens(ids).float().cpu().clone()
 
     @abstractmethod
-    def _encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        """Unit-norm image features ``N x E`` (float32, CPU) of uint8 pixels."""
+    def _encode_images(self, pixels: np.ndarray | PixelSource) -> torch.Tensor:
+        """Unit-norm image features ``N x E`` (float32, CPU) of uint8 pixels.
+
+        ``pixels`` may be a lazy source (a folder of photos decoded on demand):
+        take it in batches (``vlmlab.oracle.pixel_batches``), never whole, so
+        peak memory grows with the batch and not with the set.
+        """
 
     @abstractmethod
     def _encode_population(
@@ -191,8 +196,9 @@ class LocalOracle(ABC):
         )
 
     # --------------------------------------------------- owner's capabilities
-    def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        """Unit-norm image features ``N x E`` (float32, CPU) of uint8 ``N x H x W x 3`` pixels."""
+    def encode_images(self, pixels: np.ndarray | PixelSource) -> torch.Tensor:
+        """Unit-norm image features ``N x E`` (float32, CPU) of uint8 ``N x H x W x 3`` pixels
+        (an array, or a lazy source that is decoded batch by batch)."""
         with torch.inference_mode():
             return self._encode_images(pixels).float().cpu()
 
@@ -251,6 +257,8 @@ class LocalOracle(ABC):
                 if cached is not None and cached.shape[0] == ref.size:
                     features = torch.from_numpy(cached)
             if features is None:
+                # A lazy set is decoded batch by batch inside the backend's encoder; a
+                # cache hit above never decodes it (its hash came from its fingerprint).
                 features = self._encode_images(images.pixels).float().cpu().contiguous()
                 if self._cache is not None and path is not None:
                     self._cache.store(path, features.numpy())

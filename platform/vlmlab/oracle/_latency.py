@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmlab.oracle._base import LocalOracle
-from vlmlab.oracle._protocol import OracleMetadata
+from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 TOKEN_DIM = 16
 VOCABULARY = 4096
@@ -63,8 +63,19 @@ class LatencyOracle(LocalOracle):
     def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
         return self._table[ids]
 
-    def _encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        means = torch.from_numpy(pixels.reshape(len(pixels), -1).mean(1, dtype=np.float64))
+    def _encode_images(
+        self, pixels: np.ndarray | PixelSource, batch_size: int = 256
+    ) -> torch.Tensor:
+        if isinstance(pixels, np.ndarray):  # in memory already: one pass, as it always was
+            row_means = pixels.reshape(len(pixels), -1).mean(1, dtype=np.float64)
+        else:  # a lazy set: decoded batch by batch
+            row_means = np.concatenate(
+                [
+                    b.reshape(len(b), -1).mean(1, dtype=np.float64)
+                    for b in pixel_batches(pixels, batch_size)
+                ]
+            )
+        means = torch.from_numpy(row_means)
         phases = torch.arange(1, TOKEN_DIM + 1, dtype=torch.float64)
         return F.normalize(torch.sin(means[:, None] * phases).float(), dim=-1)
 

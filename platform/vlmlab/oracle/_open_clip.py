@@ -18,7 +18,7 @@ from torch import nn
 from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
 from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
 from vlmlab.oracle._ledger import QueryLedger
-from vlmlab.oracle._protocol import OracleMetadata
+from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -54,6 +54,10 @@ def preprocess_pixels(
     batch = TF.center_crop(batch, image_size).float().div(255)
     normalized: torch.Tensor = TF.normalize(batch, list(mean), list(std))
     return normalized
+
+
+RANDOM_INIT = "random-init"
+"""``pretrained`` for untrained weights (the model id ends in it)."""
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -132,8 +136,8 @@ def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[st
         reason = unsupported_text_side(model_name)
         if reason is not None:
             raise ValueError(f"open_clip model {model_name!r} is not supported: {reason}")
-    if pretrained is None:
-        return model_name, None, f"{model_name}/random-init"
+    if pretrained is None or pretrained == RANDOM_INIT:
+        return model_name, None, f"{model_name}/{RANDOM_INIT}"
     if _looks_like_path(pretrained) or Path(pretrained).exists():
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -315,13 +319,15 @@ class OpenClipOracle(LocalOracle):
         return F.normalize(features.float(), dim=-1).cpu()
 
     # ---------------------------------------------------------------- images
-    def _encode_images(self, pixels: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    def _encode_images(
+        self, pixels: np.ndarray | PixelSource, batch_size: int = 64
+    ) -> torch.Tensor:
         dtype = self.tower.dtype
         features = []
         with torch.inference_mode():
-            for i in range(0, len(pixels), batch_size):
+            for chunk in pixel_batches(pixels, batch_size):  # a lazy set decodes one at a time
                 batch = preprocess_pixels(
-                    pixels[i : i + batch_size],
+                    chunk,
                     self._image_size,
                     self._mean.tolist(),
                     self._std.tolist(),

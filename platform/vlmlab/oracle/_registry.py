@@ -56,6 +56,26 @@ def backend_takes_model(name: str) -> tuple[bool, bool]:
     return backend in _TAKES_MODEL, backend in _TAKES_WEIGHTS
 
 
+def check_backend(spec: str, pretrained: str | None = None) -> str:
+    """Check a backend name and its weights without building a model; returns the model id.
+
+    For ``open_clip``: the architecture is known and its text side servable, a tag
+    is one of its tags, a checkpoint file exists (``random-init`` names untrained
+    weights). What ``vlmlab validate`` asks before a model loads.
+
+    Raises:
+        ValueError: unknown backend, model or tag.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    backend, _, model = spec.partition(":")
+    backend_takes_model(spec)  # raises for an unknown backend, listing them
+    if backend.lower() == "open_clip":
+        from vlmlab.oracle._open_clip import resolve_open_clip_model
+
+        return resolve_open_clip_model(model or "ViT-B-32", pretrained)[2]
+    return spec
+
+
 def list_backends() -> dict[str, str]:
     """Backend names and what each one is."""
     return {name: text for name, (_, text) in _BACKENDS.items()}

@@ -341,6 +341,10 @@ class PoolOracle:
     def register_images(self, images: ImageSet) -> ImageSetRef:
         import ray
 
+        # The pool sends pixels once through the object store, so a lazy set (a folder
+        # decoded on demand) is materialized here; the id is then the pixels' own hash,
+        # the one each replica computes when it registers them.
+        images = images.materialized() if isinstance(images, ImageSet) else images
         ref = image_set_ref(images)
         if ref.id not in self._image_sets:
             # Pixels go to the object store once; replicas fetch them on first use.

@@ -90,6 +90,9 @@ class HttpOracle:
         return torch.from_numpy(decode_array(body["embeddings"], "embeddings")[0].copy())
 
     def register_images(self, images: ImageSet) -> ImageSetRef:
+        # A lazy set is materialized: its pixels go up in one request and the server
+        # names the set by their hash, which the client must match.
+        images = images.materialized() if isinstance(images, ImageSet) else images
         ref = image_set_ref(images)
         if ref.id not in self._image_sets:
             self._upload(images)
@@ -102,6 +105,7 @@ class HttpOracle:
         # One request a set (a set is one content hash); a server's body limit
         # (`vlmlab serve --max-request-mb`) caps its size: 413 says so.
         encoded = []
+        assert isinstance(images.pixels, np.ndarray)  # register_images materialized a lazy set
         for pixels in images.pixels:  # PNG: lossless, so the server hashes the same pixels
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")

@@ -7,6 +7,8 @@ what is wrong; the classes here mark outcomes of correct use.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VlmlabError(Exception):
     """Base class of vlmlab's own outcome exceptions."""
@@ -52,3 +54,45 @@ class LimitExceededError(VlmlabError, ValueError):
     def __reduce__(self) -> tuple[type, tuple[str, int, int, str]]:
         # Crosses Ray process boundaries intact (Exception pickles only ``args``).
         return (type(self), (self.limit, self.requested, self.allowed, self.what))
+
+
+class TrialsFailedError(VlmlabError):
+    """One or more trials of an experiment raised; the others ran to their end first.
+
+    Attributes:
+        failures: ``(run_id, traceback)`` for each failed trial, in trial order; the
+            traceback as text, as the trial's process formatted it (its ``runs``
+            row is ``failed``, with the traceback in its ``error`` column).
+        total: how many trials ran (None: not known).
+        result: what the run made despite the failures: ``run_experiment``'s list
+            of the completed trials' outcomes, ``run_sweep``'s ResultGrid,
+            ``run_budget_study``'s run ids (None: nothing).
+    """
+
+    def __init__(
+        self, failures: list[tuple[str, str]], *, total: int | None = None, result: Any = None
+    ) -> None:
+        self.failures = list(failures)
+        self.total = total
+        self.result = result
+        of = f" of {total}" if total is not None else ""
+        ids = ", ".join(run_id for run_id, _ in self.failures)
+        last = [
+            line
+            for line in (self.failures[-1][1] if self.failures else "").splitlines()
+            if line.strip()
+        ]
+        super().__init__(
+            f"{len(self.failures)}{of} trial(s) failed: {ids}"
+            + (f" (last: {last[-1].strip()})" if last else "")
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries intact (Exception pickles only ``args``).
+        return (_trials_failed, (self.failures, self.total, self.result))
+
+
+def _trials_failed(
+    failures: list[tuple[str, str]], total: int | None, result: Any
+) -> TrialsFailedError:
+    return TrialsFailedError(failures, total=total, result=result)

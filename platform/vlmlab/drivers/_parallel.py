@@ -6,13 +6,19 @@ either way. White-box tasks (devsafety) train the model, so no pool is
 deployed: each actor builds the backend in-process, with ``pool.num_cpus`` and
 ``pool.num_gpus`` as its resources. The driver polls each actor for its latest
 generation to draw progress.
+
+A trial that raises leaves its ``runs`` row ``failed`` with its traceback; the
+other trials run on, and the driver raises :class:`vlmlab.errors.TrialsFailedError`
+with every failed trial's run id and remote traceback at the end.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+from vlmlab.errors import TrialsFailedError
 from vlmlab.oracle import Oracle
 from vlmlab.pool import DEFAULT_APP, PoolOracle, deploy_oracle_pool, ensure_ray
 from vlmlab.specs import RunSpec
@@ -68,6 +74,14 @@ class _TrialWorker:
         )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_traceback(error: BaseException) -> str:
+    """A Ray error as text: a task's remote traceback (Ray's own format), or why its actor died."""
+    return _ANSI.sub("", str(error)) or repr(error)
+
+
 def deploy_for_spec(
     spec: RunSpec, *, address: str | None = None, app_name: str = DEFAULT_APP
 ) -> PoolOracle:
@@ -103,8 +117,15 @@ def run_experiment_on_pool(
     Args:
         pool: an already deployed pool to use (default: deploy the spec's pool).
         listener: a :class:`vlmlab.runner.ProgressListener` fed from the driver.
+
+    Raises:
+        TrialsFailedError: one or more trials raised (or their actor died); the
+            others ran to their end first. ``result``: the completed trials' outcomes.
     """
     import ray
+    from ray.exceptions import RayError
+
+    from vlmlab.runner import run_id_for
 
     ensure_ray(address)
     if spec.white_box:
@@ -128,6 +149,8 @@ def run_experiment_on_pool(
     trials = [
         (variant.model_dump_json(), seed) for variant in spec.expand_trials() for seed in spec.seeds
     ]
+    run_ids = [run_id_for(variant, seed) for variant in spec.expand_trials() for seed in spec.seeds]
+    failures: dict[int, str] = {}
     limit = spec.pool.max_parallel_trials or len(trials)
     queue = list(range(len(trials)))
     running: dict[Any, tuple[int, Any]] = {}
@@ -154,7 +177,10 @@ def run_experiment_on_pool(
             answered, _ = ray.wait(list(polls), num_returns=len(polls), timeout=poll_seconds)
             for ref in answered:
                 index = polls.pop(ref)
-                started, latest = ray.get(ref)
+                try:
+                    started, latest = ray.get(ref)
+                except RayError:  # its actor died: the trial's own ref says why, below
+                    continue
                 if started and index not in announced:
                     announced.add(index)
                     listener.trial_started(*started)
@@ -164,8 +190,18 @@ def run_experiment_on_pool(
         for ref in done:
             index, worker = running.pop(ref)
             polls = {poll: i for poll, i in polls.items() if i != index}
-            outcomes[index] = ray.get(ref)  # re-raises a trial's error here
-            if listener is not None:
-                listener.trial_finished(outcomes[index])
+            try:
+                outcomes[index] = ray.get(ref)  # re-raises a trial's error here
+            except RayError as error:  # the others run on; all failures are raised at the end
+                failures[index] = remote_traceback(error)
+            else:
+                if listener is not None:
+                    listener.trial_finished(outcomes[index])
             ray.kill(worker)
+    if failures:
+        raise TrialsFailedError(
+            [(run_ids[i], failures[i]) for i in sorted(failures)],
+            total=len(trials),
+            result=[outcomes[i] for i in sorted(outcomes)],
+        )
     return [outcomes[i] for i in range(len(trials))]

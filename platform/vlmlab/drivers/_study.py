@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlmlab.drivers._parallel import deploy_for_spec
+from vlmlab.drivers._parallel import deploy_for_spec, remote_traceback
 from vlmlab.drivers._sweep import TUNE_DIR, TuneCheckpointer
+from vlmlab.errors import TrialsFailedError
 from vlmlab.pool import PoolOracle, ensure_ray
 from vlmlab.specs import BudgetSpec, RunSpec, SpecError
 from vlmlab.storage import Location, locate, tune_storage
@@ -83,6 +84,8 @@ def run_budget_study(
 
     Raises:
         SpecError: the spec has no ``study`` section.
+        TrialsFailedError: one or more trials failed for good (after Tune's
+            retries); the others ran to their end first. ``result``: the run ids.
     """
     from ray import tune
 
@@ -122,6 +125,16 @@ def run_budget_study(
         ),
     )
     grid = tuner.fit()
-    if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} study trial(s) failed: {grid.errors[0]}")
-    return [run_id for run_id, _, _ in trials]
+    run_ids = [run_id for run_id, _, _ in trials]
+    failures = sorted(
+        ((result.config or {})["trial"], remote_traceback(result.error))
+        for result in (grid[i] for i in range(len(grid)))
+        if result.error is not None
+    )
+    if failures:
+        raise TrialsFailedError(
+            [(run_ids[index], text) for index, text in failures],
+            total=len(trials),
+            result=run_ids,
+        )
+    return run_ids

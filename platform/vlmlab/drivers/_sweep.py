@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlmlab.drivers._parallel import deploy_for_spec
+from vlmlab.drivers._parallel import deploy_for_spec, remote_traceback
+from vlmlab.errors import TrialsFailedError
 from vlmlab.pool import PoolOracle, ensure_ray
 from vlmlab.results import is_missing
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
@@ -232,6 +233,9 @@ def run_sweep(
     Raises:
         SpecError: the spec has no ``sweep`` section, a searched path does not
             exist, or ``resume`` finds no sweep (or a different spec) in ``results_dir``.
+        TrialsFailedError: one or more trials failed for good (after
+            ``sweep.max_failures`` retries); the others ran to their end first.
+            ``result``: the ResultGrid.
     """
     if spec.sweep is None:
         raise SpecError(f"{spec.name}: a sweep needs a `sweep:` section (space, num_samples, ...)")
@@ -260,6 +264,11 @@ def run_sweep(
     grid = _tuner(spec, results, pool, restore=resume, callbacks=callbacks).fit()
     _close_stopped_trials(spec, results, grid)
     _write_ledger_audit(spec, results)
+    failures = [
+        (_run_id(spec, result), remote_traceback(result.error)) for result in grid if result.error
+    ]
+    if failures:
+        raise TrialsFailedError(failures, total=len(grid), result=grid)
     return grid
 
 
@@ -320,6 +329,12 @@ def _write_ledger_audit(spec: RunSpec, results: Location) -> None:
     (results / LEDGER_AUDIT).write_text(json.dumps(audit, indent=2))
 
 
+def _run_id(spec: RunSpec, result: Any) -> str:
+    """A Tune result's run id: ``<spec name>-<trial id>``."""
+    trial_id = Path(result.path).name.split("_")[1] if result.path else None
+    return f"{spec.name}-{(result.metrics or {}).get('trial_id', trial_id)}"
+
+
 def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
     """Trials ASHA stopped (or that failed for good) never finish their row: close it here."""
     from vlmlab.runner import results_store
@@ -329,16 +344,17 @@ def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
     runs = store.runs()
     known: set[str] = set()
     for result in grid:
-        trial_id = Path(result.path).name.split("_")[1] if result.path else None
         metrics = result.metrics or {}
-        run_id = f"{spec.name}-{metrics.get('trial_id', trial_id)}"
+        run_id = _run_id(spec, result)
         known.add(run_id)
         rows = runs[runs.run_id == run_id]
         if rows.empty or rows.iloc[0].status != "running":
             continue
         row = rows.iloc[0].to_dict()
         row.update(
-            status="error" if result.error else "stopped",
+            # Failed without a row of its own (its process died): Tune's error says why.
+            status="failed" if result.error else "stopped",
+            error=remote_traceback(result.error) if result.error else None,
             finished_at=datetime.now(UTC),
             queries_used=int(metrics.get("queries_used", 0)),
             generations=int(metrics.get("generation", 0)),

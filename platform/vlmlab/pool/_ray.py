@@ -15,6 +15,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     machine. It starts no dashboard and is shut down when this process exits
     (Ray binds its services to this machine's own address; nothing leaves the
     machine). Calling again once Ray is up does nothing.
+
+    Ray's own defaults stand: workers' output and tracebacks reach this
+    terminal (``log_to_driver``), and Ray's memory monitor (its OOM killer) runs
+    as Ray configures it; set ``RAY_memory_monitor_refresh_ms`` yourself to change it.
     """
     import ray
 
@@ -22,13 +26,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE)
         return
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
         address="local",
         num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1),
         include_dashboard=False,
         namespace=NAMESPACE,
-        log_to_driver=False,
     )

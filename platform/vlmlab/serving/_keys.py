@@ -178,7 +178,10 @@ def add_key(
     # Only what differs from the defaults is written: a later release's defaults apply.
     tree = {"keys": {n: k.model_dump(exclude_defaults=True) for n, k in keys.items()}}
     header = "# vlmlab API keys: SHA-256 digests only; `vlmlab keys add` prints a key once.\n"
-    atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
+    # Mode 0600 on purpose, whatever the umask (results files follow it): the keys
+    # file holds no key, but its digests, budgets and limits are the service's
+    # access control, for its owner alone to read.
+    atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False), mode=0o600)
     return token
 
 

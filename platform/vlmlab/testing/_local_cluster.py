@@ -60,6 +60,8 @@ class LocalCluster(LoopbackServer):
             **os.environ,
             "RAY_AUTH_MODE": "token",  # what `ray start --head` defaults to; one token for all
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            # A test harness, not the product: several Ray nodes share one small test
+            # machine, where Ray's OOM killer would kill the tests' workers at random.
             "RAY_memory_monitor_refresh_ms": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             # A crashed node is declared dead in ~3 s instead of ~30 s (tests wait less).

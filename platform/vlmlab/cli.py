@@ -45,6 +45,7 @@ def zeroshot(
     from vlmlab.methods import zero_shot
     from vlmlab.oracle import create_oracle
 
+    _weights_named(backend, pretrained, "--pretrained")
     console = Console()
     options = {"root": root} if root else {}
     data = load_dataset(dataset, split, **options)
@@ -58,14 +59,14 @@ def zeroshot(
         title=f"Zero-shot: {result.backend} {result.model} on {result.dataset}/{result.split}"
     )
     table.add_column("class")
-    table.add_column("accuracy", justify="right")
+    table.add_column("accuracy (%)", justify="right")
     for name, acc in result.per_class_accuracy.items():
-        table.add_row(name, f"{acc:.3f}")
+        table.add_row(name, f"{acc * 100:.2f}")
     console.print(table)
     console.print(
         f"backend={result.backend} model={result.model} dataset={result.dataset} "
         f"split={result.split} n={result.n_images} prompt={result.prompt!r} "
-        f"accuracy={result.accuracy:.3f} chance={result.chance:.3f}"
+        f"accuracy={result.accuracy * 100:.2f}% chance={result.chance * 100:.2f}%"
     )
 
 
@@ -112,7 +113,7 @@ def pretrain_tiny_clip_command(
     manifest = result.manifest
     console.print(
         f"{result.checkpoint}\n{config.name}: zero-shot accuracy "
-        f"{manifest['zero_shot_test_accuracy']:.3f} on the {manifest['dataset']} test split "
+        f"{manifest['zero_shot_test_accuracy'] * 100:.2f} % on the {manifest['dataset']} test split "
         f'("a photo of a {{}}."); trained in {manifest["wall_seconds"]:.0f} s '
         "(a CLIP trained here on Fashion-MNIST, not OpenAI's CLIP)\n"
         f"backend: {{name: {result.backend}, pretrained: {result.checkpoint}}}"
@@ -249,7 +250,15 @@ class _KeysWatcher:
         self.console.print(f"keys reloaded ({why}): {summary or 'no change'}", soft_wrap=True)
 
 
-def _fail(message: str) -> typer.Exit:
+EXIT_USAGE = 2
+"""Exit status of a usage or spec error (nothing ran)."""
+EXIT_FAILED = 1
+"""Exit status of a run that started and failed."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells expect."""
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     from rich.console import Console
     from rich.text import Text
 
@@ -258,7 +267,83 @@ def _fail(message: str) -> typer.Exit:
     console = Console(stderr=True, soft_wrap=True)
     # Text, not markup: a message quoting a list like [1, 2] prints as it is.
     console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
+
+
+@contextmanager
+def _run_failures() -> Iterator[None]:
+    """What a started run's failures become: trials' tracebacks and exit 1, Ctrl-C exit 130.
+
+    A spec or usage problem found before anything started exits 2 instead
+    (:func:`_load_checked`); a failure here is the run's own.
+    """
+    import traceback
+
+    from vlmlab.errors import TrialsFailedError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise _fail(
+            "interrupted; completed trials are in the results, --resume continues the rest",
+            EXIT_INTERRUPTED,
+        ) from None
+    except TrialsFailedError as error:
+        import sys
+
+        for run_id, trace in error.failures:
+            print(f"--- trial {run_id} failed:\n{trace.rstrip()}", file=sys.stderr)
+        raise _fail(str(error), EXIT_FAILED) from None
+    except Exception as error:
+        traceback.print_exc()
+        raise _fail(f"the run failed: {type(error).__name__}: {error}", EXIT_FAILED) from None
+
+
+def _load_checked(
+    spec: str, overrides: list[str], results: str | None, *, section: str | None = None
+) -> tuple[Any, str, Any]:
+    """Load and check a spec the way ``vlmlab validate`` does, before Ray starts: exit 2
+    listing every problem. Returns the spec and its results folder (default
+    ``results/<spec name>``) and what the checks found (``vlmlab.specs.Preflight``)."""
+    from vlmlab.errors import VlmlabError
+    from vlmlab.specs import load_spec, preflight
+
+    try:
+        loaded = load_spec(spec, overrides)
+    except (VlmlabError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    if section is not None and getattr(loaded, section) is None:
+        example = {"sweep": "sweep-quickstart.yaml", "study": "study-budget.yaml"}[section]
+        raise _fail(f"{spec}: no `{section}:` section (see experiments/{example})")
+    folder = results or default_results(loaded)
+    found = preflight(loaded, folder)
+    if not found.ok:
+        lines = "\n".join(f"  - {p}" for p in found.problems)
+        noun = "problem" if len(found.problems) == 1 else "problems"
+        raise _fail(f"{spec}: {len(found.problems)} {noun}\n{lines}")
+    return loaded, folder, found
+
+
+def _weights_named(backend: str, pretrained: str | None, flag: str) -> None:
+    """An open_clip backend's weights must be named (a spec's ``backend.pretrained`` rule)."""
+    from vlmlab.oracle import backend_takes_model
+
+    try:
+        _, takes_weights = backend_takes_model(backend)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    if takes_weights and pretrained is None:
+        raise _fail(
+            f"{flag}: {backend} needs its weights named: a pretrained tag (openai), a "
+            "checkpoint file, an hf-hub: name, or random-init for untrained weights"
+        )
+
+
+def default_results(spec: Any) -> str:
+    """``results/<spec name>``: one experiment a folder unless the user says otherwise."""
+    return f"results/{spec.name}"
 
 
 class _RichProgress:
@@ -305,24 +390,35 @@ def _budgets(spec) -> str:
 
 
 def _outcome_table(outcomes, task, where: str):
+    """Each trial's test metrics in percent, the references that bound them first."""
     from rich.table import Table
 
     metrics = task.table_metrics or task.metrics
-    table = Table(title=f"{task.title} — {where} (test split)")
+    table = Table(title=f"{task.title} — {where} (test split, %)")
     # A white-box task spends no queries: its last column counts epochs.
     spent = "epochs" if task.white_box else "queries"
     for column in ("prompt", "shots", "seed", *(label for _, label in metrics), spent):
         table.add_column(column, justify="left" if column == "prompt" else "right")
+
+    def cells(values: dict[str, float]) -> list[str]:
+        return [f"{values[k] * 100:.2f}" if k in values else "-" for k, _ in metrics]
+
     # The hand-written prompt on the test split: the same for every shot count and seed.
     zero_shot = next((o.zeroshot_test for o in outcomes if o.zeroshot_test), None)
     if zero_shot and not task.white_box:  # a white-box reference (w_old) differs by seed
-        table.add_row("zero-shot", "-", "-", *(f"{zero_shot[k]:.3f}" for k, _ in metrics), "0")
+        table.add_row("zero-shot", "-", "-", *cells(zero_shot), "0")
+        for reference in task.extra_references:
+            values = next(
+                (o.references[reference] for o in outcomes if reference in o.references), None
+            )
+            if values:
+                table.add_row(task.reference_label(reference), "-", "-", *cells(values), "0")
     for o in outcomes:
         table.add_row(
             o.method + (" (earlier run)" if o.skipped else ""),
             str(o.shots),
             str(o.seed),
-            *(f"{o.test[k]:.3f}" if k in o.test else "-" for k, _ in metrics),
+            *cells(o.test),
             str(o.generations)
             if spent == "epochs"
             else f"{o.queries_used}/{o.budget}"
@@ -334,12 +430,50 @@ def _outcome_table(outcomes, task, where: str):
     return table
 
 
+_RESULTS_OPTION = typer.Option(
+    "--results", help="results folder or URI (default: results/<spec name>)"
+)
+
+
+@app.command()
+def validate(
+    spec: Annotated[str, typer.Argument(help="experiment spec (YAML)")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a spec field: method.popsize=30")
+    ] = None,
+    results: Annotated[str | None, _RESULTS_OPTION] = None,
+) -> None:
+    """Check a spec without running it: fields, weights, data, class names, budget, results.
+
+    Every check that needs no model forward, in seconds, without starting Ray:
+    exit 0 when the spec can run, 2 with every problem listed.
+    """
+    _print_plan(*_load_checked(spec, set_ or [], results))
+
+
+def _print_plan(spec: Any, folder: str, found: Any) -> None:
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    console.print(
+        f"[bold]{spec.name}[/]: {spec.task} task, {spec.method.name} on {spec.backend.name}"
+        f"{f' ({spec.backend.pretrained})' if spec.backend.pretrained else ''}, "
+        f"{spec.data.dataset}; results in {folder}",
+        highlight=False,
+    )
+    for line in found.plan:
+        console.print(f"  {line}", highlight=False)
+    for note in found.notes:
+        console.print(f"  note: {note}", highlight=False)
+    console.print("ok: the spec can run (no model was loaded)")
+
+
 @app.command()
 def run(
     spec: Annotated[
         str, typer.Argument(help="experiment spec (YAML), e.g. experiments/quickstart.yaml")
     ],
-    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    results: Annotated[str | None, _RESULTS_OPTION] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a spec field: method.popsize=30")
     ] = None,
@@ -352,6 +486,10 @@ def run(
             "--in-process", help="no Ray: one process, seeds one after another (debugging)"
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="check the spec as `vlmlab validate` does; run nothing"),
+    ] = False,
     address: Annotated[
         str | None,
         typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
@@ -362,21 +500,21 @@ def run(
 
     On the pool, the seeds run concurrently as Ray actors sharing the pool; a
     local Ray is started on demand unless --address or RAY_ADDRESS names a cluster.
+    Exit status: 0 done, 1 a trial failed (its traceback is printed and in its
+    runs row), 2 a spec or usage error (nothing ran), 130 interrupted.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vlmlab.errors import VlmlabError
     from vlmlab.runner import build_oracle, run_experiment
-    from vlmlab.specs import load_spec
 
+    loaded, results, found = _load_checked(spec, [*(set_ or []), *_track_overrides(track)], results)
+    if dry_run:
+        _print_plan(loaded, results, found)
+        return
     console = Console()
-    try:
-        loaded = load_spec(spec, [*(set_ or []), *_track_overrides(track)])
-    except (VlmlabError, FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
     _print_tracking(console, loaded, results)
-    try:
+    with _run_failures():
         oracle = pool_oracle = None
         if in_process:
             with console.status(f"loading {loaded.backend.name}..."):
@@ -395,7 +533,7 @@ def run(
         console.print(
             f"[bold]{loaded.name}[/]: {loaded.method.name} on {shown}, "
             f"{loaded.data.dataset} {_shots(loaded.data.shot_ladder)}, seeds {loaded.seeds}, "
-            f"{_budgets(loaded)}; {where}"
+            f"{_budgets(loaded)}; {where}; results in {results}"
         )
         columns = (
             TextColumn("{task.description}"),
@@ -421,8 +559,6 @@ def run(
                     pool=pool_oracle,
                     listener=listener,
                 )
-    except (VlmlabError, FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
 
     first = outcomes[0]
     where = f"{first.backend} {first.model} on {loaded.data.dataset}"
@@ -436,7 +572,7 @@ def run(
 @app.command()
 def sweep(
     spec: Annotated[str, typer.Argument(help="spec with a `sweep:` section")],
-    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    results: Annotated[str | None, _RESULTS_OPTION] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a spec field")] = None,
     resume: Annotated[
         bool, typer.Option(help="restore the sweep in --results and finish it")
@@ -449,15 +585,12 @@ def sweep(
     """Ray Tune sweep with Optuna search and ASHA over the spec's search space, on the oracle pool."""
     from rich.console import Console
 
-    from vlmlab.errors import VlmlabError
-    from vlmlab.specs import load_spec
-
+    loaded, results, _ = _load_checked(
+        spec, [*(set_ or []), *_track_overrides(track)], results, section="sweep"
+    )
     console = Console()
-    try:
-        loaded = load_spec(spec, [*(set_ or []), *_track_overrides(track)])
-        if loaded.sweep is None:
-            raise _fail(f"{spec}: no `sweep:` section (see experiments/sweep-quickstart.yaml)")
-        _print_tracking(console, loaded, results)
+    _print_tracking(console, loaded, results)
+    with _run_failures():
         from vlmlab.drivers import deploy_for_spec, run_sweep, sweep_progress
 
         pool = None
@@ -468,17 +601,16 @@ def sweep(
         console.print(
             f"[bold]{loaded.name}[/]: sweep of {loaded.sweep.num_samples} trials "
             f"({loaded.sweep.sampler.upper()} search, {loaded.sweep.scheduler.upper()}) on "
-            f"{shown}, {loaded.data.dataset}; optimizing {loaded.sweep.metric}"
+            f"{shown}, {loaded.data.dataset}; optimizing {loaded.sweep.metric}; results in "
+            f"{results}"
         )
         with sweep_progress(console, loaded) as callback:
             grid = run_sweep(
                 loaded, results, resume=resume, address=address, pool=pool, callbacks=[callback]
             )
-    except (VlmlabError, FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
     best = grid.get_best_result(metric=loaded.sweep.metric, mode=loaded.sweep.mode)
     console.print(
-        f"best trial: {loaded.sweep.metric}={best.metrics.get(loaded.sweep.metric):.3f} with "
+        f"best trial: {loaded.sweep.metric}={best.metrics.get(loaded.sweep.metric) * 100:.2f} % with "
         f"{ {k: v for k, v in best.config.items()} }; rows in {_results_location(results)}/runs and .../steps"
     )
 
@@ -539,6 +671,8 @@ def serve_command(
 
         if root is None and keys is None:
             raise _fail("nothing to serve: give an artifact ROOT, --keys FILE, or both")
+        if keys is not None:
+            _weights_named(oracle, oracle_pretrained, "--oracle-pretrained")
         ids = AdapterStore(root).ids() if root is not None else []
         if root is not None and not ids:
             raise _fail(f"no artifacts (folders with manifest.json) under {root!r}")
@@ -679,13 +813,16 @@ def keys_list(
 def _print_tables(console, tables) -> None:
     """Report tables (``vlmlab.results.ReportTable``) as rich tables."""
     from rich.table import Table
+    from rich.text import Text
 
     for t in tables:
-        table = Table(title=t.title)
+        # The title on its own line: a table narrower than its title would wrap it.
+        console.print(Text(t.title, style="italic"), soft_wrap=True)
+        table = Table()
         for column in t.columns:
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in t.rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         console.print(table)
 
 
@@ -696,7 +833,7 @@ app.add_typer(study_app, name="study")
 @study_app.command("budget")
 def study_budget(
     spec: Annotated[str, typer.Argument(help="spec with a `study:` section (budgets: [...])")],
-    results: Annotated[str, typer.Option("--results", help="results folder")] = "results",
+    results: Annotated[str | None, _RESULTS_OPTION] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a spec field")] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: local Ray)")
@@ -716,32 +853,31 @@ def study_budget(
     from vlmlab.errors import VlmlabError
     from vlmlab.results import budget_tables, plot_budget
     from vlmlab.runner import results_store
-    from vlmlab.specs import load_spec
-    from vlmlab.tasks import study_metrics
+    from vlmlab.tasks import reference_labels, study_metrics
 
+    loaded, results, _ = _load_checked(spec, set_ or [], results, section="study")
     console = Console()
     clock = time.perf_counter()
-    try:
-        loaded = load_spec(spec, set_ or [])
-        if loaded.study is None:
-            raise _fail(f"{spec}: no `study:` section (see experiments/study-budget.yaml)")
-        from vlmlab.drivers import deploy_for_spec, run_budget_study, study_trials
+    from vlmlab.drivers import deploy_for_spec, run_budget_study, study_trials
 
+    try:
         trials = study_trials(loaded)
+    except (VlmlabError, ValueError) as error:
+        raise _fail(str(error)) from None
+    with _run_failures():
         with console.status("starting Ray and the oracle pool..."):
             pool = deploy_for_spec(loaded, address=address)
         console.print(
             f"[bold]{loaded.name}[/]: budget study of {len(trials)} trials "
             f"(budgets {loaded.study.budgets} x {len(loaded.expand_trials())} method(s) x "
-            f"seeds {loaded.seeds}) on {pool.metadata.display_name}, {loaded.data.dataset}"
+            f"seeds {loaded.seeds}) on {pool.metadata.display_name}, {loaded.data.dataset}; "
+            f"results in {results}"
         )
         with console.status("running the study's trials (Ray Tune grid)..."):
             run_ids = run_budget_study(loaded, results, address=address, pool=pool)
-    except (VlmlabError, FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
     runs = results_store(results).runs()
     runs = runs[runs.run_id.isin(run_ids)]
-    tables = budget_tables(runs, study_metrics())
+    tables = budget_tables(runs, study_metrics(), reference_labels())
     _print_tables(console, tables)
     elapsed = f"{len(runs)} trials in {time.perf_counter() - clock:.0f} s"
     if not tables:
@@ -758,8 +894,12 @@ def report(
     results: Annotated[str, typer.Argument(help="results folder written by `vlmlab run`")],
     tolerance: Annotated[
         float,
-        typer.Option(help="devsafety: DevSafety(acc) slack counted as safe in the last column"),
-    ] = 0.01,
+        typer.Option(
+            min=0.0,
+            help="DevSafety slack in points (percent of accuracy) still counted safe in the "
+            "'safe' columns; 0 counts only seeds with no kept class worse",
+        ),
+    ] = 1.0,
 ) -> None:
     """Print paper-style tables (mean ± std over seeds) and plot them.
 
@@ -770,9 +910,9 @@ def report(
     from rich.console import Console
 
     from vlmlab._io import atomic_write_text
-    from vlmlab.results import budget_tables, plot_budget
+    from vlmlab.results import budget_tables, experiments_in, plot_budget
     from vlmlab.runner import results_store
-    from vlmlab.tasks import iter_tasks, study_metrics
+    from vlmlab.tasks import iter_tasks, reference_labels, study_metrics
 
     root = _results_location(results)
     if not (root / "runs").is_dir():
@@ -781,13 +921,26 @@ def report(
     runs, steps = store.runs(), store.steps()
     tasks = list(iter_tasks())
     tables = [table for task in tasks for table in task.tables(runs, tolerance=tolerance)]
-    tables += budget_tables(runs, study_metrics())
+    tables += budget_tables(runs, study_metrics(), reference_labels())
     if not tables:
         raise _fail(f"{str(root)!r} holds no completed runs yet")
     console = Console()
+    experiments = experiments_in(runs)
+    notice = (
+        f"{str(root)!r} holds {len(experiments)} experiments: "
+        + ", ".join(f"{name} ({count} runs)" for name, count in experiments.items())
+        + "; each has its own tables (`--results results/<spec name>` keeps them apart)"
+        if len(experiments) > 1
+        else None
+    )
+    if notice:
+        console.print(f"note: {notice}", soft_wrap=True, highlight=False)
     _print_tables(console, tables)
     with _report_folder(root) as (report_dir, shown):
-        atomic_write_text(report_dir / "report.md", "\n".join(t.markdown() for t in tables))
+        markdown = "\n".join(t.markdown() for t in tables)
+        atomic_write_text(
+            report_dir / "report.md", (f"> {notice}\n\n" if notice else "") + markdown
+        )
         figures = [figure for task in tasks for figure in task.figures(runs, steps, report_dir)]
         budget_figure = plot_budget(runs, study_metrics(), report_dir / "budget_study.png")
         figures += [budget_figure] if budget_figure is not None else []

@@ -7,7 +7,8 @@ the same for every task; the task (``vlmlab.tasks``) builds the method and
 says what its artifact holds.
 
 One trial per seed. Each trial writes its ``runs`` row when it starts
-(status ``running``) and when it ends (``completed``); every ``eval_every``
+(status ``running``) and when it ends (``completed``, or ``failed`` with its
+traceback in ``error`` when it raised); every ``eval_every``
 generations it tests the best prompt so far, writes the steps since the last
 flush as one Parquet file and checkpoints the method, so ``resume=True``
 continues from the last checkpoint and ends with the same numbers as an
@@ -19,6 +20,7 @@ from __future__ import annotations
 import pickle
 import platform
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,12 +29,19 @@ from typing import Any, Protocol
 
 import vlmlab
 from vlmlab.data import load_dataset, read_class_names, rename_classes, stratified_subset
+from vlmlab.errors import TrialsFailedError
 from vlmlab.methods import Method, Metrics, StepRecord
 from vlmlab.oracle import Oracle, create_oracle
 from vlmlab.results import ResultsStore, is_missing, save_artifact
 from vlmlab.specs import RunSpec
 from vlmlab.storage import Location, is_uri, locate
-from vlmlab.tasks import DEFAULT_TASK, TrialData, metric_names, runs_schema_of_tasks
+from vlmlab.tasks import (
+    DEFAULT_TASK,
+    TrialData,
+    metric_names,
+    reference_metrics,
+    runs_schema_of_tasks,
+)
 from vlmlab.tracking import with_tracking
 
 CHECKPOINT_VERSION = 1
@@ -60,6 +69,8 @@ class TrialOutcome:
     task: str = DEFAULT_TASK
     shots: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Further references on the test split (forgetting: ``dropclasses``, zero queries)."""
 
 
 class ProgressListener(Protocol):
@@ -149,25 +160,37 @@ def run_experiment(
         oracle: reuse an oracle (default: build the spec's backend).
         stop_after: stop each trial after this many generations in total
             (tests use it to simulate an interruption); the trial stays ``running``.
+
+    Raises:
+        TrialsFailedError: one or more trials raised (each one's ``runs`` row is
+            ``failed``, with its traceback); the other trials ran to their end first.
     """
     store = results_store(results_dir)
     listener = with_tracking(spec, store.location, listener or SilentListener())
     oracle = oracle if oracle is not None else build_oracle(spec)
     data = load_data(spec)
-    return [
-        run_trial(
-            variant,
-            seed,
-            store,
-            oracle,
-            data,
-            resume=resume,
-            listener=listener,
-            stop_after=stop_after,
-        )
-        for variant in spec.expand_trials()
-        for seed in spec.seeds
-    ]
+    outcomes: list[TrialOutcome] = []
+    failures: list[tuple[str, str]] = []
+    trials = [(variant, seed) for variant in spec.expand_trials() for seed in spec.seeds]
+    for variant, seed in trials:
+        try:
+            outcomes.append(
+                run_trial(
+                    variant,
+                    seed,
+                    store,
+                    oracle,
+                    data,
+                    resume=resume,
+                    listener=listener,
+                    stop_after=stop_after,
+                )
+            )
+        except Exception:  # the next seed may well succeed: run it, report all at the end
+            failures.append((run_id_for(variant, seed), error_text()))
+    if failures:
+        raise TrialsFailedError(failures, total=len(trials), result=outcomes)
+    return outcomes
 
 
 def _columns(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -226,7 +249,96 @@ def run_trial(
         run_id: the row's id (default: the task's ``<name>-<method>-s<seed>``).
         checkpointer: where the state goes (default: a file in the results folder;
             sweeps pass Tune's checkpoints).
+
+    A trial that raises an ``Exception`` has its row written ``failed``, with the
+    traceback in ``error``, before the exception goes on; an interrupt
+    (``KeyboardInterrupt``, ``SystemExit``) leaves it ``running``, for ``resume``.
     """
+    failure = _FailureRow()
+    try:
+        return _run_trial(
+            spec,
+            seed,
+            results,
+            oracle,
+            data,
+            resume=resume,
+            listener=listener,
+            stop_after=stop_after,
+            run_id=run_id,
+            checkpointer=checkpointer,
+            failure=failure,
+        )
+    except Exception as error:
+        failure.write(error_text(), error)
+        raise
+
+
+ERROR_CHARS = 20_000
+"""A failed row keeps the last this many characters of its traceback (the end says most)."""
+
+
+def error_text(limit: int = ERROR_CHARS) -> str:
+    """The exception being handled, formatted with its traceback; its last ``limit`` characters."""
+    text = traceback.format_exc()
+    if len(text) > limit:
+        text = f"[{len(text) - limit} characters cut]\n...{text[-limit:]}"
+    return text
+
+
+@dataclass
+class _FailureRow:
+    """What a trial has set up so far: what its row needs if it fails now."""
+
+    store: ResultsStore | None = None
+    row: dict[str, Any] | None = None
+    trial: Method | None = None
+    started_at: datetime | None = None
+
+    def write(self, text: str, error: BaseException) -> None:
+        """The ``failed`` row (none before the trial had one to write)."""
+        if self.store is None or self.row is None:
+            return
+        counts: dict[str, Any] = {}
+        if self.trial is not None:
+            try:
+                counts = {
+                    "queries_used": int(self.trial.queries_used),
+                    "images_scored": int(self.trial.images_scored),
+                    "generations": int(self.trial.generation),
+                }
+            except Exception:  # a half-built method: its counts stay null
+                counts = {}
+        try:
+            self.store.write_run(
+                {
+                    **self.row,
+                    "status": "failed",
+                    "error": text,
+                    "started_at": self.started_at or _now(),
+                    "finished_at": _now(),
+                    **counts,
+                }
+            )
+        except Exception as unwritten:  # the trial's own error is the one to see
+            error.add_note(f"(its failed row was not written either: {unwritten!r})")
+
+
+def _run_trial(
+    spec: RunSpec,
+    seed: int,
+    results: str | Path | ResultsStore,
+    oracle: Oracle,
+    data: TrialData,
+    *,
+    resume: bool,
+    listener: ProgressListener | None,
+    stop_after: int | None,
+    run_id: str | None,
+    checkpointer: Checkpointer | None,
+    failure: _FailureRow,
+) -> TrialOutcome:
+    """:func:`run_trial`'s loop; ``failure`` learns what a failed row needs as the trial goes."""
     store = results if isinstance(results, ResultsStore) else results_store(results)
     listener = listener or SilentListener()
     task = spec.task_entry
@@ -235,7 +347,9 @@ def run_trial(
     budget = None if spec.white_box else spec.query_budget()  # gradients: no queries to cap
     base_row: dict[str, Any] = {
         "run_id": run_id,
-        "experiment": spec.name,
+        "experiment": spec.experiment_name,
+        # Runs with one fingerprint differ only by seed: a report averages only those.
+        "fingerprint": spec.fingerprint(),
         "task": spec.task,
         "method": spec.method.name,
         "backend": meta.backend,
@@ -250,6 +364,7 @@ def run_trial(
         "node": platform.node(),
         "ray_node": _ray_node(),
     }
+    failure.store, failure.row = store, base_row
     if resume:
         previous = store.runs()
         done = previous[(previous.run_id == run_id) & (previous.status == "completed")]
@@ -284,10 +399,12 @@ def run_trial(
         )
 
     resumed_from = trial.generation
+    failure.trial, failure.started_at = trial, started_at
     store.write_run({**base_row, "status": "running", "started_at": started_at})
     listener.trial_started(run_id, trial.generations, budget, resumed_from)
 
     schema_metrics = set(metric_names())
+    run_columns = set((store.schema or runs_schema_of_tasks()).names)
 
     def columns_only(metrics: dict[str, float]) -> dict[str, float]:
         """The metrics the runs table holds (a resumed or skipped run reads them back)."""
@@ -371,8 +488,18 @@ def run_trial(
     metrics = {  # the manifest's: everything evaluated, per-class accuracies included
         **_columns("test", evaluations.get("test", {})),
         **_columns("val", final.val),
-        **_columns("zeroshot_test", zero_shot["test"]),
-        **_columns("zeroshot_val", zero_shot["val"]),
+        **_columns("zeroshot_test", _plain(zero_shot["test"], task.extra_references)),
+        **_columns("zeroshot_val", _plain(zero_shot["val"], task.extra_references)),
+        **_reference_columns("test", zero_shot["test"], task.extra_references),
+        **_reference_columns("val", zero_shot["val"], task.extra_references),
+    }
+    final.references = {
+        reference: {
+            name.removeprefix(f"{reference}:"): value
+            for name, value in zero_shot["test"].items()
+            if name.startswith(f"{reference}:")
+        }
+        for reference in task.extra_references
     }
     tensors, facts = task.artifact(trial)
     save_artifact(
@@ -407,15 +534,31 @@ def run_trial(
             "artifact": str(final.artifact),
             # The runs table holds the registered tasks' metrics; the rest (per-class
             # accuracies, ...) lives in the steps table and the artifact manifest.
-            **{
-                column: value
-                for column, value in metrics.items()
-                if column.split("_", 1 + column.startswith("zeroshot_"))[-1] in schema_metrics
-            },
+            **{column: value for column, value in metrics.items() if column in run_columns},
         }
     )
     listener.trial_finished(final)
     return final
+
+
+def _plain(metrics: dict[str, float], references: tuple[str, ...]) -> dict[str, float]:
+    """A reference's own metrics, without the further references it carries
+    (``<reference>:<metric>``)."""
+    return {
+        name: value for name, value in metrics.items() if name.partition(":")[0] not in references
+    }
+
+
+def _reference_columns(
+    split: str, metrics: dict[str, float], references: tuple[str, ...]
+) -> dict[str, float]:
+    """``<reference>:<metric>`` entries of a reference's metrics as ``runs`` columns."""
+    columns = {}
+    for name, value in metrics.items():
+        reference, separator, metric = name.partition(":")
+        if separator and reference in references:
+            columns[f"{reference}_{split}_{metric}"] = value
+    return columns
 
 
 def _flat(evaluations: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -468,4 +611,9 @@ def _outcome_from_row(row: dict[str, Any]) -> TrialOutcome:
         skipped=True,
         task=row["task"],
         shots=None if is_missing(row.get("shots")) else int(row["shots"]),
+        references={
+            reference: pick(f"{reference}_test_")
+            for reference in reference_metrics()
+            if pick(f"{reference}_test_")
+        },
     )

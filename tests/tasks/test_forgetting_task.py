@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlmlab.errors import TrialsFailedError
 from vlmlab.results import load_artifact
 from vlmlab.runner import run_experiment
 from vlmlab.specs import validate_spec
@@ -38,7 +39,7 @@ def test_a_class_name_file_renames_prompts_and_forget_names(tmp_path):
 
 def test_unknown_forget_class_names_the_field_and_the_classes(tmp_path):
     tree = {**TREE, "data": {**TREE["data"], "forget": ["jacket"]}}
-    with pytest.raises(ValueError, match=r"data\.forget: 'jacket' is not a class .*T-shirt"):
+    with pytest.raises(TrialsFailedError, match=r"data\.forget: .jacket. is not a class .*T-shirt"):
         run_experiment(validate_spec(tree, "t"), tmp_path)
 
 

@@ -152,7 +152,7 @@ def test_toy_task_runs_reports_and_serves(toy_task, tmp_path):
 
     report = runner.invoke(app, ["report", str(results)])
     assert report.exit_code == 0, report.output
-    assert "Toy task — latency sleep-0ms on fashion-mnist" in report.output
+    assert "Toy task — toy: latency sleep-0ms on fashion-mnist" in report.output
 
     from vlmlab.oracle import create_oracle
 

@@ -41,7 +41,7 @@ class _SweepTable(Callback):
 
         metric = self._metric
         table = Table(title=f"sweep {self.spec.name}", expand=False)
-        for column in ("trial", "status", "params", "queries", metric):
+        for column in ("trial", "status", "params", "queries", f"{metric} (%)"):
             table.add_column(column)
         for trial_id, row in sorted(self.rows.items()):
             params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in row["config"].items())
@@ -51,7 +51,7 @@ class _SweepTable(Callback):
                 row["status"],
                 params,
                 str(row.get("queries", "")),
-                "" if value is None else f"{value:.3f}",
+                "" if value is None else f"{value * 100:.2f}",
             )
         return table
 

@@ -51,6 +51,10 @@ from vlmlab.methods._cma import CmaStrategy
 from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle, OracleMetadata
 
+DROP_CLASSES = "dropclasses"
+"""The zero-query reference of :meth:`BlackBoxForgetting.reference`: the forget classes
+removed from the candidate list (its metrics are ``dropclasses:<metric>``)."""
+
 Variant = Literal["bbf", "bbt", "wo_lcs"]
 VARIANTS: tuple[str, ...] = ("bbf", "bbt", "wo_lcs")
 
@@ -467,8 +471,31 @@ class BlackBoxForgetting:
         return self.evaluate_prompt(self.best_contexts, split)
 
     def reference(self, split: str, prompt: str) -> Metrics:
-        """The same metrics for the hand-written ``prompt`` (its token embeddings as contexts)."""
-        return self.evaluate_prompt(self.oracle.phrase_embeddings(prompt).unsqueeze(0), split)
+        """The same metrics for the hand-written ``prompt`` (its token embeddings as contexts),
+        and the zero-query bound beside it, ``dropclasses:<metric>``.
+
+        Dropping the forget classes from the candidate list forgets them completely
+        (Err_fgt 1) and can only help every kept class; it needs no prompt and no
+        query, and is computed here from the zero-shot logits already scored. A prompt
+        on the forget classes alone (safe forgetting's ``prompted: forget``) can at
+        best reach it.
+        """
+        contexts = self.oracle.phrase_embeddings(prompt).unsqueeze(0)
+        image_set, _, _, indices = self._split(split)
+        logits = self._class_logits(contexts, image_set, indices, self.eval_key)[0]
+        predictions: np.ndarray = logits.argmax(-1).numpy()
+        if prompt == self.reference_prompt and split not in self._reference_cache:
+            self._reference_cache[split] = per_class_accuracy(
+                predictions, self._split(split)[1], len(self.task.class_names)
+            )[0]
+        metrics = self._prompt_metrics(predictions, split)
+        kept_only = logits.clone()
+        kept_only[:, list(self.task.partition.forget)] = -torch.inf
+        dropped = self._prompt_metrics(kept_only.argmax(-1).numpy(), split)
+        metrics.update(
+            {f"{DROP_CLASSES}:{name}": value for name, value in dropped.items() if ":" not in name}
+        )
+        return metrics
 
     def evaluate_prompt(self, contexts: torch.Tensor, split: str = "test") -> Metrics:
         """One prompt's metrics on the test or validation split.
@@ -479,7 +506,10 @@ class BlackBoxForgetting:
         must not cost a kept class, and H alone would not show it); ``safe_H`` is H
         when DevSafety >= -safety_tolerance, else ``-1 + devsafety``.
         """
-        predictions = self._predictions(contexts, split)
+        return self._prompt_metrics(self._predictions(contexts, split), split)
+
+    def _prompt_metrics(self, predictions: np.ndarray, split: str) -> Metrics:
+        """:meth:`evaluate_prompt`'s metrics of one prompt's predictions on ``split``."""
         _, labels, forget, _ = self._split(split)
         metrics = {
             key: float(values[0])

@@ -8,6 +8,14 @@ tables come from ``vlmlab.tasks``, which builds them from these parts.
 from __future__ import annotations
 
 from vlmlab.results._artifact import MANIFEST, Artifact, load_artifact, save_artifact
+from vlmlab.results._identity import (
+    RowGroup,
+    TableGroup,
+    experiments_in,
+    fingerprint,
+    identity,
+    table_groups,
+)
 from vlmlab.results._report import (
     ReportTable,
     StudyMetrics,
@@ -29,10 +37,15 @@ __all__ = [
     "Artifact",
     "ReportTable",
     "ResultsStore",
+    "RowGroup",
     "StudyMetrics",
+    "TableGroup",
     "budget_tables",
     "completed",
+    "experiments_in",
+    "fingerprint",
     "finish_panel",
+    "identity",
     "is_missing",
     "load_artifact",
     "mean_curve",
@@ -44,5 +57,6 @@ __all__ = [
     "runs_schema",
     "save_artifact",
     "save_figure",
+    "table_groups",
     "write_parquet_atomic",
 ]

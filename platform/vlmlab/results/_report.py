@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from vlmlab._io import atomic_write_bytes
+from vlmlab.results._identity import TableGroup
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,15 @@ def _study_runs(runs: pd.DataFrame, metrics: StudyMetrics) -> pd.DataFrame:
     return done[budgets >= 2]
 
 
-def budget_tables(runs: pd.DataFrame, metrics: StudyMetrics) -> list[ReportTable]:
-    """Per study and metric: method (rows) x query budget (columns), test %, mean ± std."""
+def budget_tables(
+    runs: pd.DataFrame, metrics: StudyMetrics, references: Mapping[str, str] | None = None
+) -> list[ReportTable]:
+    """Per study and metric: method (rows) x query budget (columns), test %, mean ± std.
+
+    Args:
+        references: further zero-query references (``dropclasses``) and their row labels:
+            a row each, after zero-shot, where the runs measured it.
+    """
     tables = []
     for (experiment, task, dataset, backend, model), group in _study_runs(runs, metrics).groupby(
         _STUDY_GROUP, sort=True
@@ -77,6 +85,11 @@ def budget_tables(runs: pd.DataFrame, metrics: StudyMetrics) -> list[ReportTable
             columns = ["method", *[f"{b} queries" for b in budgets], "seeds"]
             zero_shot = mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
             rows = [["zero-shot", *[zero_shot for _ in budgets], str(group.seed.nunique())]]
+            for reference, reference_label in (references or {}).items():
+                column = f"{reference}_test_{key}"
+                if column in group and not group[column].isna().all():
+                    value = mean_std(group[column].drop_duplicates())
+                    rows.append([reference_label, *[value for _ in budgets], rows[0][-1]])
             for method, of_method in group.groupby("method", sort=True):
                 cells = [mean_std(of_method[of_method.budget == b][f"test_{key}"]) for b in budgets]
                 rows.append([str(method), *cells, str(of_method.seed.nunique())])
@@ -120,13 +133,12 @@ def plot_budget(runs: pd.DataFrame, metrics: StudyMetrics, path: Path) -> Path |
             zero_shot = float(np.nanmean(group[f"zeroshot_test_{key}"])) * 100
             finish_panel(
                 ax,
-                (dataset, backend, model),
+                f"{experiment}: {backend} {model}\n{dataset}",
                 zero_shot,
                 "zero-shot",
                 "queries used",
                 f"test {label} (%)",
             )
-            ax.set_title(f"{experiment}: {backend} {model}\n{dataset}", fontsize=9)
         for col in range(len(metrics[str(task)]), n_cols):
             axes[row][col].set_visible(False)
     return save_figure(fig, "Query-budget study: test metrics against queries used", path)
@@ -137,29 +149,28 @@ def mean_curve(ax: Any, x: Any, mean: pd.Series, std: pd.Series, label: str) -> 
     ax.errorbar(x, mean * 100, yerr=std.fillna(0) * 100, marker="o", ms=4, capsize=3, label=label)
 
 
-def panels(done: pd.DataFrame, width: float) -> tuple[Any, list[tuple[Any, Any, pd.DataFrame]]]:
-    """One subplot per (dataset, backend, model) group of ``done``: (figure, [(axis, key, rows)])."""
+def panels(groups: Sequence[TableGroup], width: float) -> tuple[Any, list[tuple[Any, TableGroup]]]:
+    """One subplot per report table (``TableGroup``: one experiment in one setting):
+    (figure, [(axis, group)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(done.groupby(["dataset", "backend", "model"], sort=True))
     fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), 4.2), squeeze=False)
-    return fig, [(ax, key, rows) for ax, (key, rows) in zip(axes[0], groups, strict=True)]
+    return fig, list(zip(axes[0], groups, strict=True))
 
 
 def finish_panel(
     ax: Any,
-    key: tuple[str, str, str],
+    title: str,
     zero_shot: float,
     zero_shot_label: str,
     xlabel: str,
     ylabel: str,
 ) -> None:
-    dataset, backend, model = key
     ax.axhline(zero_shot, color="gray", ls="--", lw=1, label=zero_shot_label)
-    ax.set_title(f"{backend} {model}\n{dataset}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

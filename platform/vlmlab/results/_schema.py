@@ -3,7 +3,9 @@
 ``runs``: one row per trial (ids, what ran, status, counts, final metrics).
 Final metrics are columns named ``<split>_<metric>``; a run's reference
 (the zero-shot prompt, or the model before training) sits beside them as
-``zeroshot_<split>_<metric>``. The metric names come from the task registry
+``zeroshot_<split>_<metric>`` (a forgetting run also has the zero-query
+``dropclasses_<split>_<metric>``). Metrics are fractions; the unit of every
+column that has one is in its Arrow field metadata. The metric names come from the task registry
 (``vlmlab.tasks.runs_schema()``), so the schema is fixed for a given set of
 tasks: every file holds the metric columns of every task, null where a task
 has none, and any Parquet reader sees the same columns in every file.
@@ -13,7 +15,7 @@ has none, and any Parquet reader sees the same columns in every file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 
@@ -23,6 +25,7 @@ SPLITS = ("test", "val")
 BASE_RUN_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("run_id", pa.string()),
     ("experiment", pa.string()),
+    ("fingerprint", pa.string()),
     ("task", pa.string()),
     ("method", pa.string()),
     ("backend", pa.string()),
@@ -32,6 +35,7 @@ BASE_RUN_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("seed", pa.int64()),
     ("config", pa.string()),
     ("status", pa.string()),
+    ("error", pa.string()),
     ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")),
     ("queries_used", pa.int64()),
@@ -47,21 +51,68 @@ BASE_RUN_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 )
 
 
-def metric_columns(metrics: Iterable[str]) -> tuple[str, ...]:
-    """``<split>_<metric>`` and ``zeroshot_<split>_<metric>`` for each metric name, in order."""
+REFERENCE = "zeroshot"
+"""Every task's reference (the zero-shot prompt, or the model before training)."""
+
+
+def metric_columns(
+    metrics: Iterable[str], references: Mapping[str, Iterable[str]] | None = None
+) -> tuple[str, ...]:
+    """``<split>_<metric>`` and ``zeroshot_<split>_<metric>`` for each metric name, in order,
+    then ``<reference>_<split>_<metric>`` for each further reference and its metrics (the
+    forgetting task's ``dropclasses``)."""
     names = list(dict.fromkeys(metrics))
-    return tuple(
+    columns = [
         f"{prefix}{split}_{metric}"
-        for prefix in ("", "zeroshot_")
+        for prefix in ("", f"{REFERENCE}_")
         for split in SPLITS
         for metric in names
-    )
+    ]
+    for reference, of_reference in (references or {}).items():
+        columns += [
+            f"{reference}_{split}_{metric}"
+            for split in SPLITS
+            for metric in dict.fromkeys(of_reference)
+        ]
+    return tuple(columns)
 
 
-def runs_schema(metrics: Iterable[str] = ()) -> pa.Schema:
-    """The ``runs`` schema: the fixed columns, then a float column per metric column."""
+METRIC_UNIT = {"unit": "fraction", "display": "percent (points) = value x 100"}
+"""Arrow field metadata of every metric column: stored as fractions, shown in percent."""
+
+FIELD_UNITS: dict[str, dict[str, str]] = {
+    "queries_used": {"unit": "queries", "meaning": "candidate prompts scored on one batch each"},
+    "budget": {"unit": "queries"},
+    "images_scored": {"unit": "images"},
+    "wall_seconds": {"unit": "seconds"},
+    "shots": {"unit": "images per class"},
+    "generations": {"unit": "generations (epochs for white-box methods)"},
+    "best_generation": {"unit": "generation"},
+}
+"""Arrow field metadata of the fixed ``runs`` columns that carry a unit."""
+
+
+def _field(name: str, dtype: pa.DataType, unit: Mapping[str, str] | None) -> pa.Field:
+    return pa.field(name, dtype, metadata=dict(unit) if unit else None)
+
+
+def runs_schema(
+    metrics: Iterable[str] = (), references: Mapping[str, Iterable[str]] | None = None
+) -> pa.Schema:
+    """The ``runs`` schema: the fixed columns, then a float column per metric column.
+
+    Each column with a unit carries it in its Arrow field metadata (``unit``):
+    metric columns are fractions (reports show them in percent), counts name
+    what they count, times are seconds.
+    """
     return pa.schema(
-        [*BASE_RUN_FIELDS, *[(name, pa.float64()) for name in metric_columns(metrics)]]
+        [
+            *[_field(name, dtype, FIELD_UNITS.get(name)) for name, dtype in BASE_RUN_FIELDS],
+            *[
+                _field(name, pa.float64(), METRIC_UNIT)
+                for name in metric_columns(metrics, references)
+            ],
+        ]
     )
 
 
@@ -69,11 +120,15 @@ STEPS_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
         ("step", pa.int64()),
-        ("queries_used", pa.int64()),
-        ("images_scored", pa.int64()),
-        ("wall_seconds", pa.float64()),
+        _field("queries_used", pa.int64(), FIELD_UNITS["queries_used"]),
+        _field("images_scored", pa.int64(), FIELD_UNITS["images_scored"]),
+        _field("wall_seconds", pa.float64(), FIELD_UNITS["wall_seconds"]),
         ("split", pa.string()),
         ("metric", pa.string()),
-        ("value", pa.float64()),
+        pa.field(
+            "value",
+            pa.float64(),
+            metadata={"unit": "by metric: accuracies, errors, H and deltas are fractions"},
+        ),
     ]
 )

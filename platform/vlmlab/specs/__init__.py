@@ -11,8 +11,10 @@ dataset names from the dataset registry.
 from __future__ import annotations
 
 from vlmlab.specs._load import apply_overrides, load_spec, validate_spec
+from vlmlab.specs._preflight import Preflight, preflight
 from vlmlab.specs._run import RunSpec
 from vlmlab.specs._sections import (
+    RANDOM_INIT,
     BackendSpec,
     BudgetSpec,
     DataSpec,
@@ -25,11 +27,13 @@ from vlmlab.specs._sections import (
 )
 
 __all__ = [
+    "RANDOM_INIT",
     "BackendSpec",
     "BudgetSpec",
     "DataSpec",
     "ParamSpec",
     "PoolSpec",
+    "Preflight",
     "RunSpec",
     "SpecError",
     "StudySpec",
@@ -37,5 +41,6 @@ __all__ = [
     "TrackingSpec",
     "apply_overrides",
     "load_spec",
+    "preflight",
     "validate_spec",
 ]

@@ -79,7 +79,9 @@ def _describe(error: Any, model: type[BaseModel], prefix: tuple[str, ...] = ()) 
     if not loc and not prefix:  # a check across fields: the message names them
         return message
     if isinstance(error.get("input"), dict):  # a check across a section's fields
-        return f"{location}: {message}"
+        # ... whose message may name the field itself (``backend.pretrained: ...``)
+        names_field = message.startswith(f"{location}.") and message.split(" ", 1)[0].endswith(":")
+        return message if names_field else f"{location}: {message}"
     return f"{location}: got {error.get('input')!r}; {message}"
 
 

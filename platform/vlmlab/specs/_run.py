@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from vlmlab.results import fingerprint
 from vlmlab.specs._sections import (
     BackendSpec,
     BudgetSpec,
@@ -76,6 +77,9 @@ class RunSpec(StrictModel):
     (e.g. ``the weather is {}.``)."""
     expected: dict[str, Any] | None = None
     """The paper's numbers for this setting, as a note; never used in computation."""
+    experiment: str | None = None
+    """Set by :meth:`expand_trials` when variants sharing a method name rename their
+    trials (``<name>-v<i>``): the experiment they belong to. Not written in specs."""
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +132,16 @@ class RunSpec(StrictModel):
         if value.count("{}") != 1:
             raise ValueError("must contain '{}' exactly once, where the class name goes")
         return value
+
+    @property
+    def experiment_name(self) -> str:
+        """The experiment a trial belongs to (the spec's ``name``)."""
+        return self.experiment or self.name
+
+    def fingerprint(self) -> str:
+        """A digest of everything that can change an expanded trial's result: equal for
+        trials that differ only by seed (``vlmlab.results.fingerprint``)."""
+        return fingerprint(self.model_dump(mode="json"))
 
     @property
     def prompt_phrase(self) -> str:
@@ -235,6 +249,7 @@ class RunSpec(StrictModel):
                     "method": method,
                     "variants": None,
                     "name": self.name if unique else f"{self.name}-v{i}",
+                    "experiment": self.experiment_name,
                     "data": self.data.model_copy(update={"shots": shots}),
                     "budget": BudgetSpec(max_queries=self.query_budget(shots)),
                 }

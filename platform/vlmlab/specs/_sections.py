@@ -10,6 +10,9 @@ from vlmlab.errors import VlmlabError
 from vlmlab.tasks import DEFAULT_TASK, get_task
 from vlmlab.tasks import StrictModel as _Strict
 
+RANDOM_INIT = "random-init"
+"""``backend.pretrained`` for untrained weights, said on purpose."""
+
 
 class SpecError(VlmlabError, ValueError):
     """A spec file or override is malformed; the message lists every problem."""
@@ -21,7 +24,9 @@ class BackendSpec(_Strict):
 
     name: str = "conse"
     pretrained: str | None = None
-    """open_clip: a pretrained tag (e.g. ``openai``) or a local checkpoint path."""
+    """open_clip (required): a pretrained tag (``openai``), a local checkpoint path, an
+    ``hf-hub:`` name, or ``random-init`` for untrained weights (exactness and latency
+    studies); reports name the weights, ``random-init`` included."""
     device: str | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cache_dir: str | None = None
@@ -49,6 +54,13 @@ class BackendSpec(_Strict):
                 f"backend.pretrained: the {self.name} backend has no pretrained weights to "
                 "choose; remove the field"
             )
+        if self.pretrained is None and takes_weights:
+            raise ValueError(
+                f"backend.pretrained: the {self.name} backend needs its weights named: a "
+                "pretrained tag (openai), a checkpoint file, an hf-hub: name, or "
+                f"{RANDOM_INIT} for untrained weights (a CLIP with random weights recognizes "
+                "nothing)"
+            )
         return self
 
     def oracle_kwargs(self) -> dict[str, Any]:
@@ -60,7 +72,7 @@ class BackendSpec(_Strict):
             kwargs["cache_dir"] = self.cache_dir
         if self.name.startswith("open_clip"):
             kwargs["precision"] = self.precision
-        if self.pretrained is not None:
+        if self.pretrained is not None and self.pretrained != RANDOM_INIT:
             kwargs["pretrained"] = self.pretrained
         return kwargs
 

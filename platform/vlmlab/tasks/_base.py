@@ -37,7 +37,15 @@ from pydantic import BaseModel, ConfigDict
 from vlmlab.data import ImageDataset
 from vlmlab.methods import Method, Metrics
 from vlmlab.oracle import LocalOracle, Oracle
-from vlmlab.results import ReportTable, completed, mean_std, metric_columns, runs_schema
+from vlmlab.results import (
+    ReportTable,
+    TableGroup,
+    completed,
+    mean_std,
+    metric_columns,
+    runs_schema,
+    table_groups,
+)
 
 if TYPE_CHECKING:  # the spec layer sits above this one: types only
     import pyarrow as pa
@@ -101,6 +109,10 @@ class Task:
     """The splits evaluated at every checkpoint."""
     artifact_tensor: ClassVar[str] = "contexts"
     """The tensor no artifact of this task may lack."""
+    extra_references: ClassVar[tuple[str, ...]] = ()
+    """References beside the zero-shot one that the method's ``reference()`` returns as
+    ``<reference>:<metric>`` (forgetting: ``dropclasses``, the zero-query bound); each
+    is a set of ``runs`` columns ``<reference>_<split>_<metric>``."""
 
     # ------------------------------------------------------------------ specs
     @property
@@ -127,6 +139,10 @@ class Task:
         if not self.white_box and self.is_white_box(_Named(method)):
             return f"{method} (white-box)"
         return method
+
+    def reference_label(self, reference: str) -> str:
+        """How tables name one of :attr:`extra_references`."""
+        return reference
 
     def queries_per_generation(self, method: Any) -> int:
         """What one generation costs (the population, by default)."""
@@ -189,35 +205,46 @@ class Task:
         return oracle.class_embeddings(contexts, artifact.manifest["class_names"])[0], None
 
     # ----------------------------------------------------------------- report
-    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
-        """One table per (dataset, backend, model): the metrics by method, zero-shot first."""
-        done = completed(runs, self.name)
+    table_axes: ClassVar[tuple[str, ...]] = ()
+    """Spec fields (dotted) a report table spreads across its columns (CraFT: shots and
+    their budget); every other difference in the config splits tables or rows."""
+
+    def table_groups(self, runs: pd.DataFrame) -> list[TableGroup]:
+        """The completed runs of this task, one group per report table (one experiment in
+        one setting; ``vlmlab.results.table_groups``)."""
+        return table_groups(completed(runs, self.name), axes=self.table_axes)
+
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 1.0) -> list[ReportTable]:
+        """One table per experiment and setting: the metrics by method, zero-shot first.
+
+        Args:
+            tolerance: DevSafety slack, in points, that a task counting safe seeds allows.
+        """
         tables = []
-        for (dataset, backend, model), group in done.groupby(
-            ["dataset", "backend", "model"], sort=True
-        ):
+        for group in self.table_groups(runs):
+            runs_of = group.runs
             columns = ["method", "seeds", *[label for _, label in self.metrics], "queries"]
             rows = [
                 [
                     "zero-shot",
-                    str(group.seed.nunique()),
+                    str(runs_of.seed.nunique()),
                     *[
-                        mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+                        mean_std(runs_of[f"zeroshot_test_{key}"].drop_duplicates())
                         for key, _ in self.metrics
                     ],
                     "0",
                 ]
             ]
-            for method, of_method in group.groupby("method", sort=True):
+            for row in group.rows(self.method_label):
                 rows.append(
                     [
-                        self.method_label(str(method)),
-                        str(len(of_method)),
-                        *[mean_std(of_method[f"test_{key}"]) for key, _ in self.metrics],
-                        f"{int(of_method.queries_used.median())}",
+                        row.label,
+                        str(len(row.runs)),
+                        *[mean_std(row.runs[f"test_{key}"]) for key, _ in self.metrics],
+                        f"{int(row.runs.queries_used.median())}",
                     ]
                 )
-            title = f"{self.title} — {backend} {model} on {dataset} (test, %)"
+            title = f"{self.title} — {group.where} (test, %)"
             tables.append(ReportTable(title, columns, rows))
         return tables
 
@@ -226,18 +253,19 @@ class Task:
         return []
 
     def headline(self, outcomes: list[Any], backend: str, dataset: str) -> list[str]:
-        """One line per (method, shots): the headline metric, zero-shot -> mean ± std over seeds."""
+        """One line per (method, shots): the headline metric in percent, zero-shot -> mean ± std
+        over seeds."""
         key, label = self.metrics[0]
         lines = []
         finished = [o for o in outcomes if o.test]
         for method, shots in dict.fromkeys((o.method, o.shots) for o in finished):
             group = [o for o in finished if o.method == method and o.shots == shots]
-            values = [o.test[key] for o in group]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            zero_shot = statistics.mean(o.zeroshot_test[key] for o in group)
+            values = [o.test[key] * 100 for o in group]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            zero_shot = statistics.mean(o.zeroshot_test[key] for o in group) * 100
             lines.append(
-                f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.3f} -> {method} "
-                f"{statistics.mean(values):.3f}{spread} (mean over {len(values)} "
+                f"{label} on the test split, {shots}-shot: zero-shot {zero_shot:.2f} -> {method} "
+                f"{statistics.mean(values):.2f}{spread} (%, mean over {len(values)} "
                 f"seed{'s' if len(values) > 1 else ''}; {backend}, {dataset})"
             )
         return lines
@@ -304,13 +332,32 @@ def metric_names() -> list[str]:
     return list(dict.fromkeys(name for task in _TASKS.values() for name, _ in task.metrics))
 
 
+def reference_metrics() -> dict[str, list[str]]:
+    """Each extra reference (``dropclasses``) and the metrics of the tasks that report it."""
+    references: dict[str, list[str]] = {}
+    for task in _TASKS.values():
+        for reference in task.extra_references:
+            known = references.setdefault(reference, [])
+            known += [name for name, _ in task.metrics if name not in known]
+    return references
+
+
 def runs_schema_of_tasks() -> pa.Schema:
     """The ``runs`` schema with the metric columns of every registered task."""
-    return runs_schema(metric_names())
+    return runs_schema(metric_names(), reference_metrics())
 
 
 def metric_columns_of_tasks() -> tuple[str, ...]:
-    return metric_columns(metric_names())
+    return metric_columns(metric_names(), reference_metrics())
+
+
+def reference_labels() -> dict[str, str]:
+    """Each extra reference's row label in tables (``dropclasses`` -> its task's label)."""
+    return {
+        reference: task.reference_label(reference)
+        for task in _TASKS.values()
+        for reference in task.extra_references
+    }
 
 
 def study_metrics() -> dict[str, tuple[tuple[str, str], ...]]:

@@ -32,7 +32,6 @@ from vlmlab.methods.craft import (
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import (
     ReportTable,
-    completed,
     finish_panel,
     mean_curve,
     mean_std,
@@ -106,6 +105,7 @@ class CraftTask(Task):
     method_spec = CraftMethodSpec
     metrics = (("acc", "accuracy"),)
     sweep_metrics = ("val_acc", "test_acc")
+    table_axes = ("data.shots", "budget.max_queries")
 
     def default_budget(self, shots: int) -> int:
         return craft_budget(shots)
@@ -206,26 +206,25 @@ class CraftTask(Task):
         )
         return embeddings, head
 
-    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
-        """One table per (dataset, backend, model): accuracy by shots (K) and method."""
-        done = completed(runs, self.name)
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 1.0) -> list[ReportTable]:
+        """One table per experiment and setting: accuracy by shots (K) and method."""
         tables = []
-        for (dataset, backend, model), group in done.groupby(
-            ["dataset", "backend", "model"], sort=True
-        ):
-            ladder = sorted(int(k) for k in group.shots.dropna().unique())
+        for group in self.table_groups(runs):
+            runs_of = group.runs
+            ladder = sorted(int(k) for k in runs_of.shots.dropna().unique())
             columns = ["method", *[f"{k}-shot" for k in ladder], "seeds", "queries"]
-            by_shots = {k: group[group.shots == k] for k in ladder}
+            by_shots = {k: runs_of[runs_of.shots == k] for k in ladder}
             # The zero-shot prompt's test accuracy does not depend on K: one value per run.
             rows = [
                 [
                     "zero-shot",
                     *[mean_std(by_shots[k].zeroshot_test_acc.drop_duplicates()) for k in ladder],
-                    str(group.seed.nunique()),
+                    str(runs_of.seed.nunique()),
                     "0",
                 ]
             ]
-            for method, of_method in group.groupby("method", sort=True):
+            for row in group.rows(self.method_label):
+                of_method = row.runs
                 cells = [mean_std(of_method[of_method.shots == k].test_acc) for k in ladder]
                 queries = "/".join(
                     str(int(of_method[of_method.shots == k].queries_used.median()))
@@ -233,25 +232,25 @@ class CraftTask(Task):
                     else "-"
                     for k in ladder
                 )
-                rows.append(
-                    [self.method_label(str(method)), *cells, str(of_method.seed.nunique()), queries]
-                )
-            title = f"CraFT — {backend} {model} on {dataset} (test accuracy, %, by shots)"
+                rows.append([row.label, *cells, str(of_method.seed.nunique()), queries])
+            title = f"CraFT — {group.where} (test accuracy, %, by shots)"
             tables.append(ReportTable(title, columns, rows))
         return tables
 
     def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
         """Test accuracy against shots, one line per method (mean over seeds)."""
-        done = completed(runs, self.name)
-        if done.empty:
+        groups = self.table_groups(runs)
+        if not groups:
             return []
-        fig, grid = panels(done, width=6.0)
-        for ax, key, group in grid:
-            for method, of_method in group.groupby("method", sort=True):
-                curve = of_method.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
-                mean_curve(ax, curve.index, curve["mean"], curve["std"], str(method))
+        fig, grid = panels(groups, width=6.0)
+        for ax, group in grid:
+            for row in group.rows(self.method_label):
+                curve = row.runs.groupby("shots").test_acc.agg(["mean", "std"]).sort_index()
+                mean_curve(ax, curve.index, curve["mean"], curve["std"], row.label)
             ax.set_xscale("log", base=2)
-            zero_shot = float(np.nanmean(group.zeroshot_test_acc)) * 100
-            finish_panel(ax, key, zero_shot, "zero-shot", "shots per class", "test accuracy (%)")
+            zero_shot = float(np.nanmean(group.runs.zeroshot_test_acc)) * 100
+            finish_panel(
+                ax, group.where, zero_shot, "zero-shot", "shots per class", "test accuracy (%)"
+            )
         path = folder / "craft_accuracy_vs_shots.png"
         return [save_figure(fig, "CraFT: accuracy by shots", path)]

@@ -24,7 +24,7 @@ from pydantic import Field
 from vlmlab.methods import FineTunableModel, Method
 from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_data
 from vlmlab.oracle import LocalOracle, Oracle
-from vlmlab.results import ReportTable, completed, finish_panel, mean_std, panels, save_figure
+from vlmlab.results import ReportTable, finish_panel, mean_std, panels, save_figure
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
 
 if TYPE_CHECKING:
@@ -171,19 +171,16 @@ class DevSafetyTask(Task):
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         return artifact.tensors["class_embeddings"].float(), None
 
-    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
-        """One table per (experiment, dataset, backend, model) of completed devsafety runs.
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 1.0) -> list[ReportTable]:
+        """One table per experiment and setting of completed devsafety runs.
 
         Rows are methods; cells are test-split figures in percent, mean ± std over
         seeds. The safety ratio is the share of seeds with DevSafety(acc) >= 0 (the
-        paper's definition); the next column allows ``tolerance`` (a stated slack).
+        paper's definition); the next column allows ``tolerance`` points (a stated slack).
         """
-        done = completed(runs, self.name)
         tables = []
-        for (experiment, dataset, backend, model), group in done.groupby(
-            ["experiment", "dataset", "backend", "model"], sort=True
-        ):
-            slack = f"{tolerance * 100:g}"
+        for group in self.table_groups(runs):
+            slack = f"{tolerance:g}"
             columns = [
                 "method",
                 "seeds",
@@ -196,11 +193,12 @@ class DevSafetyTask(Task):
                 f"safe within {slack} pt",
             ]
             rows = []
-            for method, of_method in group.groupby("method", sort=True):
+            for row in group.rows(self.method_label):
+                of_method = row.runs
                 safety = of_method.test_devsafety.astype(float)
                 rows.append(
                     [
-                        str(method),
+                        row.label,
                         str(len(of_method)),
                         mean_std(of_method.zeroshot_test_target_acc),
                         mean_std(of_method.test_target_acc),
@@ -208,10 +206,10 @@ class DevSafetyTask(Task):
                         mean_std(safety),
                         f"{safety.min() * 100:.2f}",
                         f"{int((safety >= 0).sum())}/{len(safety)}",
-                        f"{int((safety >= -tolerance - 1e-12).sum())}/{len(safety)}",
+                        f"{int((safety * 100 >= -tolerance - 1e-9).sum())}/{len(safety)}",
                     ]
                 )
-            title = f"{self.title} — {experiment}: {backend} {model} on {dataset} (test, %)"
+            title = f"{self.title} — {group.where} (test, %)"
             tables.append(ReportTable(title, columns, rows))
         return tables
 
@@ -220,21 +218,21 @@ class DevSafetyTask(Task):
 
         Safe runs sit on or above the dashed line; the best are far to the right.
         """
-        done = completed(runs, self.name)
-        if done.empty:
+        groups = self.table_groups(runs)
+        if not groups:
             return []
-        fig, grid = panels(done, width=6.0)
-        for ax, key, group in grid:
-            for method, of_method in group.groupby("method", sort=True):
+        fig, grid = panels(groups, width=6.0)
+        for ax, group in grid:
+            for row in group.rows(self.method_label):
                 ax.scatter(
-                    of_method.test_target_gain * 100,
-                    of_method.test_devsafety * 100,
+                    row.runs.test_target_gain * 100,
+                    row.runs.test_devsafety * 100,
                     s=28,
-                    label=f"{method} ({len(of_method)} runs)",
+                    label=f"{row.label} ({len(row.runs)} runs)",
                 )
             finish_panel(
                 ax,
-                key,
+                group.where,
                 0.0,
                 "DevSafety = 0 (safe above)",
                 "target gain (points)",
@@ -256,8 +254,9 @@ class DevSafetyTask(Task):
             safety = [o.test["devsafety"] for o in group]
             safe = sum(value >= 0 for value in safety)
             lines.append(
-                f"{method}: target accuracy {old:.3f} -> {new:.3f}, DevSafety(acc) mean "
-                f"{statistics.mean(safety):+.3f} (worst {min(safety):+.3f}), safe (>= 0) in "
-                f"{safe}/{len(group)} seeds (test split; {backend}, {dataset})"
+                f"{method}: target accuracy {old * 100:.2f} -> {new * 100:.2f} %, DevSafety(acc) "
+                f"mean {statistics.mean(safety) * 100:+.2f} points (worst "
+                f"{min(safety) * 100:+.2f}), safe (>= 0) in {safe}/{len(group)} seeds "
+                f"(test split; {backend}, {dataset})"
             )
         return lines

@@ -19,11 +19,15 @@ from pydantic import Field
 from vlmlab.data import class_indices, partition_classes
 from vlmlab.methods import Method, Metrics
 from vlmlab.methods.coop import CoOpForgetting
-from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig, make_forgetting_data
+from vlmlab.methods.forgetting import (
+    DROP_CLASSES,
+    BlackBoxForgetting,
+    ForgettingConfig,
+    make_forgetting_data,
+)
 from vlmlab.oracle import Oracle
 from vlmlab.results import (
     ReportTable,
-    completed,
     finish_panel,
     mean_std,
     panels,
@@ -31,6 +35,9 @@ from vlmlab.results import (
 )
 from vlmlab.tasks._base import MethodSpec, Task, TrialData
 from vlmlab.tasks._coop import COOP, CoOpSettings, is_coop
+
+DROP_CLASSES_LABEL = "drop forget classes (0 queries)"
+"""The zero-query reference's name in tables and figures."""
 
 if TYPE_CHECKING:
     from vlmlab.specs import RunSpec
@@ -85,10 +92,14 @@ class ForgettingTask(Task):
     )
     table_metrics = metrics[:4]
     sweep_metrics = ("val_H", "test_H", "val_safe_H")
+    extra_references = (DROP_CLASSES,)
     evaluation_splits = ("test",)  # validation H is scored every generation
 
     def is_white_box(self, method: Any) -> bool:
         return is_coop(method)
+
+    def reference_label(self, reference: str) -> str:
+        return DROP_CLASSES_LABEL if reference == DROP_CLASSES else reference
 
     def generations(self, spec: RunSpec) -> int:
         if is_coop(spec.method):
@@ -165,15 +176,17 @@ class ForgettingTask(Task):
             "white_box": isinstance(method, CoOpForgetting),
         }
 
-    def tables(self, runs: pd.DataFrame, *, tolerance: float = 0.01) -> list[ReportTable]:
+    def tables(self, runs: pd.DataFrame, *, tolerance: float = 1.0) -> list[ReportTable]:
         """H, Err_fgt, Acc_mem and DevSafety by method; the worst DevSafety of any seed and
-        how many seeds kept every kept class within ``tolerance`` of zero-shot."""
-        done = completed(runs, self.name)
+        how many seeds kept every kept class within ``tolerance`` points of zero-shot.
+
+        Two references come first, both spending no query: the zero-shot prompt, and
+        the zero-shot prompt with the forget classes dropped from the candidate list
+        (what a prompt on the forget classes alone can at best reach).
+        """
         tables = []
-        for (dataset, backend, model), group in done.groupby(
-            ["dataset", "backend", "model"], sort=True
-        ):
-            slack = f"{tolerance * 100:g}"
+        for group in self.table_groups(runs):
+            runs_of = group.runs
             columns = [
                 "method",
                 "seeds",
@@ -182,24 +195,27 @@ class ForgettingTask(Task):
                 "Acc_mem",
                 "DevSafety",
                 "worst",
-                f"safe (≥ −{slack})",
+                f"safe (≥ −{tolerance:g})",
                 "queries",
             ]
-            first = ["zero-shot", str(group.seed.nunique())]
+            seeds = str(runs_of.seed.nunique())
             rows = [
-                first
+                ["zero-shot", seeds]
                 + [
-                    mean_std(group[f"zeroshot_test_{key}"].drop_duplicates())
+                    mean_std(runs_of[f"zeroshot_test_{key}"].drop_duplicates())
                     for key in ("H", "err_fgt", "acc_mem")
                 ]
                 + ["0.00", "0.00", "-", "0"]
             ]
-            for method, of_method in group.groupby("method", sort=True):
+            drop = self._drop_classes_row(runs_of, seeds, tolerance)
+            rows += [drop] if drop else []
+            for row in group.rows(self.method_label):
+                of_method = row.runs
                 safety = of_method.test_devsafety.astype(float)
                 known = safety.dropna()
                 rows.append(
                     [
-                        self.method_label(str(method)),
+                        row.label,
                         str(len(of_method)),
                         *[
                             mean_std(of_method[f"test_{key}"])
@@ -207,41 +223,76 @@ class ForgettingTask(Task):
                         ],
                         mean_std(safety),
                         f"{known.min() * 100:.2f}" if len(known) else "-",
-                        f"{int((known >= -tolerance - 1e-12).sum())}/{len(known)}"
+                        f"{int((known * 100 >= -tolerance - 1e-9).sum())}/{len(known)}"
                         if len(known)
                         else "-",
                         f"{int(of_method.queries_used.median())}",
                     ]
                 )
-            title = f"{self.title} — {backend} {model} on {dataset} (test, %)"
+            title = f"{self.title} — {group.where} (test, %)"
             tables.append(ReportTable(title, columns, rows))
         return tables
 
+    @staticmethod
+    def _drop_classes_row(runs: pd.DataFrame, seeds: str, tolerance: float) -> list[str] | None:
+        """The zero-query reference row, or None for runs written before it was measured."""
+        prefix = f"{DROP_CLASSES}_test_"
+        if f"{prefix}H" not in runs or runs[f"{prefix}H"].isna().all():
+            return None
+        safety = runs[f"{prefix}devsafety"].astype(float).dropna()
+        return (
+            [DROP_CLASSES_LABEL, seeds]
+            + [
+                mean_std(runs[f"{prefix}{key}"].drop_duplicates())
+                for key in ("H", "err_fgt", "acc_mem")
+            ]
+            + [
+                mean_std(safety.drop_duplicates()),
+                f"{safety.min() * 100:.2f}" if len(safety) else "-",
+                f"{int((safety * 100 >= -tolerance - 1e-9).sum())}/{len(safety)}"
+                if len(safety)
+                else "-",
+                "0",
+            ]
+        )
+
     def figures(self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path) -> list[Path]:
-        """H against queries (one line per run) and H against DevSafety (a point per run)."""
+        """H against queries (one line per run) and H against DevSafety (a point per run),
+        in percent, with the zero-shot and drop-classes references marked."""
         paths = self._h_against_queries(runs, steps, folder)
-        done = completed(runs, self.name).dropna(subset=["test_devsafety"])
-        if done.empty:
+        groups = [g for g in self.table_groups(runs) if not g.runs.test_devsafety.isna().all()]
+        if not groups:
             return paths
-        fig, grid = panels(done, width=6.5)
+        fig, grid = panels(groups, width=6.5)
         import matplotlib.pyplot as plt
 
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for ax, key, group in grid:
-            for i, (method, of_method) in enumerate(group.groupby("method", sort=True)):
+        for ax, group in grid:
+            for i, row in enumerate(group.rows(self.method_label)):
                 ax.scatter(
-                    of_method.test_devsafety * 100,
-                    of_method.test_H * 100,
+                    row.runs.test_devsafety * 100,
+                    row.runs.test_H * 100,
                     color=colors[i % len(colors)],
-                    label=str(method),
+                    label=row.label,
                     s=28,
                 )
-            zero_h = float(np.nanmean(group.zeroshot_test_H)) * 100
+            runs_of = group.runs
+            zero_h = float(np.nanmean(runs_of.zeroshot_test_H)) * 100
             ax.scatter([0.0], [zero_h], color="black", marker="x", label="zero-shot")
+            drop_h = f"{DROP_CLASSES}_test_H"
+            if drop_h in runs_of and not runs_of[drop_h].isna().all():
+                ax.scatter(
+                    [float(np.nanmean(runs_of[f"{DROP_CLASSES}_test_devsafety"])) * 100],
+                    [float(np.nanmean(runs_of[drop_h])) * 100],
+                    color="black",
+                    marker="*",
+                    s=80,
+                    label=DROP_CLASSES_LABEL,
+                )
             ax.axvline(0.0, color="grey", lw=0.8, ls=":")
             ax.set_xlabel("DevSafety: worst kept class vs zero-shot (test, points)")
             ax.set_ylabel("H (test, %)")
-            ax.set_title(key, fontsize=9)
+            ax.set_title(group.where, fontsize=9)
             ax.legend(fontsize=8)
         path = folder / "forgetting_H_vs_devsafety.png"
         return [*paths, save_figure(fig, "Forgetting: H against DevSafety, a point per seed", path)]
@@ -249,39 +300,49 @@ class ForgettingTask(Task):
     def _h_against_queries(
         self, runs: pd.DataFrame, steps: pd.DataFrame, folder: Path
     ) -> list[Path]:
-        """Validation and test H against queries used, one line per run."""
-        done = completed(runs, self.name)
-        if done.empty:
+        """Validation and test H (%) against queries used, one line per run."""
+        groups = self.table_groups(runs)
+        if not groups:
             return []
-        fig, grid = panels(done, width=6.5)
+        fig, grid = panels(groups, width=6.5)
         import matplotlib.pyplot as plt  # after panels() chose the headless backend
 
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for ax, key, group in grid:
-            for i, (method, of_method) in enumerate(group.groupby("method", sort=True)):
+        for ax, group in grid:
+            for i, row in enumerate(group.rows(self.method_label)):
                 color = colors[i % len(colors)]
-                for j, run in enumerate(of_method.itertuples()):
+                for j, run in enumerate(row.runs.itertuples()):
                     mine = steps[steps.run_id == run.run_id].sort_values("step")
                     val = mine[(mine.split == "val") & (mine.metric == "best_H")]
                     test = mine[(mine.split == "test") & (mine.metric == "H")]
-                    label = method if j == 0 else None
-                    ax.plot(val.queries_used, val.value, color=color, alpha=0.35, lw=1)
+                    label = row.label if j == 0 else None
+                    ax.plot(val.queries_used, val.value * 100, color=color, alpha=0.35, lw=1)
                     ax.plot(
                         test.queries_used,
-                        test.value,
+                        test.value * 100,
                         color=color,
                         marker="o",
                         ms=3,
                         lw=1.5,
                         label=label,
                     )
+            runs_of = group.runs
+            drop_h = f"{DROP_CLASSES}_test_H"
+            if drop_h in runs_of and not runs_of[drop_h].isna().all():
+                ax.axhline(
+                    float(np.nanmean(runs_of[drop_h])) * 100,
+                    color="black",
+                    ls=":",
+                    lw=1,
+                    label=f"{DROP_CLASSES_LABEL} (test)",
+                )
             finish_panel(
                 ax,
-                key,
-                float(np.nanmean(group.zeroshot_test_H)),
+                group.where,
+                float(np.nanmean(runs_of.zeroshot_test_H)) * 100,
                 "zero-shot (test)",
                 "queries used",
-                "H (faint: best validation H; markers: test H)",
+                "H, % (faint: best validation H; markers: test H)",
             )
         path = folder / "forgetting_H_vs_queries.png"
         return [save_figure(fig, "Black-Box Forgetting: H against queries", path)]

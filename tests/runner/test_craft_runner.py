@@ -134,7 +134,7 @@ def test_the_papers_backend_runs_craft(clip_factory, tmp_path):
     """open_clip RN50 (random init here: no weights offline) through the same runner."""
     tree = {
         **LADDER,
-        "backend": {"name": "open_clip:RN50"},
+        "backend": {"name": "open_clip:RN50", "pretrained": "random-init"},
         "data": {"dataset": "fashion-mnist", "shots": 1, "test_size": 20},
         "method": {"name": "craft", "popsize": 4},
         "budget": {"max_queries": 8},  # 2 generations of 4 candidates

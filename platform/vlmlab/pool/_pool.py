@@ -203,6 +203,10 @@ def oracle_deployment(
     options: dict[str, Any] = {
         "max_ongoing_requests": max_ongoing_requests,
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        # Workers' output reaches the driver (Ray's default): without this, every
+        # generation's request would print an access-log line into the user's terminal.
+        # Warnings and errors still do.
+        "logging_config": {"enable_access_log": False},
     }
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling

@@ -30,6 +30,11 @@ class _TrialWorker:
     """Runs one trial; answers ``latest()`` while it runs (a threaded actor)."""
 
     def __init__(self) -> None:
+        import logging
+
+        # This actor's output reaches the user's terminal: Serve's handle logs each
+        # router it starts at INFO, which is noise there (warnings still show).
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         self._latest: Any = None
         self._started: tuple | None = None
 

@@ -238,7 +238,7 @@ class CoOpForgetting(BlackBoxForgetting):
                     "best_acc_mem": best["acc_mem"],
                 },
             },
-            summary=f"best val H {best['H']:.3f} (white-box)",
+            summary=f"best val H {best['H'] * 100:.2f} % (white-box)",
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -339,7 +339,7 @@ class Craft:
             queries_used=self.queries_used,
             images_scored=self.images_scored,
             metrics={"train": record},
-            summary=f"train acc {record['train_acc']:.3f}",
+            summary=f"train acc {record['train_acc'] * 100:.2f} %",
         )
 
     def _fitness(self, candidates: torch.Tensor) -> torch.Tensor:

@@ -416,7 +416,10 @@ class DevSafety:
                     **{f"acc_change_{c}": change for c, change in changes.items()},
                 },
             },
-            summary=f"val gain {val['target_gain']:+.3f} DevSafety {val['devsafety']:+.3f}",
+            summary=(
+                f"val gain {val['target_gain'] * 100:+.2f} DevSafety {val['devsafety'] * 100:+.2f} "
+                "points"
+            ),
         )
 
     def _draw(self, pool: torch.Tensor, count: int) -> torch.Tensor:

@@ -411,7 +411,7 @@ class BlackBoxForgetting:
                     "eligible": float(eligible.mean()),
                 },
             },
-            summary=f"best val H {best['H']:.3f}",
+            summary=f"best val H {best['H'] * 100:.2f} %",
         )
 
     def _class_logits(

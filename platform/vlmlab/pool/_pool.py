@@ -166,7 +166,11 @@ class OracleReplica:
     def _logits_many(self, requests: list[tuple[Any, ...]]) -> list[np.ndarray]:
         calls = [
             LogitsRequest(
-                torch.from_numpy(contexts), names, self._ensure_image_set(image_set), indices
+                # Ray hands arrays over read-only; torch wants to own writable memory.
+                torch.from_numpy(np.require(contexts, requirements="W")),
+                names,
+                self._ensure_image_set(image_set),
+                indices,
             )
             for contexts, names, image_set, indices in requests
         ]

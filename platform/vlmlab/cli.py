@@ -398,7 +398,8 @@ def _outcome_table(outcomes, task, where: str):
     # A white-box task spends no queries: its last column counts epochs.
     spent = "epochs" if task.white_box else "queries"
     for column in ("prompt", "shots", "seed", *(label for _, label in metrics), spent):
-        table.add_column(column, justify="left" if column == "prompt" else "right")
+        first = column == "prompt"
+        table.add_column(column, justify="left" if first else "right", no_wrap=first)
 
     def cells(values: dict[str, float]) -> list[str]:
         return [f"{values[k] * 100:.2f}" if k in values else "-" for k, _ in metrics]
@@ -820,7 +821,9 @@ def _print_tables(console, tables) -> None:
         console.print(Text(t.title, style="italic"), soft_wrap=True)
         table = Table()
         for column in t.columns:
-            table.add_column(column, justify="left" if column == "method" else "right")
+            # A row's label never breaks (it names the experiment's variant); numbers may.
+            first = column == "method"
+            table.add_column(column, justify="left" if first else "right", no_wrap=first)
         for row in t.rows:
             table.add_row(*(Text(cell) for cell in row))
         console.print(table)

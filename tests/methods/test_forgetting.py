@@ -48,7 +48,9 @@ def _meta(dim: int = 16) -> OracleMetadata:
 
 @pytest.mark.parametrize("variant", ["bbf", "bbt", "wo_lcs"])
 def test_search_shapes_and_projection(variant):
-    config = ForgettingConfig(variant=variant, n_context=3, shared_dim=3, unique_dim=2, popsize=6)
+    config = ForgettingConfig(  # fp32 contexts: the fp16 rounding has its own test
+        variant=variant, n_context=3, shared_dim=3, unique_dim=2, popsize=6, context_rounding="none"
+    )
     search = LatentContextSearch(config, _meta(), seed=0)
     contexts = search.ask()
     assert contexts.shape == (6, 3, 16)
@@ -92,8 +94,46 @@ def test_baselines_have_the_total_size_of_lcs(setting, variant, dims):
     assert config.latent_dim == per_token and search.projection.shape == (16, per_token)
 
 
-def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train):
-    """Official protocol: every candidate on the whole training set, mean of its batch losses."""
+def _reference_losses(order, precision, logits, labels, forget, *, seed, n_context, size):
+    """Each candidate's loss the official way, computed apart from the method: the batches
+    of ``size`` of its own permutation (``shuffled``), of one for all (``shared``) or of the
+    given order (``sorted``), from a generator seeded as the method's batch sampler; the
+    unweighted mean of the batch losses."""
+    population, n = logits.shape[:2]
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(n_context + 3)[-1])
+    if order == "shuffled":
+        orders = [rng.permutation(n) for _ in range(population)]
+    elif order == "shared":
+        orders = [rng.permutation(n)] * population
+    else:
+        orders = [np.arange(n)] * population
+    losses = []
+    for p, perm in enumerate(orders):
+        chunks = [torch.from_numpy(perm[a : a + size]) for a in range(0, n, size)]
+        per_batch = [
+            forgetting_loss(
+                logits[p : p + 1, cols], labels[cols], forget[cols], precision=precision
+            )
+            for cols in chunks
+        ]
+        losses.append(torch.stack(per_batch).mean(0))
+    return torch.cat(losses).numpy()
+
+
+@pytest.mark.parametrize(
+    ("order", "precision"),
+    [
+        ("shuffled", "fp16"),
+        ("shuffled", "fp64"),
+        ("shared", "fp16"),
+        ("shared", "fp64"),
+        ("sorted", "fp16"),
+        ("sorted", "fp64"),
+    ],
+)
+def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train, order, precision):
+    """Official protocol: every candidate on the whole training set, in batches of a shuffled
+    loader (a new permutation per candidate), the unweighted mean of the batch losses."""
     from vlmlab.oracle import create_oracle
 
     oracle = _CountingOracle(create_oracle("latency:0"))
@@ -101,8 +141,16 @@ def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train):
     task = make_forgetting_data(
         oracle, fashion_train, small_test, shots=2, seed=1, partition=partition_classes(10)
     )
-    config = ForgettingConfig(n_context=2, shared_dim=3, unique_dim=2, popsize=4, batch_size=7)
-    method = BlackBoxForgetting(oracle, task, config, seed=1, budget_key="full-fitness")
+    config = ForgettingConfig(
+        n_context=2,
+        shared_dim=3,
+        unique_dim=2,
+        popsize=4,
+        batch_size=7,
+        batch_order=order,
+        loss_precision=precision,
+    )
+    method = BlackBoxForgetting(oracle, task, config, seed=1, budget_key=f"full-{order}")
     seen = {}
     inner_logits = oracle.inner.logits
 
@@ -112,30 +160,108 @@ def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train):
         return seen["out"]
 
     oracle.inner.logits = logits
+    tell = method.search.tell
+    method.search.tell = lambda losses: (seen.setdefault("told", losses), tell(losses))[1]
     record = method.step()
     n_train = len(task.train_index)  # 2 shots x 10 classes = 20: batches of 7, 7 and 6
     assert n_train == 20 and list(seen["indices"][:n_train]) == list(task.train_index)
     train_logits = seen["out"][:, :n_train]
     labels = torch.from_numpy(task.train_labels.astype(np.int64))
     forget = torch.from_numpy(np.isin(task.train_labels, task.partition.forget))
-    by_hand = torch.stack(
-        [
-            forgetting_loss(train_logits[:, a:b], labels[a:b], forget[a:b])
-            for a, b in ((0, 7), (7, 14), (14, 20))
-        ]
-    ).mean(0)
-    assert record.metrics["train"]["loss_mean"] == pytest.approx(float(by_hand.mean()), abs=1e-9)
-    assert record.metrics["train"]["loss_best"] == pytest.approx(float(by_hand.min()), abs=1e-9)
-    assert oracle.calls == 1 and method.queries_used == 4  # one call, P queries
+    reference = _reference_losses(
+        order, precision, train_logits, labels, forget, seed=1, n_context=2, size=7
+    )
+    np.testing.assert_array_equal(seen["told"], reference)
+    assert record.metrics["train"]["loss_mean"] == pytest.approx(float(reference.mean()))
+    assert record.metrics["train"]["loss_best"] == pytest.approx(float(reference.min()))
+    assert oracle.calls == 1 and method.queries_used == 4  # one call, P queries, any order
+    if order != "sorted":  # the order is the reference's: the sorted chunks give other losses
+        sorted_losses = _reference_losses(
+            "sorted", precision, train_logits, labels, forget, seed=1, n_context=2, size=7
+        )
+        assert not np.array_equal(reference, sorted_losses)
     minibatch = BlackBoxForgetting(
         oracle,
         task,
         ForgettingConfig(**{**config.__dict__, "fitness": "minibatch"}),
         seed=1,
-        budget_key="minibatch-fitness",
+        budget_key=f"minibatch-{order}",
     )
     minibatch.step()
     assert len(seen["indices"]) == 7 + len(task.val_index)  # one random batch of 7
+
+
+def test_shuffled_batches_mix_forget_and_kept_images(fashion_train):
+    """CIFAR-100 4-shot's shape (400 images, 40 % forget): every shuffled batch of 160 holds
+    both kinds, where the class-sorted chunks put only forget images in the first."""
+    from vlmlab.oracle import create_oracle
+
+    oracle = create_oracle("latency:0")
+    small_test = fashion_train.subset(stratified_subset(fashion_train.labels, 20, seed=5))
+    task = make_forgetting_data(
+        oracle, fashion_train, small_test, shots=40, seed=2, partition=partition_classes(10)
+    )
+    forget = np.isin(task.train_labels, task.partition.forget)
+    assert len(forget) == 400 and forget.mean() == pytest.approx(0.4)
+
+    def batches(order):
+        method = BlackBoxForgetting(
+            oracle, task, ForgettingConfig(popsize=20, batch_order=order), seed=2
+        )
+        orders = method._orders(400, 20)
+        rows = np.tile(np.arange(400), (20, 1)) if orders is None else orders
+        return [forget[row[a : a + 160]] for row in rows for a in range(0, 400, 160)]
+
+    shuffled = batches("shuffled")
+    assert len(shuffled) == 20 * 3
+    assert all(batch.any() and not batch.all() for batch in shuffled)
+    assert batches("sorted")[0].all() and not batches("sorted")[1].any()
+    per_candidate = BlackBoxForgetting(oracle, task, ForgettingConfig(popsize=20), seed=2)
+    orders = per_candidate._orders(400, 20)
+    assert orders is not None and len({row.tobytes() for row in orders}) == 20
+    shared = BlackBoxForgetting(
+        oracle, task, ForgettingConfig(popsize=20, batch_order="shared"), seed=2
+    )._orders(400, 20)
+    assert shared is not None and len({row.tobytes() for row in shared}) == 1
+
+
+def test_fp16_loss_caps_a_confident_forget_image():
+    """The official log(p + 1e-7) in fp16: 1e-7 rounds to 2**-23, a class term caps at
+    -log(2**-23) = 15.94 nats; in fp64 the same image costs about 90."""
+    logits = torch.zeros(1, 1, 10)
+    logits[0, 0, 0] = 100.0  # certain of class 0, a forget class
+    labels, forget = torch.tensor([0]), torch.tensor([True])
+    cap = -np.log(np.float64(np.float16(1e-7)))
+    assert cap == pytest.approx(15.9424, abs=1e-4)
+    fp16 = float(forgetting_loss(logits, labels, forget, precision="fp16")[0])
+    assert fp16 == pytest.approx(0.9 * cap, abs=0.01)
+    assert float(forgetting_loss(logits, labels, forget)[0]) == pytest.approx(90.0, abs=1e-6)
+    # Kept images at ordinary logits: the same loss up to fp16's rounding.
+    ordinary = torch.randn(3, 8, 10, generator=torch.Generator().manual_seed(0)) * 3
+    kept_labels, kept = torch.arange(8) % 10, torch.zeros(8, dtype=torch.bool)
+    assert torch.allclose(
+        forgetting_loss(ordinary, kept_labels, kept, precision="fp16"),
+        forgetting_loss(ordinary, kept_labels, kept),
+        atol=2e-3,
+    )
+    with pytest.raises(ValueError, match="precision"):
+        forgetting_loss(logits, labels, forget, precision="fp32")  # type: ignore[arg-type]
+
+
+def test_contexts_are_rounded_to_fp16_as_the_official_code():
+    """train.py L154-165: fp16(fp16(A z) + fp16(p0)); ``none``: A z + p0 in fp32."""
+    rounded = LatentContextSearch(ForgettingConfig(), _meta(), seed=4)
+    plain = LatentContextSearch(ForgettingConfig(context_rounding="none"), _meta(), seed=4)
+    latents = rounded.latents([strategy.ask() for strategy in rounded.strategies])
+    contexts = rounded.to_contexts(latents)
+    assert contexts.dtype == torch.float32
+    assert torch.equal(contexts.half().float(), contexts)
+    projected = torch.from_numpy(latents.astype(np.float32) @ rounded.projection.T)
+    official = (projected.half() + torch.from_numpy(rounded.center).half()).float()
+    assert torch.equal(contexts, official)
+    exact = plain.to_contexts(latents)
+    assert torch.equal(exact, projected + torch.from_numpy(plain.center))
+    assert not torch.equal(exact, contexts)
 
 
 def test_projection_std_defaults_to_table_std():
@@ -164,6 +290,19 @@ def test_bad_configs():
         ForgettingConfig(popsize=1)
     with pytest.raises(ValueError, match="n_context"):
         ForgettingConfig(n_context=0)
+    for name in ("batch_order", "loss_precision", "context_rounding", "csa"):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            ForgettingConfig(**{name: "other"})  # type: ignore[arg-type]
+
+
+def test_official_numerics_are_the_defaults():
+    config = ForgettingConfig()
+    assert (config.batch_order, config.loss_precision, config.context_rounding, config.csa) == (
+        "shuffled",
+        "fp16",
+        "fp16",
+        "pycma3",
+    )
 
 
 # ------------------------------------------------------------- on ConSE
@@ -240,20 +379,19 @@ def test_baselines_and_sep_cma_run(conse, fashion_train, test_images, variant, s
 
 
 @pytest.mark.slow
-def test_state_dict_resumes_bit_for_bit(conse, fashion_train, test_images):
-    straight = _method(
-        conse, fashion_train, test_images, key="resume-a", iterations=8, batch_size=64
-    )
+@pytest.mark.parametrize("order", ["shuffled", "shared", "sorted"])
+def test_state_dict_resumes_bit_for_bit(conse, fashion_train, test_images, order):
+    # 160 training images in batches of 64: the order draws from the checkpointed generator.
+    setting = {"iterations": 8, "batch_size": 64, "batch_order": order}
+    straight = _method(conse, fashion_train, test_images, key=f"resume-a-{order}", **setting)
     for _ in range(8):
         straight.step()
 
-    first = _method(conse, fashion_train, test_images, key="resume-b", iterations=8, batch_size=64)
+    first = _method(conse, fashion_train, test_images, key=f"resume-b-{order}", **setting)
     for _ in range(4):
         first.step()
     blob = first.state_bytes()
-    resumed = _method(
-        conse, fashion_train, test_images, key="resume-c", iterations=8, batch_size=64
-    )
+    resumed = _method(conse, fashion_train, test_images, key=f"resume-c-{order}", **setting)
     resumed.load_state_bytes(blob)
     assert resumed.generation == 4
     for _ in range(4):
@@ -261,10 +399,14 @@ def test_state_dict_resumes_bit_for_bit(conse, fashion_train, test_images):
     assert torch.equal(resumed.best_contexts, straight.best_contexts)
     assert resumed.best_val == straight.best_val
     assert np.array_equal(resumed.search.strategies[0].mean, straight.search.strategies[0].mean)
-    with pytest.raises(ValueError, match="another config or seed"):
-        _method(conse, fashion_train, test_images, key="resume-d", iterations=9).load_state_bytes(
-            blob
-        )
+    with pytest.raises(ValueError, match=r"another config or seed \(differing: \['iterations'\]"):
+        _method(
+            conse,
+            fashion_train,
+            test_images,
+            key=f"resume-d-{order}",
+            **{**setting, "iterations": 9},
+        ).load_state_bytes(blob)
 
 
 @pytest.mark.slow

@@ -58,7 +58,12 @@ def test_search_starts_at_the_reference_prompt(setting):
     oracle, _ = setting
     safe = _safe(setting, "start")
     reference = oracle.phrase_embeddings("a photo of a").numpy()
-    assert np.allclose(safe.search.mean_contexts()[0].numpy(), reference, atol=1e-6)
+    # BBF's official fp16 contexts: the centre is the reference prompt rounded to fp16 ...
+    rounded = torch.from_numpy(reference).half().float()
+    assert torch.equal(safe.search.mean_contexts()[0], rounded)
+    # ... and the reference itself with fp32 contexts.
+    exact = _safe(setting, "start-fp32", context_rounding="none")
+    assert np.allclose(exact.search.mean_contexts()[0].numpy(), reference, atol=1e-6)
     # Before any search, the result is the reference itself (feasible by definition).
     assert safe.best_generation == 0 and torch.equal(
         safe.best_contexts[0], torch.from_numpy(reference)

@@ -46,3 +46,21 @@ def test_unknown_forget_class_names_the_field_and_the_classes(tmp_path):
 def test_official_defaults():
     method = validate_spec({"name": "d"}, "t").method
     assert method.fitness == "full" and method.baseline_dim is None  # type: ignore[attr-defined]
+    config = method.to_config()  # type: ignore[attr-defined]
+    assert (config.batch_order, config.loss_precision, config.context_rounding, config.csa) == (
+        "shuffled",
+        "fp16",
+        "fp16",
+        "pycma3",
+    )
+    ours = {
+        "batch_order": "shared",
+        "loss_precision": "fp64",
+        "context_rounding": "none",
+        "csa": "installed",
+    }
+    spec = validate_spec({"name": "d", "method": ours}, "t")
+    chosen = spec.method.to_config()  # type: ignore[attr-defined]
+    assert {name: getattr(chosen, name) for name in ours} == ours
+    with pytest.raises(ValueError, match=r"method\.batch_order"):
+        validate_spec({"name": "d", "method": {"batch_order": "random"}}, "t")

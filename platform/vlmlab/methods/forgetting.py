@@ -24,12 +24,23 @@ for the whole population, on the training images and the k-shot validation
 split together (P queries). The loss is ``CE(memorize samples) + L_forget``
 with ``L_forget`` the cross-entropy to the uniform distribution on forget
 samples. ``fitness="full"`` (the official protocol, default) scores every
-candidate on the whole k-shot training set: the mean of the losses of its
-consecutive batches of ``batch_size``; ``fitness="minibatch"`` scores one
-random ``batch_size`` subset a generation (cheaper per call on large sets); the validation split scores every
-candidate's H, and the candidate with the best validation H so far is the
-prompt that is tested. Test metrics: Err_fgt (error on forget classes),
-Acc_mem (accuracy on memorized classes) and their harmonic mean H.
+candidate on the whole k-shot training set: the unweighted mean of the losses
+of its batches of ``batch_size``, which ``batch_order`` forms (``"shuffled"``,
+official: a new permutation for every candidate, as each candidate re-iterates
+a shuffled loader; ``"shared"``: one permutation a generation; ``"sorted"``:
+consecutive chunks of the class-sorted set). The oracle call is the same in every
+order, only the loss's reduction differs. ``fitness="minibatch"`` scores one
+random ``batch_size`` subset a generation (cheaper per call on large sets); the
+validation split scores every candidate's H, and the candidate with the best
+validation H so far is the prompt that is tested. Test metrics: Err_fgt (error
+on forget classes), Acc_mem (accuracy on memorized classes) and their harmonic
+mean H.
+
+Numerics as the official fp16 CLIP had them, each a named option: the loss from
+fp16 logits and an fp16 softmax with the official ``log(p + 1e-7)``, so a class
+term is capped at 15.94 nats (``loss_precision``); contexts rounded to fp16 as
+``fp16(fp16(A z) + fp16(p0))`` (``context_rounding``); pycma <= 4.4's CSA step-size
+constants (``csa``).
 
 All state (strategies with their random generators, the batch sampler, the
 best prompt, the step) round-trips through ``state_dict`` /
@@ -47,7 +58,7 @@ import numpy as np
 import torch
 
 from vlmlab.data import ClassPartition, ImageDataset, few_shot_split
-from vlmlab.methods._cma import CmaStrategy
+from vlmlab.methods._cma import CSA_CHOICES, CmaStrategy, Csa
 from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle, OracleMetadata
 
@@ -57,6 +68,15 @@ removed from the candidate list (its metrics are ``dropclasses:<metric>``)."""
 
 Variant = Literal["bbf", "bbt", "wo_lcs"]
 VARIANTS: tuple[str, ...] = ("bbf", "bbt", "wo_lcs")
+BatchOrder = Literal["shuffled", "shared", "sorted"]
+BATCH_ORDERS: tuple[str, ...] = ("shuffled", "shared", "sorted")
+LossPrecision = Literal["fp16", "fp64"]
+LOSS_PRECISIONS: tuple[str, ...] = ("fp16", "fp64")
+ContextRounding = Literal["fp16", "none"]
+CONTEXT_ROUNDINGS: tuple[str, ...] = ("fp16", "none")
+FP16_EPS = 1e-7
+"""The official forget loss's epsilon, ``log(p + 1e-7)`` (``utils.py`` L34-39); in fp16 it
+becomes 2**-23 (1.19e-7), so a class term costs at most ``-log(2**-23)`` = 15.94 nats."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,33 @@ class ForgettingConfig:
     fitness: Literal["full", "minibatch"] = "full"
     """``full``: the whole training set a generation, the mean of its batch losses (official);
     ``minibatch``: one random ``batch_size`` subset a generation."""
+    batch_order: BatchOrder = "shuffled"
+    """How ``fitness="full"`` cuts the training set into batches of ``batch_size``.
+    ``shuffled`` (official, ``main.py`` L113 ``shuffle=True``, re-iterated for every candidate,
+    ``train.py`` L186): a new permutation for each candidate of each generation, so every
+    batch mixes forget and kept images; ``shared``: one permutation a generation for the
+    whole population (vlmlab's option: the candidates are ranked on the same batches, less
+    noise in the ranking); ``sorted``: consecutive chunks of the class-sorted set (vlmlab's
+    earlier behaviour: on CIFAR-100 4-shot the first chunk holds only forget classes, which
+    weighs the forget term a third of the official). Drawn from the checkpointed batch
+    generator: no query more, and a resumed run stays bit for bit."""
+    loss_precision: LossPrecision = "fp16"
+    """``fp16`` (official, ``train.py`` L194-224 and ``utils.py`` L31-43 on the fp16 CLIP):
+    logits rounded to fp16, an fp16 softmax, the forget term ``-(1/C) sum_c log(p_c + 1e-7)``
+    and the kept images' cross-entropy rounded as CUDA's half ops round them (a class term
+    caps at 15.94 nats, so one confidently recognized forget image weighs at most about 16);
+    ``fp64``: the exact loss in float64, no epsilon and no cap (vlmlab's earlier loss: the
+    same function without fp16's rounding, kept to study it; a confident forget image can
+    then cost 30-50 nats)."""
+    context_rounding: ContextRounding = "fp16"
+    """``fp16`` (official, ``train.py`` L73 and L154-165): ``fp16(fp16(A z) + fp16(p0))``,
+    whatever the oracle's own precision; ``none``: ``A z + p0`` in fp32 (an fp16 oracle
+    rounds once more itself)."""
+    csa: Csa = "pycma3"
+    """CMA-ES step-size constants (see :class:`~vlmlab.methods._cma.CmaStrategy`): ``pycma3``,
+    pycma <= 4.4's, as the official runs had them (unpinned ``cma`` in ``requirements.txt``,
+    code of 2024-10); ``installed``: the installed pycma's (4.5 changes them below 40
+    variables)."""
     baseline_dim: int | None = None
     """BBT / w/o LCS: each token's latent size; None: ``(ds + m du) / m``, rounded."""
     iterations: int = 400
@@ -99,6 +146,14 @@ class ForgettingConfig:
             raise ValueError(f"fitness must be 'full' or 'minibatch', got {self.fitness!r}")
         if self.baseline_dim is not None and self.baseline_dim < 1:
             raise ValueError(f"baseline_dim must be >= 1, got {self.baseline_dim}")
+        for name, allowed in (
+            ("batch_order", BATCH_ORDERS),
+            ("loss_precision", LOSS_PRECISIONS),
+            ("context_rounding", CONTEXT_ROUNDINGS),
+            ("csa", CSA_CHOICES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @property
     def latent_dim(self) -> int:
@@ -139,12 +194,22 @@ def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, n_classes: i
 
 
 def forgetting_loss(
-    logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    forget_mask: torch.Tensor,
+    *,
+    precision: LossPrecision = "fp64",
 ) -> torch.Tensor:
     """Per-candidate loss ``CE(memorize) + mean over forget samples of -(1/C) sum_c log p_c``.
 
-    ``logits`` is ``P x N x C``; returns ``P`` losses (float64).
+    ``logits`` is ``P x N x C``; returns ``P`` losses (float64). ``precision="fp64"``: exact,
+    in float64 (differentiable, as CoOp uses it); ``"fp16"``: the official code's fp16
+    numerics (:func:`_forgetting_loss_fp16`).
     """
+    if precision == "fp16":
+        return _forgetting_loss_fp16(logits, labels, forget_mask)
+    if precision != "fp64":
+        raise ValueError(f"precision must be one of {LOSS_PRECISIONS}, got {precision!r}")
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     loss = torch.zeros(logits.shape[0], dtype=torch.float64)
     memorize = ~forget_mask
@@ -156,6 +221,42 @@ def forgetting_loss(
     if forget_mask.any():
         loss = loss - log_probs[:, forget_mask].mean(dim=(1, 2))
     return loss
+
+
+def _half(values: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 and carry on in fp32, as CUDA's half ops compute in fp32 and round once."""
+    return values.half().float()
+
+
+def _forgetting_loss_fp16(
+    logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor
+) -> torch.Tensor:
+    """The official loss of one batch with its fp16 roundings (``P`` losses, float64).
+
+    ``train.py`` L194 ``soft_out = softmax(outputs)`` on fp16 logits; L217
+    ``ce_loss(outputs[mem], labels[mem])``; L220 ``crossentropyloss_max(soft_out[fgt], 1/C)``,
+    which is ``utils.py`` L31-43: ``-sum(sum(t * log(p + 1e-7), 1)) / len``; L221 the sum,
+    in fp16. Every elementwise result and every reduction's output is rounded to fp16, the
+    arithmetic in between in fp32. Measured against the official chain run on CUDA (an
+    H200, torch 2.11; fp16 logits of 10 to 1,000 classes, 1,500 batches): equal bit for
+    bit. The official CE of a batch without kept images is NaN; here it is left out
+    (only the ``sorted`` order makes such batches).
+    """
+    z = _half(logits.float())
+    n_candidates, _, n_classes = z.shape
+    loss = torch.zeros(n_candidates, dtype=torch.float32)
+    memorize = ~forget_mask
+    if memorize.any():
+        log_probs = _half(torch.log_softmax(z[:, memorize], dim=-1))
+        index = labels[memorize].view(1, -1, 1).expand(n_candidates, -1, 1)
+        loss = _half(-log_probs.gather(-1, index).squeeze(-1).mean(dim=1))
+    if forget_mask.any():
+        probs = _half(torch.softmax(z[:, forget_mask], dim=-1))
+        terms = _half((1.0 / n_classes) * _half(torch.log(_half(probs + FP16_EPS))))
+        per_image = _half(terms.sum(dim=-1))
+        forget_term = _half(_half(per_image.sum(dim=1)) / int(forget_mask.sum()))
+        loss = _half(loss - forget_term)
+    return loss.double()
 
 
 # ---------------------------------------------------------------- the search
@@ -181,6 +282,7 @@ class LatentContextSearch:
             "popsize": config.popsize,
             "sigma": config.sigma,
             "diagonal": config.sep_cma,
+            "csa": config.csa,
         }
         if config.variant == "bbf":
             dims = [config.shared_dim] + [config.unique_dim] * m
@@ -206,8 +308,13 @@ class LatentContextSearch:
         return np.stack(samples, axis=1)
 
     def to_contexts(self, latents: np.ndarray) -> torch.Tensor:
-        """``ctx_i = A z_i + p0`` for latents ``P x m x d``."""
-        return torch.from_numpy(latents.astype(np.float32) @ self.projection.T + self.center)
+        """``ctx_i = A z_i + p0`` for latents ``P x m x d`` (fp32; with ``context_rounding``
+        ``fp16``, ``fp16(fp16(A z_i) + fp16(p0))``, the official ``train.py`` L154-165)."""
+        projected = latents.astype(np.float32) @ self.projection.T
+        if self.config.context_rounding == "fp16":
+            rounded = torch.from_numpy(projected).half() + torch.from_numpy(self.center).half()
+            return rounded.float()
+        return torch.from_numpy(projected + self.center)
 
     def ask(self) -> torch.Tensor:
         if self._pending is not None:
@@ -353,16 +460,49 @@ class BlackBoxForgetting:
             return np.arange(n)
         return np.sort(self._batch_rng.choice(n, self.config.batch_size, replace=False))
 
-    def _losses(self, logits: torch.Tensor, batch: np.ndarray) -> np.ndarray:
-        """Each candidate's loss: the mean over consecutive ``batch_size`` batches of ``batch``."""
+    def _orders(self, n: int, population: int) -> np.ndarray | None:
+        """Each candidate's order of the ``n`` scored images (``population x n``), drawn from
+        the batch generator; None: consecutive chunks as given (``sorted``, ``minibatch``, or
+        a single batch, whose loss no order changes)."""
+        config = self.config
+        if config.fitness != "full" or config.batch_order == "sorted" or n <= config.batch_size:
+            return None
+        if config.batch_order == "shared":
+            return np.tile(self._batch_rng.permutation(n), (population, 1))
+        return np.stack([self._batch_rng.permutation(n) for _ in range(population)])
+
+    def _chunked_losses(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The unweighted mean of the losses of consecutive ``batch_size`` chunks (official
+        ``train.py`` L224: ``losses.sum() / len(losses)``, a short last batch counting fully)."""
+        size, precision = self.config.batch_size, self.config.loss_precision
         per_batch = []
-        for start in range(0, len(batch), self.config.batch_size):
-            rows = torch.from_numpy(batch[start : start + self.config.batch_size])
-            part = logits[:, start : start + len(rows)]
+        for start in range(0, len(rows), size):
+            chunk = torch.from_numpy(rows[start : start + size])
             per_batch.append(
-                forgetting_loss(part, self._train_labels[rows], self._train_forget[rows])
+                forgetting_loss(
+                    logits[:, start : start + len(chunk)],
+                    self._train_labels[chunk],
+                    self._train_forget[chunk],
+                    precision=precision,
+                )
             )
-        return torch.stack(per_batch).mean(0).numpy()
+        return torch.stack(per_batch).mean(0)
+
+    def _losses(self, logits: torch.Tensor, batch: np.ndarray) -> np.ndarray:
+        """Each candidate's loss on ``batch`` (rows of the training set; ``logits`` in its
+        order), in batches as ``batch_order`` cuts them."""
+        orders = self._orders(len(batch), logits.shape[0])
+        if orders is None:
+            return self._chunked_losses(logits, batch).numpy()
+        if self.config.batch_order == "shared":
+            order = orders[0]
+            return self._chunked_losses(logits[:, torch.from_numpy(order)], batch[order]).numpy()
+        return torch.cat(
+            [
+                self._chunked_losses(logits[p : p + 1, torch.from_numpy(order)], batch[order])
+                for p, order in enumerate(orders)
+            ]
+        ).numpy()
 
     def step(self) -> StepRecord:
         """One generation: ask, one oracle call (batch + validation), tell."""
@@ -574,8 +714,14 @@ class BlackBoxForgetting:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("config") != asdict(self.config) or state.get("seed") != self.seed:
-            raise ValueError("checkpoint was written by a run with another config or seed")
+        saved, ours = state.get("config") or {}, asdict(self.config)
+        if saved != ours or state.get("seed") != self.seed:
+            differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+            raise ValueError(
+                "checkpoint was written by a run with another config or seed "
+                f"(differing: {differ or ['seed']}; checkpoints written before batch_order, "
+                "loss_precision, context_rounding and csa existed cannot be resumed)"
+            )
         self.generation = int(state["generation"])
         self.queries_used = int(state["queries_used"])
         self.images_scored = int(state["images_scored"])

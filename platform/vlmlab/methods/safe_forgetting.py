@@ -20,7 +20,9 @@ for white-box training. This brings the constraints to the black-box search:
   average (rate ``gamma``) of the population's mean ``g_k``.
 - **Start** (``start``): ``"prompt"`` (default) centres the latent search on the
   reference prompt's token embeddings, so the search starts from a prompt that
-  is feasible by definition; ``"table_mean"`` is BBF's centre.
+  is feasible by definition (rounded to fp16 under BBF's default
+  ``context_rounding="fp16"``, which an fp16 oracle does anyway; ``"none"`` starts
+  at it exactly); ``"table_mean"`` is BBF's centre.
 - **Prompted classes** (``prompted``): ``"forget"`` (default) puts the searched
   prompt on the forget classes' names only; the kept classes keep the
   reference prompt. A class's logit depends on its own text embedding alone,

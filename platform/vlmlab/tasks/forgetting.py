@@ -59,6 +59,18 @@ class ForgettingMethodSpec(MethodSpec):
     """``full``: each candidate on the whole k-shot training set, the mean of its batch
     losses (the official protocol); ``minibatch``: one random ``batch_size`` subset a
     generation (vlmlab's earlier default: cheaper on large sets, noisier)."""
+    batch_order: Literal["shuffled", "shared", "sorted"] = "shuffled"
+    """``full`` fitness's batches: ``shuffled`` (official) a new permutation for every
+    candidate; ``shared`` one a generation for the whole population (less ranking noise);
+    ``sorted`` consecutive chunks of the class-sorted set (vlmlab's earlier behaviour)."""
+    loss_precision: Literal["fp16", "fp64"] = "fp16"
+    """``fp16`` (official): the fp16 CLIP's loss, ``log(p + 1e-7)`` of an fp16 softmax (a class
+    term caps at 15.94 nats); ``fp64``: the exact loss, no cap (vlmlab's earlier loss)."""
+    context_rounding: Literal["fp16", "none"] = "fp16"
+    """``fp16`` (official): contexts ``fp16(fp16(A z) + fp16(p0))``; ``none``: fp32."""
+    csa: Literal["pycma3", "installed"] = "pycma3"
+    """CMA-ES step-size constants: ``pycma3`` (pycma <= 4.4's, as the official runs had
+    them) or ``installed`` (the installed pycma's; 4.5 changed them below 40 variables)."""
     baseline_dim: int | None = Field(None, ge=1)
     """BBT / w/o LCS: each token's latent size; default ``(ds + m du) / m`` (official)."""
     iterations: int = Field(400, ge=1)

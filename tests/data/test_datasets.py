@@ -323,3 +323,51 @@ def test_augmented_views_are_seeded_crops_of_the_same_shape(fashion_test):
     assert np.abs(whole.images.astype(int) - small.images.astype(int)).mean() < 8
     with pytest.raises(ValueError, match="augmentation scale"):
         augmented_view(small, seed=1, view=0, scale=(0.0, 1.0))
+
+
+def test_sample_up_to_per_class_caps_without_error():
+    from vlmlab.data import sample_up_to_per_class
+
+    labels = np.array([0] * 5 + [1] * 2000)
+    rows = sample_up_to_per_class(labels, 1000, seed=3)
+    assert np.bincount(labels[rows]).tolist() == [5, 1000]  # a short class gives all it has
+    assert np.array_equal(rows, sample_up_to_per_class(labels, 1000, seed=3))
+    assert len(np.unique(rows)) == len(rows)
+    every = sample_up_to_per_class(labels, None, seed=3, exclude=rows[:2], classes=[0])
+    assert sorted(every.tolist()) == sorted(set(range(5)) - set(rows[:2].tolist()))
+    fifth = sample_up_to_per_class(labels, 200, seed=3, share=0.2)
+    assert np.bincount(labels[fifth]).tolist() == [1, 200]
+    with pytest.raises(ValueError, match="class 0 has no images available"):
+        sample_up_to_per_class(labels, 10, seed=3, exclude=np.arange(5))
+    with pytest.raises(ValueError, match="cap must be a positive int"):
+        sample_up_to_per_class(labels, 0, seed=3)
+
+
+def test_rotated_views_are_seeded_and_rotation_zero_keeps_the_old_pixels(fashion_test):
+    from PIL import Image
+
+    from vlmlab.data import augmented_view
+    from vlmlab.data._augment import _crop_box
+
+    small = fashion_test.subset(stratified_subset(fashion_test.labels, 20, seed=0))
+    plain = augmented_view(small, seed=1, view=0, scale=(0.7, 1.0))
+    # rotation 0 draws no angle: the crops and flips (and cache name) views had before it
+    rng = np.random.default_rng([1, 0])
+    for image, got in zip(small.images, plain.images, strict=True):
+        top, left, h, w = _crop_box(rng, 28, 28, (0.7, 1.0))
+        crop = Image.fromarray(image[top : top + h, left : left + w])
+        resized = np.asarray(crop.resize((28, 28), Image.Resampling.BICUBIC))
+        assert np.array_equal(got, resized[:, ::-1] if rng.random() < 0.5 else resized)
+    assert plain.image_set().meta["augmentation"] == {
+        "seed": 1,
+        "view": 0,
+        "scale": [0.7, 1.0],
+        "flip": True,
+    }
+    turned = augmented_view(small, seed=1, view=0, scale=(0.7, 1.0), rotation=15)
+    again = augmented_view(small, seed=1, view=0, scale=(0.7, 1.0), rotation=15)
+    assert np.array_equal(turned.images, again.images)
+    assert not np.array_equal(turned.images, plain.images)
+    assert turned.image_set().meta["augmentation"]["rotation"] == 15
+    with pytest.raises(ValueError, match="rotation must be >= 0"):
+        augmented_view(small, seed=1, view=0, rotation=-1)

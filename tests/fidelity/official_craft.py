@@ -20,6 +20,29 @@ SHARED = {
     "head_data": ("views", "main_craft.py ~L210-223: head on augmented images, one prompt"),
     "views": (None, "main_craft.py ~L210: a fresh augmented pass every generation"),
     "fitness_images": ("augmented", "main_craft.py ~L184 + L21-26: one fixed augmented view"),
+    # The model's precision: clip.load on CUDA keeps build_model's fp16 weights; the
+    # text transformer alone is cast back to fp32 (its parameters are the model's).
+    "precision": (
+        "fp16",
+        "main_craft.py L251 clip.load -> clip/clip.py L134-136: build_model(..).to(cuda), "
+        ".float() only on cpu; clip/model.py L371-392, L430: convert_weights",
+    ),
+    "text_precision": (
+        "fp32",
+        "main_craft.py L101 (main_craft_imagenet.py L103): TextEncoder(clip_model).float()",
+    ),
+    # No validation split: built, handed to PromptLearner, never read.
+    "val_shots": (
+        0,
+        "main_craft.py L276, L169/L184, L53-55: val_loader never read; the result is the "
+        "last step's accuracy (L225-234); main_craft_imagenet.py L281: val_loader = the test set",
+    ),
+    # Crops of the photo itself: the transform runs on read_image's PIL original.
+    "augment_source": (
+        "original",
+        "datasets/utils.py L322-333: img0 = read_image(impath), then the transform; "
+        "ImageNet: ImageFolder's PIL images, datasets/imagenet.py L209-216",
+    ),
 }
 
 # file: sigma, bound (0 = none), n (consistency cutoff), batch_size, std (A init), weight.
@@ -49,11 +72,17 @@ IMAGENET = {
     "head_prompt": ("xbest", "~L164-165: es.result.xbest"),
     "augment_scale": ((0.08, 1.0), "datasets/imagenet.py ~L209-214: RandomResizedCrop(0.08, 1)"),
     "refine_batch": (256, "~L282: batch size hard-coded 256"),
+    "projection_init": (
+        "uniform",
+        "L88: nn.Linear(512, n_ctx * dim, bias=False) keeps torch's init (no normal_, "
+        "cfg std unread)",
+    ),
 }
 TEN_DATASETS = {
     "hidden": (256, "main_craft.py ~L185-189"),
     "head_prompt": ("sample_mean", "main_craft.py ~L157-160: mean of a fresh es.ask()"),
     "augment_scale": ((0.5, 1.0), "main_craft.py ~L21-26: RandomResizedCrop(scale=(0.5, 1))"),
+    "projection_init": ("normal", "main_craft.py L83-86: nn.init.normal_(p, 0, cfg['std'])"),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 from official_craft import CONFIG_FILES
 from official_craft import expected as craft_expected
 from official_devsafety import SETTINGS as DEVSAFETY_SETTINGS
+from official_devsafety import SHARED as OFFICIAL_DEVSAFETY_SHARED
 from official_devsafety import expected as devsafety_expected
 from official_forgetting import SCRIPTS as FORGETTING_SCRIPTS
 from official_forgetting import expected as forgetting_expected
@@ -24,6 +25,8 @@ def _values(spec: RunSpec) -> dict[str, object]:
         "backend": spec.backend.name,
         "pretrained": spec.backend.pretrained,
         "precision": spec.backend.precision,
+        "text_precision": spec.backend.text_precision,
+        "val_shots": spec.data.val_shots,
         "prompt": spec.prompt,
         "seeds": spec.seeds,
         "budget": spec.budget.by_shots,
@@ -33,6 +36,8 @@ def _values(spec: RunSpec) -> dict[str, object]:
         "forget_fraction": spec.data.forget_fraction,
         "target": spec.data.target,
         "class_names": spec.data.class_names,
+        "control_cap": spec.data.control_cap,
+        "control_seed": spec.data.control_seed,
     }
 
 
@@ -76,7 +81,32 @@ def test_forgetting_paper_config_matches_the_official_code(dataset):
 
 @pytest.mark.parametrize("setting", sorted(DEVSAFETY_SETTINGS))
 def test_devsafety_paper_config_matches_the_official_code(setting):
-    _assert_official(EXPERIMENTS / f"devsafety-{setting}.yaml", devsafety_expected(setting))
+    spec = _assert_official(EXPERIMENTS / f"devsafety-{setting}.yaml", devsafety_expected(setting))
+    # Batches are augmented (the official transforms), afresh each step: the tower trains.
+    assert all(m.augment_views > 0 for m in spec.variant_methods())  # type: ignore[attr-defined]
+
+
+def test_devsafety_defaults_are_the_official_script_values():
+    """A run that sets nothing runs the official protocol (BDD weather's per-run values),
+    but for ``trainable``: its default stays ``all`` (cached image features) because
+    ``full`` needs an open_clip backend and image-tower passes every step."""
+    from vlmlab.methods.devsafety import DevSafetyConfig
+    from vlmlab.tasks.devsafety import DevSafetyMethodSpec
+
+    spec, config = DevSafetyMethodSpec(), DevSafetyConfig()
+    assert spec.trainable == config.trainable == "all"
+    per_run = ("beta", "tau", "batch_size", "control_per_class")
+    official = {
+        name: value
+        for name, value in devsafety_expected("bdd100k-weather").items()
+        if name in DevSafetyMethodSpec.model_fields
+        and name != "trainable"
+        and (name in OFFICIAL_DEVSAFETY_SHARED or name in per_run)
+    }
+    assert len(official) >= 20
+    for name, (value, source) in official.items():
+        assert getattr(spec, name) == value, (name, getattr(spec, name), value, source)
+        assert getattr(config, name) == value, (name, getattr(config, name), value, source)
 
 
 def test_a_changed_value_is_caught(tmp_path):

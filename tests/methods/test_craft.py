@@ -218,3 +218,88 @@ def test_candidates_are_scored_on_one_fixed_augmented_view(conse, fashion_train)
     assert np.array_equal(augmented.train_images.images, plain.train_images.images)
     again = make_craft_data(conse, fashion_train, small, shots=2, seed=1, fitness_view=(0.5, 1.0))
     assert again.train.id == augmented.train.id  # the same pixels on every build
+
+
+def test_no_validation_split_and_short_classes_run_as_the_official_code(fashion_train):
+    """data.val_shots 0: no validation images (main_craft.py never reads its val_loader);
+    a class with fewer than K images is filled with repeats (CoOp's loaders)."""
+    from vlmlab.oracle import create_oracle
+
+    oracle = create_oracle("latency:0")
+    rows = np.concatenate(
+        [np.flatnonzero(fashion_train.labels == c)[: 3 if c == 0 else 12] for c in range(10)]
+    )
+    train = fashion_train.subset(rows)  # class 0 has 3 images, fewer than K = 4
+    test = fashion_train.subset(stratified_subset(fashion_train.labels, 20, seed=3))
+    with pytest.raises(ValueError, match=r"class 0 has \d images available, fewer than 4"):
+        make_craft_data(oracle, train, test, shots=4, seed=1)  # the validation draw needs more
+    task = make_craft_data(oracle, train, test, shots=4, seed=1, val_shots=0)
+    assert task.val is None and task.val_labels is None and not task.has_split("val")
+    assert np.bincount(task.train_labels).tolist() == [4] * 10
+    config = CraftConfig(popsize=4, latent_dim=8, budget=8, refine_batch=8, hidden=8, views=1)
+    method = Craft(oracle, task, config, seed=1, budget_key="noval", eval_key="noval:eval")
+    method.run()
+    assert method.evaluate("val") == {} and method.reference("val", "a photo of a") == {}
+    assert oracle.ledger.usage("noval:eval").queries == 0  # no query for an absent split
+    assert set(method.evaluate("test")) == {"acc"}
+    with pytest.raises(ValueError, match="no 'val' split"):
+        task.split("val")
+
+
+def test_crops_come_from_the_originals_by_default(fashion_train):
+    """The fitness view and the head's views cut the full-resolution originals (official);
+    ``augment_source: stored`` cuts the stored squares."""
+    from unittest import mock
+
+    from PIL import Image
+
+    from vlmlab.data import ImageDataset
+    from vlmlab.data._lazy import LazyImages
+    from vlmlab.methods import craft as craft_module
+    from vlmlab.oracle import create_oracle
+
+    noise = np.random.default_rng(0)
+    photos = [
+        Image.fromarray(noise.integers(0, 256, (60, 90 + 7 * i, 3), dtype=np.uint8))
+        for i in range(8)
+    ]
+    images = LazyImages(
+        lambda row: np.asarray(photos[row].resize((32, 32))),
+        np.arange(8),
+        32,
+        original=lambda row: photos[row],
+    )
+    data = ImageDataset("photos", "train", images, np.arange(8) % 2, ["a", "b"])
+    oracle = create_oracle("latency:0")
+    kinds = {
+        source: make_craft_data(
+            oracle,
+            data,
+            data,
+            shots=2,
+            seed=1,
+            val_shots=0,
+            fitness_view=(0.5, 1.0),
+            augment_source=source,
+        )
+        for source in ("original", "stored")
+    }
+    assert kinds["original"].train.id != kinds["stored"].train.id
+    assert CraftConfig().augment_source == "original"
+    config = CraftConfig(popsize=4, latent_dim=8, budget=8, refine_batch=8, hidden=8)
+    for source, task in kinds.items():
+        method = Craft(
+            oracle,
+            task,
+            config.__class__(**{**config.__dict__, "augment_source": source}),
+            seed=1,
+            budget_key=f"crop-{source}",
+            eval_key="e",
+        )
+        with mock.patch.object(
+            craft_module, "augmented_view", wraps=craft_module.augmented_view
+        ) as view:
+            method.step()
+        assert view.call_args.kwargs["source"] == source
+    with pytest.raises(ValueError, match="augment_source"):
+        CraftConfig(augment_source="photo")  # type: ignore[arg-type]

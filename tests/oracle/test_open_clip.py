@@ -181,9 +181,75 @@ def test_image_features_are_cached_per_precision(tmp_path):
     images = ImageSet(pixels, {"dataset": "noise-precision"})
     full = create_oracle("open_clip:vlmlab-tiny-fmnist", cache_dir=str(tmp_path))
     half = create_oracle("open_clip:vlmlab-tiny-fmnist", cache_dir=str(tmp_path), precision="bf16")
-    assert half.metadata.model.endswith("/bf16") and half.tower.dtype == torch.bfloat16
+    assert half.metadata.model.endswith("/bf16-mixed") and half.tower.dtype == torch.bfloat16
     a, b = full.register_images(images), half.register_images(images)
     files = sorted(Path(tmp_path).glob("features/open_clip/**/noise-precision-*.npy"))
     assert len(files) == 2  # one per precision: neither is served the other's features
     low, high = half.image_features(b), full.image_features(a)
     assert not torch.equal(low, high) and float((low - high).abs().max()) < 0.05
+
+
+def _input_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    module.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
+    return seen
+
+
+def test_an_fp16_image_tower_beside_an_fp32_text_tower(tmp_path):
+    """``precision: fp16, text_precision: fp32``: the official CraFT model (clip.load's fp16
+    CLIP, main_craft.py L101 ``TextEncoder(clip_model).float()``), from a spec."""
+    from vlmlab.specs._sections import BackendSpec
+
+    backend = BackendSpec(
+        name="open_clip:vlmlab-tiny-fmnist",
+        pretrained="random-init",
+        precision="fp16",
+        text_precision="fp32",
+    )
+    assert backend.oracle_kwargs() == {"precision": "fp16", "text_precision": "fp32"}
+    oracle = create_oracle(backend.name, cache_dir=str(tmp_path), **backend.oracle_kwargs())
+    model = oracle.model
+    assert model.visual.conv1.weight.dtype == torch.float16
+    assert model.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float16
+    assert model.visual.ln_pre.weight.dtype == torch.float32  # OpenAI's rule: LayerNorm fp32
+    text = [
+        model.token_embedding.weight,
+        model.positional_embedding,
+        model.text_projection,
+        *model.transformer.parameters(),
+        *model.ln_final.parameters(),
+    ]
+    assert {p.dtype for p in text} == {torch.float32}
+    assert oracle.tower.dtype == torch.float32 and oracle.uses_prefix_sharing
+    assert oracle.metadata.model.endswith("/random-init-seed0/fp16-mixed-text-fp32")
+    contexts = _contexts(oracle, 3, 4, seed=7)
+    fast = oracle.text_features(contexts, NAMES[:5], prefix_sharing=True)
+    reference = oracle.text_features(contexts, NAMES[:5], prefix_sharing=False)
+    assert fast.dtype == torch.float32 and float((fast - reference).abs().max()) <= 1e-4
+    # Pixels go to the image tower in its own dtype, not the text tower's.
+    seen = _input_dtypes(model.visual)
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    ref = oracle.register_images(ImageSet(pixels, {"dataset": "noise-mixed"}))
+    assert seen == [torch.float16]
+    logits = oracle.logits(contexts, NAMES[:5], ref)
+    assert logits.dtype == torch.float32 and logits.shape == (3, 3, 5)
+    with pytest.raises(ValueError, match=r"text_precision must be one of \['fp32'\]"):
+        create_oracle("open_clip:vlmlab-tiny-fmnist", text_precision="fp8")
+
+
+def test_fp16_follows_openais_mixed_rule(tmp_path):
+    """fp16 as clip.load builds it (convert_weights): the token table, embeddings and
+    LayerNorm stay fp32; the transformer computes in fp16 (the dtype both text paths use)."""
+    oracle = create_oracle(
+        "open_clip:vlmlab-tiny-fmnist", cache_dir=str(tmp_path), precision="fp16"
+    )
+    model = oracle.model
+    assert model.token_embedding.weight.dtype == torch.float32
+    assert model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float16
+    assert oracle.tower.dtype == torch.float16  # the blocks', not the fp32 token table's
+    assert oracle.metadata.embedding_mean.dtype == torch.float32
+    assert oracle.metadata.model.endswith("/fp16-mixed")  # never /fp16's cache entries
+    contexts = _contexts(oracle, 2, 4, seed=3)
+    fast = oracle.text_features(contexts, NAMES[:4], prefix_sharing=True)
+    reference = oracle.text_features(contexts, NAMES[:4], prefix_sharing=False)
+    assert float((fast - reference).abs().max()) <= 1e-2 * float(reference.abs().max())

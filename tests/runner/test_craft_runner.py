@@ -146,3 +146,20 @@ def test_the_papers_backend_runs_craft(clip_factory, tmp_path):
     artifact = load_artifact(outcome.artifact)
     assert artifact.contexts.shape == (1, 4, 512)  # RN50's text width
     assert RefinementHead.from_tensors(artifact.tensors).mlp[0].in_features == 10
+
+
+def test_no_validation_split_reports_no_val_acc(conse, tmp_path):
+    """``data.val_shots: 0`` (the paper configs: the official code has no validation
+    split): the run evaluates the test split only; val columns stay empty."""
+    tree = {**LADDER, "data": {**LADDER["data"], "shots": 1, "val_shots": 0}}
+    tree["budget"] = {"max_queries": 80}  # 2 generations
+    tree["variants"] = [{"name": "craft"}, {"name": "coop", "coop": {"epochs": 2}}]
+    outcomes = run_experiment(validate_spec(tree, "test"), tmp_path, oracle=conse)
+    assert [o.method for o in outcomes] == ["craft", "coop"]
+    runs = ResultsStore(tmp_path).runs()
+    assert (runs.status == "completed").all()
+    assert runs.test_acc.between(0, 1).all() and runs.zeroshot_test_acc.between(0, 1).all()
+    assert runs.val_acc.isna().all() and runs.zeroshot_val_acc.isna().all()
+    assert all(o.val == {} for o in outcomes)
+    steps = ResultsStore(tmp_path).steps()
+    assert "val" not in set(steps.split) and "test" in set(steps.split)

@@ -247,3 +247,39 @@ def test_variants_expand_to_one_spec_per_method():
     assert [s.name for s in same.expand_trials()] == ["v-v0", "v-v1"]
     with pytest.raises(SpecError, match=r"variants\[1\]\.popsize: got 1"):
         validate_spec({"name": "v", "variants": [{"name": "bbt"}, {"popsize": 1}]}, "x.yaml")
+
+
+def test_val_shots_zero_is_craft_only_and_never_swept_on():
+    """``data.val_shots: 0`` (no validation split, CraFT's official protocol): refused by
+    tasks that choose their result on validation, and by a sweep on a val_ metric."""
+    craft = validate_spec({"name": "t", "task": "craft", "data": {"val_shots": 0}}, "x.yaml")
+    assert craft.data.val_shots == 0
+    for task in ("forgetting", "devsafety"):
+        with pytest.raises(SpecError, match=rf"data.val_shots: 0 .* not allowed by the {task}"):
+            validate_spec({"name": "t", "task": task, "data": {"val_shots": 0}}, "x.yaml")
+    sweep = {"space": {"method.sigma": {"type": "uniform", "low": 0.1, "high": 1}}}
+    with pytest.raises(SpecError, match=r"sweep.metric: 'val_acc' needs validation images"):
+        validate_spec(
+            {"name": "t", "task": "craft", "data": {"val_shots": 0}, "sweep": sweep}, "x.yaml"
+        )
+    on_test = {**sweep, "metric": "test_acc"}
+    validate_spec({"name": "t", "task": "craft", "data": {"val_shots": 0}, "sweep": on_test}, "x")
+    with pytest.raises(SpecError, match=r"data.val_shots: got -1"):
+        validate_spec({"name": "t", "task": "craft", "data": {"val_shots": -1}}, "x.yaml")
+
+
+def test_text_precision_is_an_open_clip_option():
+    with pytest.raises(SpecError, match=r"backend.text_precision: the conse backend has no"):
+        validate_spec({"name": "t", "backend": {"text_precision": "fp32"}}, "x.yaml")
+    with pytest.raises(SpecError, match=r"backend.text_precision: got 'fp16'"):
+        validate_spec(
+            {
+                "name": "t",
+                "backend": {
+                    "name": "open_clip:RN50",
+                    "pretrained": "random-init",
+                    "text_precision": "fp16",
+                },
+            },
+            "x.yaml",
+        )

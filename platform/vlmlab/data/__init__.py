@@ -12,7 +12,7 @@ from vlmlab.data._catalog import DatasetCatalog, inspect_dataset
 from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
 from vlmlab.data._imagefolder import imagefolder_split_manifest
-from vlmlab.data._lazy import LazyImages
+from vlmlab.data._lazy import LazyImages, OriginalImages
 from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
 from vlmlab.data._names import (
     ClassNames,
@@ -28,6 +28,7 @@ from vlmlab.data._splits import (
     few_shot_split,
     partition_classes,
     sample_per_class,
+    sample_up_to_per_class,
     stratified_subset,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "FewShotSplit",
     "ImageDataset",
     "LazyImages",
+    "OriginalImages",
     "augmented_view",
     "class_indices",
     "few_shot_split",
@@ -53,5 +55,6 @@ __all__ = [
     "rename_classes",
     "renamed",
     "sample_per_class",
+    "sample_up_to_per_class",
     "stratified_subset",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmlab.data._lazy import LazyImages, OriginalImages
 from vlmlab.oracle import ImageSet, PixelSource
 
 
@@ -24,6 +25,12 @@ class ImageDataset:
 
     ``indices`` records which rows of the full split this is (None: all of it),
     so image sets made from subsets are named precisely in caches and reports.
+
+    ``originals``, where a loader keeps them, reads the full-resolution image
+    each stored row was cut from (a lazy loader's ``LazyImages(original=...)``
+    gives it; a subset keeps its rows'). None: the stored pixels are the
+    originals, as for the sets held in memory at their own size (Fashion-MNIST
+    28 px, CIFAR 32 px).
     """
 
     name: str
@@ -33,8 +40,15 @@ class ImageDataset:
     class_names: list[str]
     indices: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    originals: OriginalImages | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.originals is None and isinstance(self.images, LazyImages):
+            object.__setattr__(self, "originals", self.images.originals())
+        if self.originals is not None and len(self.originals) != len(self.images):
+            raise ValueError(
+                f"{self.name}: {len(self.originals)} originals but {len(self.images)} images"
+            )
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(
                 f"{self.name}: images must be uint8 (N, H, W, 3), got {self.images.dtype} "
@@ -74,6 +88,7 @@ class ImageDataset:
             self.class_names,
             base,
             meta,
+            None if self.originals is None else self.originals.take(index),
         )
 
     def image_set(self) -> ImageSet:

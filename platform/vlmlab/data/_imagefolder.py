@@ -17,7 +17,9 @@ Loading lists files and never decodes them: labels come from folder names.
 The images are a lazy array that decodes a file when its row is indexed
 (resize of the shorter side and a centre crop to ``image_size``), and whose
 fingerprint (a digest of each file's bytes and the crop size) lets an oracle
-find the set's cached features without decoding an image.
+find the set's cached features without decoding an image. Each file is also
+readable whole (``ImageDataset.originals``), for augmentations that crop the
+photo itself rather than its stored square (CraFT's).
 
 Nothing is written into the user's folder (it may be read-only). Which files
 went where is in the dataset's ``meta`` (``files``: the rows' paths relative to
@@ -205,6 +207,22 @@ def _decoder(paths: list[Path], size: int) -> Callable[[int], np.ndarray]:
     return decode
 
 
+def _reader(paths: list[Path]) -> Callable[[int], Any]:
+    """Row -> the file's image, RGB at its own size (what the official loaders read)."""
+
+    def read(row: int) -> Any:
+        from PIL import Image
+
+        path = paths[row]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as error:
+            raise ValueError(f"imagefolder: cannot read image {str(path)!r}: {error}") from error
+
+    return read
+
+
 def load_imagefolder(
     split: str = "test",
     *,
@@ -258,6 +276,7 @@ def load_imagefolder(
         np.arange(len(paths)),
         image_size,
         fingerprint=lambda rows: files_fingerprint([paths[int(row)] for row in rows], image_size),
+        original=_reader(paths),
     )
     classes: list[str] = manifest["classes"]
     folder = base if manifest["layout"] == "flat" else base / split

@@ -5,6 +5,11 @@ take gigabytes as one array. A :class:`LazyImages` holds only how to decode
 row ``i``; indexing decodes the rows asked for and returns a NumPy array, so
 a k-shot subset decodes its k images and an oracle encodes a whole split one
 batch at a time (it is a ``vlmlab.oracle.PixelSource``).
+
+The stored pixels are a resized centre crop (``square_crop``); a loader that
+can also read the photo they were cut from gives ``original``, and
+:class:`OriginalImages` carries that reader to subsets, so augmentations crop
+the full-resolution original as the official CraFT code does (``augmented_view``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class LazyImages:
         fingerprint: optional, rows -> a string that identifies their pixels
             without decoding them (e.g. a digest of the image files' bytes and
             the crop size). Oracles then hash that instead of every pixel.
+        original: optional, row of the underlying source -> the full-resolution
+            image (a PIL image) the stored pixels were cut from (:meth:`originals`).
     """
 
     dtype = np.dtype(np.uint8)
@@ -37,9 +44,11 @@ class LazyImages:
         size: int,
         *,
         fingerprint: Callable[[np.ndarray], str] | None = None,
+        original: Callable[[int], Any] | None = None,
     ) -> None:
         self._decode, self._rows, self._size = decode, np.asarray(rows, dtype=np.int64), size
         self._fingerprint = fingerprint
+        self._original = original
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -71,3 +80,33 @@ class LazyImages:
     def fingerprint(self) -> str | None:
         """What identifies these pixels without decoding them; None: hash the pixels."""
         return None if self._fingerprint is None else self._fingerprint(self._rows)
+
+    def originals(self) -> OriginalImages | None:
+        """The full-resolution images of these rows, read on indexing; None: no reader."""
+        return None if self._original is None else OriginalImages(self._original, self._rows)
+
+
+class OriginalImages:
+    """The images a dataset's stored pixels were cut from, one per row, read on indexing.
+
+    ``originals[i]`` is row ``i``'s image (an RGB PIL image, at its own size);
+    :meth:`take` follows a subset's rows, so a k-shot set keeps its originals.
+
+    Args:
+        read: row of the underlying source -> its image (a PIL image).
+        rows: the underlying rows, in this set's order.
+    """
+
+    def __init__(self, read: Callable[[int], Any], rows: np.ndarray) -> None:
+        self._read, self._rows = read, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> Any:
+        image = self._read(int(self._rows[index]))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def take(self, index: np.ndarray) -> OriginalImages:
+        """The originals of rows ``index`` of this set (a subset's)."""
+        return OriginalImages(self._read, self._rows[np.asarray(index, dtype=np.int64)])

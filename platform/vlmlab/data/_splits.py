@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,11 +16,18 @@ def sample_per_class(
     *,
     exclude: np.ndarray | None = None,
     classes: Sequence[int] | None = None,
+    repeat: bool = False,
 ) -> np.ndarray:
     """``shots`` indices per class, drawn without replacement by ``seed``.
 
-    The same (labels, shots, seed, exclude) always gives the same indices,
+    The same (labels, shots, seed, exclude, repeat) always gives the same indices,
     sorted by class then draw order.
+
+    Args:
+        repeat: a class with fewer than ``shots`` images is filled by drawing with
+            replacement (CoOp's ``generate_fewshot_dataset``, which CraFT's datasets
+            use: ``random.choices(items, k=num_shots)``, ``datasets/utils.py`` L237-245);
+            False refuses such a class.
     """
     if not isinstance(shots, int | np.integer) or shots < 1:
         raise ValueError(f"shots must be a positive int, got {shots!r}")
@@ -31,27 +39,87 @@ def sample_per_class(
     chosen = []
     for c in classes if classes is not None else np.unique(labels):
         pool = np.flatnonzero((labels == c) & ~blocked)
-        if len(pool) < shots:
+        if len(pool) < shots and not (repeat and len(pool)):
             raise ValueError(
                 f"class {int(c)} has {len(pool)} images available, fewer than {shots} shots"
             )
-        chosen.append(rng.permutation(pool)[:shots])
+        if len(pool) < shots:
+            chosen.append(rng.choice(pool, shots, replace=True))
+        else:
+            chosen.append(rng.permutation(pool)[:shots])
+    return np.concatenate(chosen).astype(np.int64)
+
+
+def sample_up_to_per_class(
+    labels: np.ndarray,
+    cap: int | None,
+    seed: int,
+    *,
+    exclude: np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
+    share: float = 1.0,
+) -> np.ndarray:
+    """At most ``cap`` indices per class, drawn without replacement by ``seed``: all of a
+    class with fewer (the official DevSafety ``min(control_size, available)``).
+
+    ``cap`` None takes every available index; ``share`` < 1 also caps each class at
+    ``floor(share * available)`` (possibly 0). Same order as :func:`sample_per_class`:
+    by class, then draw order.
+
+    Raises:
+        ValueError: a bad ``cap`` or ``share``, or a class with no index available.
+    """
+    if cap is not None and (not isinstance(cap, int | np.integer) or cap < 1):
+        raise ValueError(f"cap must be a positive int or None, got {cap!r}")
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    blocked = np.zeros(len(labels), dtype=bool)
+    if exclude is not None:
+        blocked[np.asarray(exclude, dtype=np.int64)] = True
+    chosen = [np.zeros(0, dtype=np.int64)]
+    for c in classes if classes is not None else np.unique(labels):
+        pool = np.flatnonzero((labels == c) & ~blocked)
+        if not len(pool):
+            raise ValueError(f"class {int(c)} has no images available")
+        count = len(pool) if cap is None else min(cap, len(pool))
+        if share < 1:
+            count = min(count, math.floor(share * len(pool)))
+        chosen.append(rng.permutation(pool)[:count])
     return np.concatenate(chosen).astype(np.int64)
 
 
 @dataclass(frozen=True)
 class FewShotSplit:
-    """Indices into a training split: k-shot train and a disjoint k-shot validation."""
+    """Indices into a training split: k-shot train and a disjoint k-shot validation
+    (empty when none was asked for)."""
 
     train: np.ndarray
     val: np.ndarray
 
 
 def few_shot_split(
-    labels: np.ndarray, shots: int, seed: int, *, val_shots: int | None = None
+    labels: np.ndarray,
+    shots: int,
+    seed: int,
+    *,
+    val_shots: int | None = None,
+    repeat: bool = False,
 ) -> FewShotSplit:
-    """A k-shot training set and a disjoint k-shot validation set (the Black-Box Forgetting protocol: model selection on validation)."""
-    train = sample_per_class(labels, shots, seed)
+    """A k-shot training set and a disjoint k-shot validation set (the Black-Box Forgetting protocol: model selection on validation).
+
+    Args:
+        val_shots: validation images per class; None: ``shots``; 0: no validation
+            split (``val`` is empty; CraFT's official protocol has none).
+        repeat: draw a short class's training shots with replacement
+            (:func:`sample_per_class`); the validation draw never repeats.
+    """
+    if val_shots is not None and val_shots < 0:
+        raise ValueError(f"val_shots must be >= 0 (0: no validation split), got {val_shots}")
+    train = sample_per_class(labels, shots, seed, repeat=repeat)
+    if val_shots == 0:
+        return FewShotSplit(train, np.zeros(0, dtype=np.int64))
     val = sample_per_class(labels, val_shots or shots, seed + 1_000_003, exclude=train)
     return FewShotSplit(train, val)
 

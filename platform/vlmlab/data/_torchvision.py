@@ -201,5 +201,10 @@ def load_coop_dataset(
     labels = renumber[raw_labels]  # -1: a class CoOp leaves out
     rows = np.arange(len(labels)) if source.splits is not None else holdout_rows(labels, split)
     rows = rows[labels[rows] >= 0]
-    images = LazyImages(lambda row: square_crop(dataset[row][0], image_size), rows, image_size)
+    images = LazyImages(
+        lambda row: square_crop(dataset[row][0], image_size),
+        rows,
+        image_size,
+        original=lambda row: dataset[row][0],  # the photo, for crops of the original
+    )
     return ImageDataset(name, split, images, labels[rows], names, meta={"root": str(folder)})

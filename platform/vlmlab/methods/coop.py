@@ -343,11 +343,17 @@ class CoOpClassifier:
         return self.learner.current()
 
     def evaluate(self, split: str = "test") -> Metrics:
-        """Accuracy of the learned prompt on ``split``: one evaluation query."""
+        """Accuracy of the learned prompt on ``split``: one evaluation query (none, and no
+        metrics, for a validation split the task does not have: ``data.val_shots: 0``)."""
+        if split == "val" and not self.task.has_split(split):
+            return {}
         return {"acc": self._accuracy(self.contexts(), split)}
 
     def reference(self, split: str, prompt: str) -> Metrics:
-        """Accuracy of the hand-written ``prompt``: one evaluation query."""
+        """Accuracy of the hand-written ``prompt``: one evaluation query (none for an
+        absent validation split)."""
+        if split == "val" and not self.task.has_split(split):
+            return {}
         return {"acc": self._accuracy(self.oracle.phrase_embeddings(prompt)[None], split)}
 
     def _accuracy(self, contexts: torch.Tensor, split: str) -> float:

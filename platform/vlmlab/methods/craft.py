@@ -20,7 +20,8 @@ default (``head_data="views"``):
    so far (``"xbest"``, the ImageNet script) or the ES mean (``"mean"``);
 3. one refinement epoch (batches of ``refine_batch``) trains the MLP on that
    prompt's logits over a freshly augmented view of the training images
-   (RandomResizedCrop(scale) + flip), with
+   (RandomResizedCrop(scale) + flip, cut from the full-resolution originals where
+   the dataset keeps them: ``augment_source="original"``), with
    ``CE(refined, y) + w KL(softmax(logits) || softmax(refined))``. Its query is
    counted under ``<budget key>:head``, outside the budget, as the official
    code does not charge it. ``views`` = K registers K views (each once, lazily)
@@ -66,6 +67,7 @@ VARIANTS: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consiste
 HeadData = Literal["views", "prompts"]
 HeadPrompt = Literal["sample_mean", "xbest", "mean"]
 FitnessImages = Literal["augmented", "plain"]
+AugmentSource = Literal["original", "stored"]
 
 
 def queries_per_generation(popsize: int, head_data: str) -> int:
@@ -102,6 +104,10 @@ class CraftConfig:
     views: int | None = None
     """Augmented views to register and cycle; None: a new one each generation (official)."""
     augment_scale: tuple[float, float] = (0.5, 1.0)
+    augment_source: AugmentSource = "original"
+    """original: crops cut from the full-resolution images the stored pixels came from
+    (official: the transform reads the photo), where the dataset keeps them; stored:
+    from the stored 224 px centre squares (``vlmlab.data.augmented_view``)."""
     fitness_images: FitnessImages = "augmented"
 
     @property
@@ -132,6 +138,10 @@ class CraftConfig:
         if not 0 < low <= high <= 1:
             raise ValueError(
                 f"augment_scale must satisfy 0 < low <= high <= 1, got {self.augment_scale}"
+            )
+        if self.augment_source not in ("original", "stored"):
+            raise ValueError(
+                f"augment_source must be 'original' or 'stored', got {self.augment_source!r}"
             )
         if self.consistency_weight < 0 or self.consistency_cutoff < 1:
             raise ValueError("consistency_weight must be >= 0 and consistency_cutoff >= 1")
@@ -183,7 +193,9 @@ class CraftData:
     """Registered k-shot training images, an optional k-shot validation set and the test set.
 
     Validation images never train anything: they score a run for sweeps (tuning on
-    the test split would leak), at evaluation queries outside the budget.
+    the test split would leak), at evaluation queries outside the budget. The
+    official code has none (``main_craft.py`` L53-55 never reads its ``val_loader``):
+    ``val`` is then None, and the methods report no validation metrics.
     """
 
     class_names: list[str]
@@ -195,6 +207,12 @@ class CraftData:
     val_labels: np.ndarray | None = None
     train_images: ImageDataset | None = None
     """The k-shot pixels, for augmented views of the refinement head (None: no views)."""
+
+    def has_split(self, name: str) -> bool:
+        """Whether ``name`` (train, test, val) is a split of this task."""
+        return name in ("train", "test") or (
+            name == "val" and self.val is not None and self.val_labels is not None
+        )
 
     def split(self, name: str) -> tuple[ImageSetRef, np.ndarray]:
         if name == "test":
@@ -217,23 +235,34 @@ def make_craft_data(
     seed: int,
     val_shots: int | None = None,
     fitness_view: tuple[float, float] | None = None,
+    augment_source: AugmentSource = "original",
 ) -> CraftData:
     """Sample k-shot train and validation sets from ``train``; register every split.
 
+    The training shots are drawn as CoOp's loaders draw them (which the official
+    code uses): a class with fewer than ``shots`` images is filled with repeats
+    (``datasets/utils.py`` L237-245, ``random.choices``).
+
     Args:
+        val_shots: validation images per class (None: ``shots``); 0: no validation
+            split, as the official code (``CraftData.val`` is None).
         fitness_view: an augmentation scale: candidates are then scored on one
             fixed augmented view of the training images (the official code's
             rule), else on the images as they are.
+        augment_source: what that view crops (``vlmlab.data.augmented_view``).
     """
     if train.class_names != test.class_names:
         raise ValueError("train and test splits disagree on class names")
-    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
-    train_set, val_set = train.subset(split.train), train.subset(split.val)
+    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots, repeat=True)
+    train_set = train.subset(split.train)
     scored = (
         train_set
         if fitness_view is None
-        else augmented_view(train_set, seed=seed, view=FITNESS_VIEW, scale=fitness_view)
+        else augmented_view(
+            train_set, seed=seed, view=FITNESS_VIEW, scale=fitness_view, source=augment_source
+        )
     )
+    val_set = train.subset(split.val) if len(split.val) else None
     return CraftData(
         class_names=list(train.class_names),
         train_images=train_set,
@@ -241,8 +270,8 @@ def make_craft_data(
         train_labels=train_set.labels,
         test=oracle.register_images(test.image_set()),
         test_labels=test.labels,
-        val=oracle.register_images(val_set.image_set()),
-        val_labels=val_set.labels,
+        val=None if val_set is None else oracle.register_images(val_set.image_set()),
+        val_labels=None if val_set is None else val_set.labels,
     )
 
 
@@ -409,7 +438,11 @@ class Craft:
         if ref is None:
             assert self.task.train_images is not None
             images = augmented_view(
-                self.task.train_images, seed=self.seed, view=view, scale=self.config.augment_scale
+                self.task.train_images,
+                seed=self.seed,
+                view=view,
+                scale=self.config.augment_scale,
+                source=self.config.augment_source,
             )
             ref = self.oracle.register_images(images.image_set())
             if self.config.views is not None:  # a cycled view is registered once
@@ -484,11 +517,17 @@ class Craft:
         return None  # the final step is the result (the paper's protocol)
 
     def evaluate(self, split: str = "test") -> Metrics:
-        """Accuracy of the ES mean prompt (refined unless prompt-only): one evaluation query."""
+        """Accuracy of the ES mean prompt (refined unless prompt-only): one evaluation query;
+        no metrics (and no query) for a validation split the task does not have."""
+        if split == "val" and not self.task.has_split(split):
+            return {}
         return {"acc": self.accuracy(split)}
 
     def reference(self, split: str, prompt: str) -> Metrics:
-        """Accuracy of the hand-written ``prompt``, unrefined: one evaluation query."""
+        """Accuracy of the hand-written ``prompt``, unrefined: one evaluation query
+        (none, and no metrics, for an absent validation split)."""
+        if split == "val" and not self.task.has_split(split):
+            return {}
         return {"acc": self.zero_shot(split, prompt)}
 
     def accuracy(self, split: str = "test") -> float:

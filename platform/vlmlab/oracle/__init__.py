@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle._base import FineTunableText, LocalOracle, LogitsRequest
+from vlmlab.oracle._base import FineTunableImage, FineTunableText, LocalOracle, LogitsRequest
 from vlmlab.oracle._cache import default_cache_dir
 from vlmlab.oracle._journal import JournaledLedger, open_ledger
 from vlmlab.oracle._ledger import (
@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_BUDGET_KEY",
     "BudgetExceededError",
     "ConseOracle",
+    "FineTunableImage",
     "FineTunableText",
     "ImageSet",
     "ImageSetRef",

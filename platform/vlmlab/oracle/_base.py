@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,19 @@ class FineTunableText:
 
     tower: nn.Module
     projection: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FineTunableImage:
+    """A private, trainable copy of a backend's image tower (white-box methods only).
+
+    ``tower`` maps the float batch ``preprocess`` makes of uint8 ``N x H x W x 3``
+    pixels to image features ``N x E`` (not yet unit-norm), as the backend's own
+    encoder does before its cache. Training it never touches the backend's weights.
+    """
+
+    tower: nn.Module
+    preprocess: Callable[[np.ndarray], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,13 @@ class LocalOracle(ABC):
         """A trainable copy of the text side, for white-box methods (devsafety, CoOp)."""
         raise NotImplementedError(
             f"the {self.metadata.backend} backend offers no fine-tunable text tower"
+        )
+
+    def trainable_image_tower(self) -> FineTunableImage:
+        """A trainable copy of the image tower, for white-box methods (devsafety ``full``)."""
+        raise NotImplementedError(
+            f"the {self.metadata.backend} backend offers no fine-tunable image tower; "
+            "use an open_clip backend"
         )
 
     # --------------------------------------------------- owner's capabilities

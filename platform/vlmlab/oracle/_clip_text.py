@@ -95,6 +95,12 @@ class TextTower:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in: its blocks' weights' (open_clip's
+        ``get_cast_dtype``), not the token table's, which mixed precision keeps in fp32."""
+        weight_dtype = getattr(self.blocks[0], "get_weight_dtype", None) if self.blocks else None
+        if weight_dtype is not None:
+            dtype: torch.dtype = weight_dtype()
+            return dtype
         return self.token_embedding.weight.dtype
 
     def pools_at(self, end_token: int) -> bool:

@@ -15,12 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
+from vlmlab.oracle._base import (
+    FineTunableImage,
+    FineTunableText,
+    LocalOracle,
+    embedding_table_stats,
+)
 from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
 from vlmlab.oracle._ledger import QueryLedger
 from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TEXT_PRECISIONS = ("fp32",)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -110,6 +116,43 @@ def unsupported_text_side(model_name: str) -> str | None:
     return None
 
 
+def precision_tag(precision: str, text_precision: str | None = None) -> str:
+    """What a model id adds for its precision: ``""`` (fp32), ``/fp16-mixed`` (OpenAI's
+    mixed rule), ``/fp16-mixed-text-fp32`` (an fp32 text tower beside it).
+
+    The tag names the features: image features are cached under the model id, so
+    another rule of computing them must never share an entry (the ``-mixed`` ids are
+    new with the mixed rule; ``/fp16`` entries were cast whole)."""
+    if precision == "fp32":
+        return ""
+    tag = f"/{precision}-mixed"
+    if text_precision is not None and text_precision != precision:
+        tag += f"-text-{text_precision}"
+    return tag
+
+
+def text_modules_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the text tower of an open_clip model (transformer, token and positional
+    embeddings, final LayerNorm, projection) to ``dtype``, in place.
+
+    The official CraFT code does this to its CLIP: ``TextEncoder(clip_model).float()``
+    (``main_craft.py`` L101), whose parameters are the model's own.
+    """
+    text = getattr(model, "text", None)
+    if text is not None:  # CustomTextCLIP: the text tower is one module
+        text.to(dtype=dtype)
+        return
+    owner: Any = model
+    for name in ("transformer", "token_embedding", "ln_final"):
+        getattr(owner, name).to(dtype=dtype)
+    for name in ("positional_embedding", "text_projection"):
+        part = getattr(owner, name, None)
+        if isinstance(part, nn.Module):
+            part.to(dtype=dtype)
+        elif isinstance(part, torch.Tensor):
+            part.data = part.data.to(dtype)
+
+
 def resolve_open_clip_model(model_name: str, pretrained: str | None) -> tuple[str, str | None, str]:
     """Check a model name and weights source before building anything.
 
@@ -166,7 +209,13 @@ class OpenClipOracle(LocalOracle):
         pretrained: a pretrained tag (downloads from the hub when online), a local
             checkpoint file, or None for random initialization (tests).
         device: ``"cuda"``/``"cpu"``; CUDA when present by default.
-        precision: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``.
+        precision: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: the towers' precision.
+            fp16 and bf16 follow OpenAI's mixed rule (open_clip's ``precision``:
+            weights of linear, convolution and attention layers in it; LayerNorm
+            computed in fp32; embeddings and BatchNorm kept in fp32), as the
+            official CLIP's ``convert_weights`` builds it.
+        text_precision: ``"fp32"`` runs the text tower in fp32 beside a fp16 or bf16
+            image tower (the official CraFT code's model); None: ``precision``.
         seed: torch seed for random initialization, so random-init models are
             reproducible (and their cached image features stay valid).
         prefix_sharing: use the fast text path (default); False forces the
@@ -190,6 +239,7 @@ class OpenClipOracle(LocalOracle):
         pretrained: str | None = None,
         device: str | None = None,
         precision: str = "fp32",
+        text_precision: str | None = None,
         seed: int = 0,
         prefix_sharing: bool = True,
         max_tokens_per_chunk: int = 8192,
@@ -201,6 +251,11 @@ class OpenClipOracle(LocalOracle):
 
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        if text_precision is not None and text_precision not in _TEXT_PRECISIONS:
+            raise ValueError(
+                f"text_precision must be one of {list(_TEXT_PRECISIONS)} or None, "
+                f"got {text_precision!r}"
+            )
         if not isinstance(max_tokens_per_chunk, int) or max_tokens_per_chunk < 1:
             raise ValueError(
                 f"max_tokens_per_chunk must be a positive int, got {max_tokens_per_chunk!r}"
@@ -215,9 +270,15 @@ class OpenClipOracle(LocalOracle):
         self._start, self._end = self._special_tokens(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(name, pretrained=weights, device=self.device)
-        model = model.to(dtype=_DTYPES[precision]).eval().requires_grad_(False)
+            model = open_clip.create_model(
+                name, pretrained=weights, device=self.device, precision=precision
+            )
+        if text_precision is not None and text_precision != precision:
+            text_modules_to(model, _DTYPES[text_precision])
+        model = model.eval().requires_grad_(False)
         self.model = model
+        self.precision, self.text_precision = precision, text_precision or precision
+        self._image_dtype = _DTYPES[precision]
         self.tower = TextTower.from_model(model)
         self._placeholder = self._token_ids("X")[0]
         self._fast: PrefixSharingEncoder | None = None
@@ -228,7 +289,7 @@ class OpenClipOracle(LocalOracle):
         mean, std = embedding_table_stats(self.tower.token_embedding.weight)
         self._metadata = OracleMetadata(
             backend="open_clip",
-            model=model_id + ("" if precision == "fp32" else f"/{precision}"),
+            model=model_id + precision_tag(precision, text_precision),
             token_dim=self.tower.width,
             context_length=self.tower.context_length,
             embedding_mean=mean,
@@ -322,7 +383,7 @@ class OpenClipOracle(LocalOracle):
     def _encode_images(
         self, pixels: np.ndarray | PixelSource, batch_size: int = 64
     ) -> torch.Tensor:
-        dtype = self.tower.dtype
+        dtype = self._image_dtype  # the image tower's, which the text tower's may not be
         features = []
         with torch.inference_mode():
             for chunk in pixel_batches(pixels, batch_size):  # a lazy set decodes one at a time
@@ -365,6 +426,17 @@ class OpenClipOracle(LocalOracle):
                 raise NotImplementedError("a text projection with a bias cannot be fine-tuned here")
             return FineTunableText(tower, projection.weight.detach().float().T.clone())
         return FineTunableText(tower, projection.detach().float().clone())
+
+    def trainable_image_tower(self) -> FineTunableImage:
+        """A private fp32 copy of the image tower and the preprocessing the oracle
+        encodes with (resize, centre crop, normalize), for white-box methods."""
+        tower = copy.deepcopy(self.model.visual).float()
+        size, mean, std = self._image_size, self._mean.tolist(), self._std.tolist()
+
+        def preprocess(pixels: np.ndarray) -> torch.Tensor:
+            return preprocess_pixels(pixels, size, mean, std)
+
+        return FineTunableImage(tower, preprocess)
 
     @property
     def uses_prefix_sharing(self) -> bool:

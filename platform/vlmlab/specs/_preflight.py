@@ -115,9 +115,9 @@ def _check_plan(spec: RunSpec, found: Preflight) -> None:
     for trial in trials:
         generations = trial.generations
         if task.is_white_box(trial.method):
-            found.plan.append(
-                f"{trial.method.name} ({trial.shots}-shot): {generations} epochs, white-box"
-            )
+            cap = trial.data.control_cap  # devsafety: it, not shots, sizes the training set
+            size = f"control_cap {cap}" if cap is not None else f"{trial.shots}-shot"
+            found.plan.append(f"{trial.method.name} ({size}): {generations} epochs, white-box")
             continue
         per_generation = task.queries_per_generation(trial.method)
         budget = trial.query_budget()

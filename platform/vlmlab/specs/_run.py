@@ -169,6 +169,19 @@ class RunSpec(StrictModel):
             )
         if self.sweep is not None and len(self.data.shot_ladder) > 1:
             found.append("data.shots: a sweep tunes one shot count; give one K, not a ladder")
+        if self.data.val_shots == 0 and not task.validation_optional:
+            found.append(
+                f"data.val_shots: 0 (no validation split) is not allowed by the {self.task} "
+                "task: it chooses its result on validation images; give a count >= 1"
+            )
+        elif (
+            self.data.val_shots == 0 and self.sweep is not None and self.sweep.metric[:4] == "val_"
+        ):
+            found.append(
+                f"sweep.metric: {self.sweep.metric!r} needs validation images, but "
+                "data.val_shots is 0 (none); give data.val_shots >= 1 (a sweep never tunes "
+                "on the test split)"
+            )
         per_generation = task.queries_per_generation(self.method)
         if self.study is not None:
             try:

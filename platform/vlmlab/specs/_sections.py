@@ -29,6 +29,13 @@ class BackendSpec(_Strict):
     studies); reports name the weights, ``random-init`` included."""
     device: str | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """open_clip: the towers' precision; fp16 and bf16 follow OpenAI's rule (weights of
+    linear, convolution and attention layers in it; LayerNorm, embeddings and
+    BatchNorm in fp32)."""
+    text_precision: Literal["fp32"] | None = None
+    """open_clip: the text tower's precision when it differs (None: ``precision``).
+    ``precision: fp16, text_precision: fp32`` is the official CraFT code's model: an fp16
+    image tower and an fp32 text transformer (``TextEncoder(clip_model).float()``)."""
     cache_dir: str | None = None
     """Image-feature cache folder (default ``$VLMLAB_CACHE_DIR`` or ``~/.cache/vlmlab``);
     a shared filesystem path lets a cluster's workers encode each image set once."""
@@ -54,6 +61,11 @@ class BackendSpec(_Strict):
                 f"backend.pretrained: the {self.name} backend has no pretrained weights to "
                 "choose; remove the field"
             )
+        if self.text_precision is not None and not self.name.startswith("open_clip"):
+            raise ValueError(
+                f"backend.text_precision: the {self.name} backend has no text tower "
+                "precision to choose; remove the field"
+            )
         if self.pretrained is None and takes_weights:
             raise ValueError(
                 f"backend.pretrained: the {self.name} backend needs its weights named: a "
@@ -72,6 +84,8 @@ class BackendSpec(_Strict):
             kwargs["cache_dir"] = self.cache_dir
         if self.name.startswith("open_clip"):
             kwargs["precision"] = self.precision
+            if self.text_precision is not None:
+                kwargs["text_precision"] = self.text_precision
         if self.pretrained is not None and self.pretrained != RANDOM_INIT:
             kwargs["pretrained"] = self.pretrained
         return kwargs
@@ -88,8 +102,9 @@ class DataSpec(_Strict):
     mapping inline. Default: the dataset's own names (folder names cleaned)."""
     shots: int | list[int] = 16
     """Shots per class; a list runs a few-shot ladder (every K, every seed)."""
-    val_shots: int | None = Field(None, ge=1)
-    """Validation shots per class (default: same as ``shots``)."""
+    val_shots: int | None = Field(None, ge=0)
+    """Validation shots per class (default: same as ``shots``); 0: no validation split
+    (CraFT's official protocol; tasks that choose their result on validation refuse it)."""
     test_size: int = Field(0, ge=0)
     """Class-balanced test subset size; 0 means the whole test split."""
     forget: list[int | str] | None = None
@@ -98,6 +113,13 @@ class DataSpec(_Strict):
     target: list[int | str] | None = None
     """devsafety: the target classes to improve, by index or class name; default the
     weakest class on the validation images (every other class is protected)."""
+    control_cap: int | None = Field(None, ge=1)
+    """devsafety: the official ``--control-size``: at most this many training images of
+    each *protected* class (all of a shorter class), and every target image; replaces
+    ``shots``. Validation (``val_shots``) is drawn first, at most a fifth of a class."""
+    control_seed: int | None = Field(None, ge=0)
+    """devsafety, with ``control_cap``: the seed of the data split, one for every trial
+    (official: 2024, ``np.random.seed(2024)``); default: each trial's seed."""
 
     @field_validator("dataset")
     @classmethod

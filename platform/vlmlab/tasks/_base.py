@@ -107,6 +107,10 @@ class Task:
     no queries (its generations are epochs)."""
     evaluation_splits: ClassVar[tuple[str, ...]] = ("test", "val")
     """The splits evaluated at every checkpoint."""
+    validation_optional: ClassVar[bool] = False
+    """Whether ``data.val_shots: 0`` (no validation split) is allowed: a task that selects
+    its result on validation images refuses it; one that allows it (CraFT) returns no
+    validation metrics then, and a sweep on a ``val_`` metric is refused."""
     artifact_tensor: ClassVar[str] = "contexts"
     """The tensor no artifact of this task may lack."""
     extra_references: ClassVar[tuple[str, ...]] = ()

@@ -75,6 +75,11 @@ class CraftMethodSpec(MethodSpec):
     generation, as the official code (the most images to encode)."""
     augment_scale: tuple[float, float] = (0.5, 1.0)
     """RandomResizedCrop's area range (the ImageNet script uses 0.08-1)."""
+    augment_source: Literal["original", "stored"] = "original"
+    """What the crops cut: the full-resolution originals (official: the transform reads
+    the photo), where the dataset keeps them (torchvision's CoOp sets, imagefolder); or
+    the stored 224 px centre squares. Sets held in memory at their own size
+    (Fashion-MNIST, CIFAR) have no other originals: both crop their stored pixels."""
     fitness_images: Literal["augmented", "plain"] = "augmented"
     """Candidates are scored on one fixed augmented view (official) or on the plain images."""
     coop: CoOpSettings = Field(default_factory=CoOpSettings)
@@ -105,6 +110,7 @@ class CraftTask(Task):
     method_spec = CraftMethodSpec
     metrics = (("acc", "accuracy"),)
     sweep_metrics = ("val_acc", "test_acc")
+    validation_optional = True  # data.val_shots: 0, the official protocol (no validation)
     table_axes = ("data.shots", "budget.max_queries")
 
     def default_budget(self, shots: int) -> int:
@@ -150,6 +156,7 @@ class CraftTask(Task):
             val_shots=spec.data.val_shots,
             seed=seed,
             fitness_view=spec.method.augment_scale if augmented else None,
+            augment_source=spec.method.augment_source,
         )
         if coop:
             n_context = oracle.phrase_embeddings(spec.prompt_phrase).shape[0]

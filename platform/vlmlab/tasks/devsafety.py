@@ -4,7 +4,10 @@ A white-box task: it trains the model (a :class:`~vlmlab.methods.FineTunableMode
 over an in-process backend), never runs on the oracle pool, and spends no
 queries; a generation is an epoch. ``data.shots`` is the training images per
 class (target data and control set), ``data.val_shots`` the held-out
-validation images per class. Metrics: target accuracy and gain, DevSafety(acc),
+validation images per class; or ``data.control_cap`` (the official
+``--control-size``) caps each protected class's training images instead, and
+the target keeps all of its own (``data.control_seed``: one split for every
+seed, official 2024). Metrics: target accuracy and gain, DevSafety(acc),
 protected accuracy and ``safe_gain`` (the sweep's default); the reference
 (``zeroshot_*`` columns) is ``w_old``, the model before development. The
 artifact is a ready classifier (``class_embeddings``).
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlmlab.methods import FineTunableModel, Method
 from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_data
@@ -33,17 +36,24 @@ if TYPE_CHECKING:
 
 
 class DevSafetyMethodSpec(MethodSpec):
-    """Model Developmental Safety and its baselines (see ``vlmlab.methods.devsafety``)."""
+    """Model Developmental Safety and its baselines (see ``vlmlab.methods.devsafety``).
+
+    Defaults are the official scripts' values (``GangLii/DevSafety``
+    ``train_foggy.sh``; ``tests/fidelity/official_devsafety.py`` lists each source).
+    """
 
     name: Literal["constrained", "finetune", "weighted"] = "constrained"
-    epochs: int = Field(60, ge=1)
+    epochs: int = Field(40, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    tower_lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-6, gt=0)
+    tower_lr: float | None = Field(None, gt=0)
+    """Learning rate of the text tower (``trainable: all``); None: ``lr`` (official: one
+    AdamW group for the whole model)."""
+    weight_decay: float = Field(0.1, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)
-    """Warm-up in steps (official: 500); overrides ``warmup`` (a share of all steps)."""
+    """Warm-up as a share of all steps, used when ``warmup_steps`` is null."""
+    warmup_steps: int | None = Field(500, ge=0)
+    """Warm-up in steps (official ``--warmup_length`` 500); null: ``warmup``."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Official: 600 (BDD) / 1600 (Places); None: training images / batch_size."""
     control_per_class: int = Field(10, ge=1)
@@ -60,11 +70,36 @@ class DevSafetyMethodSpec(MethodSpec):
     constraint_logits: Literal["tau", "model"] = "tau"
     """tau: constraint losses at logit scale 1/tau (official); model: the backend's scale."""
     rank: int = Field(32, ge=1)
-    trainable: Literal["target_heads", "heads", "projection", "all"] = "all"
-    beta: float = Field(300.0, ge=0)
+    trainable: Literal["target_heads", "heads", "projection", "all", "full"] = "all"
+    """What trains: the target's heads, every head, + the projection, + the text tower
+    (``all``), + the image tower (``full``, open_clip only: every parameter, as the
+    official runs; each batch is encoded by it, so a step costs image-tower passes).
+    The official value is ``full`` (the paper configs set it); the default stays ``all``
+    (cached image features, any backend) because ``full`` needs open_clip and costs
+    image-tower passes every step."""
+    negative_head: bool = True
+    """Negative captions through an extra head, so protected heads learn only from the
+    constraints (official ``cls_ids=-1``); false: through their own class's head."""
+    augment_views: int = Field(0, ge=0)
+    """Augmented batches (official): target and control rows are scored on augmented
+    images while w_old's losses stay on the clean ones. With a frozen image tower, this
+    many cached views of each training image (each row's view drawn per step; costs one
+    encoding of the training set per view); with ``trainable: full``, a fresh draw every
+    step (any number > 0). 0: clean images only."""
+    augment_scale: tuple[float, float] = (0.7, 1.0)
+    """Random resized crop's area range (official 0.7-1)."""
+    augment_rotation: float = Field(15.0, ge=0)
+    """Random rotation's largest angle, degrees (official 15)."""
+    augment_flip: bool = True
+    """Random horizontal flip (official)."""
+    beta: float = Field(100.0, ge=0)
     gamma: float = Field(0.8, gt=0, le=1)
     tau: float = Field(0.05, ge=0)
-    weight: float = Field(1.0, ge=0)
+    weight: float | None = Field(None, ge=0)
+    """The weighted baseline's weight on the protected losses; null: beta * tau (official)."""
+    weight_reduction: Literal["mean", "sum"] = "mean"
+    """mean: over the protected classes in the control batch (official SogCLR_RM); sum:
+    vlmlab's earlier reading."""
     base_epochs: int = Field(0, ge=0)
     base_lr: float = Field(1e-3, gt=0)
     safety_tolerance: float = Field(0.0, ge=0, lt=1)
@@ -72,11 +107,18 @@ class DevSafetyMethodSpec(MethodSpec):
     0 is the paper's definition; a small slack suits validation sets where one image
     moves a class's accuracy by more than that. Never used in training."""
 
+    @field_validator("augment_scale")
+    @classmethod
+    def _crop_area(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("must satisfy 0 < low <= high <= 1 (a share of the image's area)")
+        return value
+
     def to_config(self, prompt: str = "a photo of a {}.") -> DevSafetyConfig:
         """The method's config; ``prompt`` is the spec's class prompt template."""
-        return DevSafetyConfig(
-            variant=self.name, prompt=prompt, **self.model_dump(exclude={"name"})
-        )
+        values = self.model_dump(exclude={"name"})
+        values["augment_scale"] = tuple(values["augment_scale"])
+        return DevSafetyConfig(variant=self.name, prompt=prompt, **values)
 
 
 class DevSafetyTask(Task):
@@ -106,12 +148,25 @@ class DevSafetyTask(Task):
         return int(spec.method.epochs)  # type: ignore[attr-defined]
 
     def check(self, spec: RunSpec) -> list[str]:
+        found = []
         if spec.budget.max_queries or spec.budget.by_shots:
-            return [
+            found.append(
                 f"budget: the {self.name} task trains the model and spends no oracle queries; "
                 "remove the budget section (method.epochs sets its length)"
-            ]
-        return []
+            )
+        if spec.data.control_cap is not None and len(spec.data.shot_ladder) > 1:
+            found.append(
+                "data.shots: data.control_cap sets the training images (at most that many of "
+                "each protected class, every target image); a shot ladder does not apply"
+            )
+        if spec.method.trainable == "full" and not spec.backend.name.startswith("open_clip"):  # type: ignore[attr-defined]
+            found.append(
+                f"method.trainable: full trains the image tower, which only open_clip "
+                f"backends offer; got backend {spec.backend.name!r}"
+            )
+        if spec.data.control_seed is not None and spec.data.control_cap is None:
+            found.append("data.control_seed: draws the control_cap split; set data.control_cap")
+        return found
 
     def build(
         self,
@@ -131,16 +186,29 @@ class DevSafetyTask(Task):
         assert isinstance(spec.method, DevSafetyMethodSpec)
         config = spec.method.to_config(spec.prompt)
         model = FineTunableModel(
-            oracle, data.train.class_names, rank=config.rank, prompt=config.prompt, seed=seed
+            oracle,
+            data.train.class_names,
+            rank=config.rank,
+            prompt=config.prompt,
+            seed=seed,
+            negative_head=config.negative_head,
         )
+        cap = spec.data.control_cap
         task = make_devsafety_data(
             model,
             data.train,
             data.test,
-            per_class=spec.shots,
+            per_class=spec.shots if cap is None else None,
             val_per_class=spec.data.val_shots or spec.shots,
             seed=seed,
             target=spec.data.target,
+            control_cap=cap,
+            control_seed=spec.data.control_seed,
+            # A training image tower augments each batch afresh: no cached views.
+            views=0 if config.trainable == "full" else config.augment_views,
+            view_scale=config.augment_scale,
+            view_rotation=config.augment_rotation,
+            view_flip=config.augment_flip,
         )
         return DevSafety(model, task, config, seed=seed)
 
@@ -161,6 +229,7 @@ class DevSafetyTask(Task):
             "protected": list(method.task.protected),
             "trainable": config.trainable,
             "rank": config.rank,
+            "negative_head": config.negative_head,
             "prompt": config.prompt,
             "logit_scale": model.logit_scale,
             "logit_bias": model.logit_bias,
@@ -169,6 +238,18 @@ class DevSafetyTask(Task):
     def classifier(
         self, artifact: Artifact, oracle: LocalOracle
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """``class_embeddings`` over the backend's image features.
+
+        Raises:
+            ValueError: the artifact trained the image tower (``trainable: full``): its
+                classes are scored on that tower's features, which serving does not run.
+        """
+        if artifact.manifest.get("trainable") == "full":
+            raise ValueError(
+                f"{artifact.path}: this devsafety model trained its image tower (trainable: "
+                "full); serving scores images with the backend's own tower, so it cannot "
+                "serve it (the artifact keeps the tower's weights as visual.*)"
+            )
         return artifact.tensors["class_embeddings"].float(), None
 
     def tables(self, runs: pd.DataFrame, *, tolerance: float = 1.0) -> list[ReportTable]:

@@ -154,5 +154,5 @@ def test_craft_shots_are_columns_not_tables():
 
 
 @pytest.mark.parametrize("task", ["forgetting", "craft", "devsafety", "safe_forgetting"])
-def test_every_task_table_names_the_experiment(task):
+def test_a_task_without_completed_runs_has_no_table(task):
     assert get_task(task).tables(pd.DataFrame(columns=["task", "status"])) == []

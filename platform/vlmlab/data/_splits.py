@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def _available(
+    labels: np.ndarray, exclude: np.ndarray | None, classes: Sequence[int] | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Each class (``classes``, default every label present) with its indices not in
+    ``exclude``, in class order: what both samplers draw from."""
+    labels = np.asarray(labels)
+    blocked = np.zeros(len(labels), dtype=bool)
+    if exclude is not None:
+        blocked[np.asarray(exclude, dtype=np.int64)] = True
+    for c in classes if classes is not None else np.unique(labels):
+        yield int(c), np.flatnonzero((labels == c) & ~blocked)
 
 
 def sample_per_class(
@@ -31,14 +44,9 @@ def sample_per_class(
     """
     if not isinstance(shots, int | np.integer) or shots < 1:
         raise ValueError(f"shots must be a positive int, got {shots!r}")
-    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    blocked = np.zeros(len(labels), dtype=bool)
-    if exclude is not None:
-        blocked[np.asarray(exclude, dtype=np.int64)] = True
     chosen = []
-    for c in classes if classes is not None else np.unique(labels):
-        pool = np.flatnonzero((labels == c) & ~blocked)
+    for c, pool in _available(labels, exclude, classes):
         if len(pool) < shots and not (repeat and len(pool)):
             raise ValueError(
                 f"class {int(c)} has {len(pool)} images available, fewer than {shots} shots"
@@ -73,14 +81,9 @@ def sample_up_to_per_class(
         raise ValueError(f"cap must be a positive int or None, got {cap!r}")
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
-    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    blocked = np.zeros(len(labels), dtype=bool)
-    if exclude is not None:
-        blocked[np.asarray(exclude, dtype=np.int64)] = True
     chosen = [np.zeros(0, dtype=np.int64)]
-    for c in classes if classes is not None else np.unique(labels):
-        pool = np.flatnonzero((labels == c) & ~blocked)
+    for c, pool in _available(labels, exclude, classes):
         if not len(pool):
             raise ValueError(f"class {int(c)} has no images available")
         count = len(pool) if cap is None else min(cap, len(pool))

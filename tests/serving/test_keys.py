@@ -62,6 +62,37 @@ def test_missing_and_unparsable_keys_files(tmp_path):
         load_keys(bad)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"keys:\n  alice: {sha256: \xff\xfe}\n", "not UTF-8 text"),
+        (b"", "holds no keys"),
+        (b"# every key removed\n", "holds no keys"),
+        (b"keys: {}\n", "holds no keys"),
+    ],
+    ids=["invalid utf-8", "empty", "comment only", "no keys"],
+)
+def test_every_unusable_keys_file_is_a_keys_file_error(tmp_path, content, message):
+    """A reloading service catches KeysFileError and keeps its keys: nothing else escapes."""
+    path = tmp_path / "keys.yaml"
+    path.write_bytes(content)
+    with pytest.raises(KeysFileError, match=message):
+        load_keys(path)
+
+
+def test_no_keys_is_accepted_only_when_asked_for(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: {}\n")
+    assert load_keys(path, allow_empty=True) == {}
+    add_key(path, "first")  # adding to an empty file is how a file starts
+    assert set(load_keys(path)) == {"first"}
+
+
+def test_key_names_match_whole(tmp_path):
+    with pytest.raises(KeysFileError, match="key name"):
+        add_key(tmp_path / "keys.yaml", "alice\n")
+
+
 def test_token_bucket_allows_the_burst_then_the_rate(tmp_path):
     path = tmp_path / "keys.yaml"
     add_key(path, "slow", rate=2.0, burst=3)

@@ -24,7 +24,7 @@ from vlmlab.serving import KEY_LIMITS, ApiKey, KeysFileError, ServerLimits, add_
 from vlmlab.serving._classifier import RequestError, decode_image, probe_image
 from vlmlab.serving._keys import KeySlots, RateLimiter
 from vlmlab.serving._limits import ascii_int, json_depth, parse_json, read_body
-from vlmlab.serving._oracle_service import Answer, decode_array, plan_chunks
+from vlmlab.serving._oracle_service import Answer, check_context_range, decode_array, plan_chunks
 from vlmlab.serving._scheduler import FairScheduler
 
 
@@ -148,18 +148,45 @@ def test_ascii_int_accepts_ascii_digits_only(text, value):
     ("value", "message"),
     [
         ({"shape": [2**40, 2**40, 2**40], "float32_base64": ""}, "integers in"),
-        ({"shape": [2**31, 2**31, 2**31], "float32_base64": "AAAA"}, "do not hold"),
-        ({"shape": [2**21] * 3, "float32_base64": ""}, "do not hold"),  # int64 product wraps
+        ({"shape": [2**31, 1, 4], "float32_base64": "AAAA"}, r"integers in \[0, 1048576\]"),
+        ({"shape": [2**20, 2**20, 2**20], "float32_base64": "AAAA"}, "do not hold"),
         ({"shape": [1] * 9, "float32_base64": "AAAA"}, "at most 8"),
         ([[[10**400]]], "rectangular nested list"),
-        ([[["a"]]], "rectangular nested list"),
+        ([[["a"]]], "numbers only; found 'a'"),
+        ([[["0.5"]]], "numbers only; found '0.5'"),
+        ([[[" 1 "]]], "numbers only"),
+        ([[["1_0"]]], "numbers only"),
+        ([[["\u0661"]]], "numbers only"),
+        ([[[1.0, True]]], r"numbers only; found True \(bool\)"),
+        ([[[None]]], "numbers only"),
     ],
-    ids=["huge", "overflowing", "wrapping", "axes", "huge int", "text"],
+    ids=[
+        "huge",
+        "an axis of 2**31",
+        "overflowing",
+        "axes",
+        "huge int",
+        "text",
+        "a number as text",
+        "padded",
+        "underscored",
+        "arabic-indic digit",
+        "a bool among floats",
+        "null",
+    ],
 )
 def test_arrays_that_cannot_be_built_are_422(value, message):
     with pytest.raises(RequestError, match=message) as refused:
         decode_array(value, "contexts")
     assert refused.value.status == 422
+
+
+def test_contexts_beyond_fp16s_range_are_refused():
+    check_context_range(np.full((1, 2, 4), 65504.0, np.float32))  # the largest fp16 passes
+    for value in (3e38, -1e5):
+        with pytest.raises(RequestError, match="beyond") as refused:
+            check_context_range(np.full((1, 2, 4), value, np.float32))
+        assert refused.value.status == 422
 
 
 def test_an_empty_array_with_a_vast_axis_is_refused_cleanly():

@@ -39,7 +39,8 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
     token = added.stdout.strip()
     assert token.startswith("vlm_") and token not in keys.read_text()
     command = [vlmlab, "serve", str(adapters), "--keys", str(keys), "--oracle-cpus", "0.5"]
-    command += ["--address", address, "--num-cpus", "0.5"]
+    # This test's Ray already has a ledger without a journal (the session's other tests).
+    command += ["--address", address, "--num-cpus", "0.5", "--ledger", "memory"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLMLAB_CACHE_DIR": cache_dir}
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -55,6 +56,7 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
             url = found.group(1) if found else None
             time.sleep(0.5)
         assert url, log.read_text()
+        assert "query ledger: in memory (--ledger memory)" in log.read_text()
         listed = requests.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]
         assert len(listed) == 3
         usage = requests.get(
@@ -62,9 +64,9 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
         )
         assert usage.status_code == 200 and usage.json()["queries_left"] == 5, usage.text
 
-        def logged(line: str) -> None:
+        def logged(line: str, times: int = 1) -> None:
             deadline = time.monotonic() + 60
-            while line not in log.read_text():
+            while log.read_text().count(line) < times:
                 assert time.monotonic() < deadline and process.poll() is None, log.read_text()
                 time.sleep(0.2)
 
@@ -90,11 +92,20 @@ def test_vlmlab_serve_answers_and_stops(ray_session, adapters, cache_dir, tmp_pa
         assert gone.status_code == 401, gone.text
         kept = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
         assert kept.status_code == 200
-        # A broken file changes nothing: the served keys stay.
-        keys.write_text("keys: [not, a, mapping]")
-        logged("keys not reloaded (the file changed), the served keys stay")
-        kept = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
-        assert kept.status_code == 200
+        # A broken file changes nothing, whatever is wrong with it: the served keys stay,
+        # and the service goes on (bytes that are not UTF-8 once ended the process).
+        good = keys.read_bytes()
+        refused = "keys not reloaded (the file changed), the served keys stay"
+        bad_files = [b"keys: [not, a, mapping]", b"keys:\n  ci2: {sha256: \xff\xfe}\n", b""]
+        for count, bad in enumerate(bad_files, start=1):
+            keys.write_bytes(bad)
+            logged(refused, times=count)
+            kept = requests.get(f"{url}/v1/oracle/usage", headers=_bearer(second), timeout=60)
+            assert kept.status_code == 200, (bad, kept.text)
+        text = log.read_text()
+        assert "not UTF-8 text" in text and "holds no keys" in text, text
+        keys.write_bytes(good)  # restored: the same keys, nothing changed
+        logged("keys reloaded (the file changed): no change")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:

@@ -43,6 +43,7 @@ from vlmlab.oracle._registry import (
 from vlmlab.oracle._validation import (
     check_call,
     image_set_ref,
+    scoped_image_set_id,
     validate_class_names,
     validate_contexts,
     validate_indices,
@@ -96,6 +97,7 @@ __all__ = [
     "preprocess_pixels",
     "redact_postgres_uri",
     "register_model_configs",
+    "scoped_image_set_id",
     "validate_class_names",
     "validate_contexts",
     "validate_indices",

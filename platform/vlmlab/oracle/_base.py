@@ -27,6 +27,7 @@ from vlmlab.oracle._validation import (
     check_prompt_length,
     image_set_id,
     image_set_ref,
+    scoped_image_set_id,
     unknown_image_set,
     validate_class_names,
     validate_contexts,
@@ -263,15 +264,25 @@ class LocalOracle(ABC):
     def ledger(self) -> QueryLedger:
         return self._ledger
 
-    def register_images(self, images: ImageSet) -> ImageSetRef:
+    def register_images(self, images: ImageSet, *, scope: str | None = None) -> ImageSetRef:
+        """Encode the set once and hold its features; returns the id calls name it by.
+
+        ``scope`` (the served API key that owns the set): the features are held
+        under :func:`scoped_image_set_id` and never read from or written to the
+        disk cache, so one scope's work is never another's cache hit (the HTTP
+        service: a key must not learn from a fast first call that another key
+        registered the same images).
+        """
         ref = image_set_ref(images)
+        if scope is not None:
+            ref = ImageSetRef(scoped_image_set_id(scope, ref.id), ref.size)
         with self._register_lock:
             if ref.id in self._features:
                 return ref
             meta = self.metadata
             features = None
             path = None
-            if self._cache is not None:
+            if self._cache is not None and scope is None:
                 path = self._cache.path(meta.backend, meta.model, ref.id, images.meta)
                 cached = self._cache.load(path)
                 if cached is not None and cached.shape[0] == ref.size:
@@ -280,10 +291,15 @@ class LocalOracle(ABC):
                 # A lazy set is decoded batch by batch inside the backend's encoder; a
                 # cache hit above never decodes it (its hash came from its fingerprint).
                 features = self._encode_images(images.pixels).float().cpu().contiguous()
-                if self._cache is not None and path is not None:
+                if self._cache is not None and path is not None:  # never for a scoped set
                     self._cache.store(path, features.numpy())
             self._features[ref.id] = features
         return ref
+
+    def forget_image_set(self, image_set: ImageSetRef | str) -> bool:
+        """Drop a set's features from memory (its disk-cache entry stays); whether it was held."""
+        with self._register_lock:
+            return self._features.pop(image_set_id(image_set), None) is not None
 
     def image_features(self, image_set: ImageSetRef | str) -> torch.Tensor:
         """Cached features of a registered set (white-box methods train on them)."""

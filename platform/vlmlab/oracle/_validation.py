@@ -6,6 +6,7 @@ before a call reserves budget or does any work.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,11 @@ def image_set_ref(images: ImageSet) -> ImageSetRef:
             f"register_images expects a vlmlab.oracle.ImageSet, got {type(images).__name__}"
         )
     return images.ref
+
+
+def scoped_image_set_id(scope: str, content_id: str) -> str:
+    """The id a set registered for ``scope`` (an API key) is held under: one per scope."""
+    return "s" + hashlib.sha256(f"{scope}\x00{content_id}".encode()).hexdigest()[:31]
 
 
 def image_set_id(image_set: ImageSetRef | str) -> str:

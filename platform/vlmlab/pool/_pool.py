@@ -23,6 +23,7 @@ import concurrent.futures
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from vlmlab.oracle import (
     check_call,
     image_set_ref,
     metered,
+    scoped_image_set_id,
 )
 from vlmlab.pool._batching import MicroBatcher
 from vlmlab.pool._ledger import RemoteLedger
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_APP = "vlmlab-oracle"
 DEPLOYMENT = "OracleReplica"
+SERVED_FEATURE_BYTES = 1 << 30
+"""Image features a replica holds for the HTTP service's keys (least recently used
+dropped beyond it; a dropped set is encoded again when next scored)."""
 
 
 def batching_settings(batching: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -89,6 +94,8 @@ class OracleReplica:
 
         self.backend = backend
         self.oracle = create_oracle(backend, **(backend_kwargs or {}))
+        self.served_feature_bytes = SERVED_FEATURE_BYTES
+        self._scoped: OrderedDict[str, int] = OrderedDict()  # served keys' sets, LRU first
         # Every call computes on this one thread: torch's OpenMP team stays warm on it.
         # torch_threads pins its thread count (default: Ray's, from the replica's CPUs);
         # floats can depend on it, so matching a client's count makes results equal bit for bit.
@@ -152,16 +159,46 @@ class OracleReplica:
         alone = await loop.run_in_executor(self._compute, self._logits_many, [request])
         return alone[0]  # one request is the oracle's logits call itself
 
+    def forget_image_sets(self, set_ids: Sequence[str]) -> int:
+        """Drop these scoped sets' features (a key deleted them); how many were held here."""
+        dropped = 0
+        for set_id in set_ids:
+            if self._scoped.pop(set_id, None) is not None:
+                dropped += self.oracle.forget_image_set(set_id)
+        return dropped
+
     def _ensure_image_set(self, image_set: dict[str, Any]) -> str:
+        """The id to compute on; a set of a served key (``scope``) is held under its own id.
+
+        Sets of served keys are held within :data:`SERVED_FEATURE_BYTES`, the least
+        recently used dropped first; a set its key deletes is dropped at once
+        (:meth:`forget_image_sets`, broadcast to every replica).
+        """
+        scope = image_set.get("scope")
         set_id: str = image_set["id"]
+        if scope is not None:
+            set_id = scoped_image_set_id(scope, set_id)
         if not self.oracle.has_image_set(set_id):
             import ray
 
             pixels = ray.get(
                 image_set["pixels"][0]
             )  # the boxed ObjectRef, fetched once per replica
-            self.oracle.register_images(ImageSet(pixels, image_set["meta"]))
+            self.oracle.register_images(ImageSet(pixels, image_set["meta"]), scope=scope)
+            if scope is not None:
+                self._scoped[set_id] = self.oracle.image_features(set_id).nbytes
+        if scope is not None:
+            self._scoped.move_to_end(set_id)
         return set_id
+
+    def _trim_scoped(self, keep: set[str]) -> None:
+        """Hold served keys' features within the bound, dropping the least recently used."""
+        while sum(self._scoped.values()) > self.served_feature_bytes:
+            oldest = next((i for i in self._scoped if i not in keep), None)
+            if oldest is None:
+                return
+            del self._scoped[oldest]
+            self.oracle.forget_image_set(oldest)
 
     def _logits_many(self, requests: list[tuple[Any, ...]]) -> list[np.ndarray]:
         calls = [
@@ -174,7 +211,9 @@ class OracleReplica:
             )
             for contexts, names, image_set, indices in requests
         ]
-        return [out.numpy() for out in self.oracle.logits_many(calls)]
+        outputs = [out.numpy() for out in self.oracle.logits_many(calls)]
+        self._trim_scoped({c.image_set for c in calls if isinstance(c.image_set, str)})
+        return outputs
 
     def stats(self) -> dict[str, Any]:
         import resource

@@ -19,8 +19,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     Ray's own defaults stand: workers' output and tracebacks reach this
     terminal (``log_to_driver``), and Ray's memory monitor (its OOM killer) runs
     as Ray configures it; set ``RAY_memory_monitor_refresh_ms`` yourself to change it.
+
+    A local Ray gets the front door's bounds in Serve's HTTP proxy
+    (:data:`vlmlab.front.PROXY_CALLBACK`, unless the variable names another
+    callback): the proxy inherits this process's environment when it starts.
     """
     import ray
+
+    from vlmlab.front import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     if ray.is_initialized():
         return
@@ -28,6 +34,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address, namespace=NAMESPACE)
         return
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ray.init(
         address="local",
         num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1),

@@ -35,7 +35,8 @@ from vlmlab.results import MANIFEST, load_artifact
 from vlmlab.storage import Location, locate
 from vlmlab.tasks import get_task, list_tasks
 
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Matched with ``fullmatch`` (``$`` would let a trailing newline through)."""
 MAX_IMAGE_PIXELS = 4096 * 4096
 """Default most pixels of one image (width x height)."""
 MAX_IMAGE_SIDE = 8192
@@ -181,20 +182,20 @@ class AdapterStore:
             return [
                 entry.name
                 for entry in self.location.entries(folders=True)
-                if ADAPTER_ID.match(entry.name) and (entry / MANIFEST).is_file()
+                if ADAPTER_ID.fullmatch(entry.name) and (entry / MANIFEST).is_file()
             ]
         root = self.location.local_path
         return sorted(
             p.name
             for p in root.iterdir()
-            if ADAPTER_ID.match(p.name)
+            if ADAPTER_ID.fullmatch(p.name)
             and p.resolve().parent == root  # a link out of the root is not an adapter
             and (p / MANIFEST).is_file()
         )
 
     def folder(self, adapter_id: str) -> Path | str:
         """The folder of ``adapter_id``: 400 for a malformed id, 404 for an unknown one."""
-        if not isinstance(adapter_id, str) or not ADAPTER_ID.match(adapter_id):
+        if not isinstance(adapter_id, str) or not ADAPTER_ID.fullmatch(adapter_id):
             raise RequestError(
                 400, "adapter ids are folder names: letters, digits, '.', '_' or '-' (max 128)"
             )

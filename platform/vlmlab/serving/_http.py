@@ -32,16 +32,21 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 import vlmlab
+from vlmlab._memory import trim_memory
+from vlmlab.front import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from vlmlab.serving._classifier import (
     AdaptedModel,
     AdapterStore,
@@ -58,7 +63,6 @@ from vlmlab.serving._limits import (
     parse_json,
     proxy_http_options,
     read_body,
-    trim_memory,
     truncate,
 )
 from vlmlab.serving._oracle_service import Answer, OracleService, answer_of
@@ -115,6 +119,27 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     if pacer is not None:
         await pacer.pause(error.status)
     return Json(status_code=error.status, content=content, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods answer in the one error shape, ``{"error": ...}``."""
+    if error.status_code == 404:
+        message = f"no route {truncate(request.url.path)}; the API is listed at /docs"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {truncate(request.url.path)}"
+    else:
+        message = truncate(str(error.detail))
+    return Json(status_code=error.status_code, content={"error": message}, headers=error.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter checks (path parameters), in the one error shape."""
+    first = error.errors()[0] if error.errors() else {}
+    field = ".".join(str(part) for part in first.get("loc", ()))
+    message = f"{field}: {first.get('msg', 'invalid')}" if field else "invalid request"
+    return Json(status_code=422, content={"error": truncate(message)})
 
 
 @api.exception_handler(Exception)
@@ -403,7 +428,7 @@ class Gateway:
     async def oracle_delete(self, set_id: str, request: Request) -> dict[str, Any]:
         """Forget one of the key's image sets: its images no longer count against its limits."""
         async with self._keyed(request) as (service, name):
-            return service.delete(name, set_id)
+            return await service.delete(name, set_id)
 
     @api.post(
         "/v1/oracle/logits",
@@ -505,8 +530,9 @@ class Gateway:
         if not isinstance(image, bytes):
             raise RequestError(422, "image must be a base64 string or a file part")
         top_k = fields.get("top_k", 5)
-        if isinstance(top_k, str):  # a form field; '²' is a digit to isdigit, not to int
-            top_k = ascii_int(top_k, max_digits=6)
+        if kind == "multipart/form-data" and isinstance(top_k, str):  # form fields are text
+            # Plain ASCII digits only: no spaces, signs, '_' or other scripts' digits.
+            top_k = ascii_int(top_k, max_digits=6) if top_k == top_k.strip() else None
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise RequestError(422, f"top_k must be an integer in [1, {MAX_TOP_K}]")
         return adapter, image, top_k
@@ -527,6 +553,7 @@ def build_adapters_app(
     oracle_gpus: float = 0.0,
     oracle_torch_threads: int | None = None,
     limits: ServerLimits | dict[str, Any] | None = None,
+    allow_no_keys: bool = False,
 ):
     """The Serve application: a gateway in front of adapter replicas and, with keys, the oracle.
 
@@ -540,6 +567,8 @@ def build_adapters_app(
             floats can depend on it, so a client matching it gets its local logits bit for bit.
         limits: the gateway's server-wide settings (:class:`ServerLimits`: timeouts,
             slots, chunk size); per-key limits are in the keys file.
+        allow_no_keys: serve a keys file that holds no keys (refused otherwise: an
+            emptied file would lock every client out).
     """
     from vlmlab.pool import oracle_deployment
     from vlmlab.specs import BackendSpec
@@ -558,7 +587,8 @@ def build_adapters_app(
         replicas = replica.bind(root, backend_kwargs)  # type: ignore[attr-defined]
     oracle_app, key_records = None, None
     if keys is not None:
-        key_records = {name: key.model_dump() for name, key in load_keys(keys).items()}
+        loaded = load_keys(keys, allow_empty=allow_no_keys)
+        key_records = {name: key.model_dump() for name, key in loaded.items()}
         backend = BackendSpec.model_validate(
             {"name": oracle} if isinstance(oracle, str) else oracle
         )
@@ -605,14 +635,18 @@ def build_app(args: dict[str, Any]):
     return build_adapters_app(args.pop("root", None), **args)
 
 
-def reload_keys(keys: str | Path, *, app_name: str = APP_NAME) -> dict[str, list[str]]:
+def reload_keys(
+    keys: str | Path, *, app_name: str = APP_NAME, allow_empty: bool = False
+) -> dict[str, list[str]]:
     """Read the keys file again and hand it to the running gateway; returns what changed.
 
-    The file is checked first (:func:`load_keys`): a broken file changes nothing
-    and raises :class:`KeysFileError`. ``vlmlab serve`` calls this on SIGHUP
-    and when the file changes; each key's spent queries stay with its name.
+    The file is checked first (:func:`load_keys`): a broken file (unreadable,
+    not UTF-8, not YAML, a wrong field, no keys unless ``allow_empty``) changes
+    nothing and raises :class:`KeysFileError`. ``vlmlab serve`` calls this on
+    SIGHUP and when the file changes; each key's spent queries stay with its name.
     """
-    records = {name: key.model_dump() for name, key in load_keys(keys).items()}
+    loaded = load_keys(keys, allow_empty=allow_empty)
+    records = {name: key.model_dump() for name, key in loaded.items()}
     gateway = serve.get_deployment_handle("Gateway", app_name=app_name)
     changes: dict[str, list[str]] = gateway.reload_keys.remote(records).result()
     return changes
@@ -638,6 +672,9 @@ def serve_adapters(
     """
     from vlmlab.pool import ensure_ray, ledger_actor
 
+    # The front door's bounds (header bytes, unread responses) run in Serve's proxy
+    # process, which reads this when the Ray it belongs to starts (a local Ray: now).
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ensure_ray(address)
     ledger = options.pop("ledger", None)
     if ledger is not None:  # before any replica asks for the ledger: it opens the journal

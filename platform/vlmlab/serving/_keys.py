@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlmlab._io import atomic_write_text
 
 KEY_PREFIX = "vlm_"
-KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Matched with ``fullmatch`` (``$`` would let a trailing newline through)."""
 BUDGET_PREFIX = "api:"
 """Ledger accounts of API keys are ``api:<name>``, apart from the runs' own keys."""
 PROMPTS_PER_REQUEST = 1000
@@ -104,13 +105,28 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def load_keys(path: str | Path) -> dict[str, ApiKey]:
-    """Read and check a keys file; every problem is named with its key and field."""
+def load_keys(path: str | Path, *, allow_empty: bool = False) -> dict[str, ApiKey]:
+    """Read and check a keys file; every problem is named with its key and field.
+
+    Every way a file can be unusable (unreadable, not UTF-8, not YAML, a wrong
+    schema, no keys) is a :class:`KeysFileError`, so a service reloading it can
+    keep the keys it serves. A file with no keys is refused unless
+    ``allow_empty``: an emptied file (a truncated save, a bad edit) would
+    otherwise lock out every key and drop their image sets.
+    """
     path = Path(path)
     if not path.is_file():
         raise KeysFileError(f"{path}: no such keys file (create one with `vlmlab keys add`)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise KeysFileError(f"{path}: cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise KeysFileError(
+            f"{path}: not UTF-8 text (byte {error.start}: {error.reason})"
+        ) from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise KeysFileError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("keys", {}), dict):
@@ -121,7 +137,7 @@ def load_keys(path: str | Path) -> dict[str, ApiKey]:
     keys: dict[str, ApiKey] = {}
     problems: list[str] = []
     for name, record in (tree.get("keys") or {}).items():
-        if not isinstance(name, str) or not KEY_NAME.match(name):
+        if not isinstance(name, str) or not KEY_NAME.fullmatch(name):
             problems.append(f"keys.{name}: a key name is 1-64 letters, digits, '.', '_' or '-'")
             continue
         try:
@@ -135,6 +151,11 @@ def load_keys(path: str | Path) -> dict[str, ApiKey]:
         problems.append("two keys share one sha256: each key must be distinct")
     if problems:
         raise KeysFileError(f"{path}:\n  " + "\n  ".join(problems))
+    if not keys and not allow_empty:
+        raise KeysFileError(
+            f"{path}: holds no keys; serving none would refuse every client "
+            "(add one with `vlmlab keys add`, or pass --allow-no-keys if that is meant)"
+        )
     return keys
 
 
@@ -157,8 +178,8 @@ def add_key(
     if unknown:
         raise KeysFileError(f"unknown limit(s) {unknown}; known: {', '.join(KEY_LIMITS)}")
     path = Path(path)
-    keys = load_keys(path) if path.exists() else {}
-    if not KEY_NAME.match(name):
+    keys = load_keys(path, allow_empty=True) if path.exists() else {}
+    if not KEY_NAME.fullmatch(name):
         raise KeysFileError(f"key name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if name in keys:
         raise KeysFileError(f"{path}: key {name!r} exists; remove it first to replace it")

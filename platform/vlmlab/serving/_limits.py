@@ -25,8 +25,6 @@ replica for tokens, with the model's tokenizer.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
@@ -272,24 +270,3 @@ def proxy_http_options(
     """
     settings = limits or ServerLimits()
     return {"host": host, "port": port, "keep_alive_timeout_s": settings.keep_alive_timeout_s}
-
-
-_LIBC: Any = None
-
-
-def trim_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere nothing).
-
-    A big request leaves freed arenas behind that glibc keeps; without this the
-    gateway's resident size only ever grows with the biggest requests it saw.
-    """
-    global _LIBC
-    if _LIBC is None:
-        path = ctypes.util.find_library("c")
-        try:
-            _LIBC = ctypes.CDLL(path) if path else False
-        except OSError:
-            _LIBC = False
-    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
-    if trim is not None:
-        trim(0)

@@ -57,7 +57,12 @@ from typing import Any
 import numpy as np
 
 from vlmlab.errors import LimitExceededError
-from vlmlab.oracle import validate_class_names, validate_contexts, validate_indices
+from vlmlab.oracle import (
+    scoped_image_set_id,
+    validate_class_names,
+    validate_contexts,
+    validate_indices,
+)
 from vlmlab.serving._classifier import RequestError, limit_error, over_limit
 from vlmlab.serving._keys import (
     BUDGET_PREFIX,
@@ -72,8 +77,13 @@ from vlmlab.serving._limits import ServerLimits
 from vlmlab.serving._scheduler import FairScheduler
 
 MAX_IMAGES_PER_SET = 4096
-MAX_ARRAY_DIM = 2**31
-"""Largest extent of one axis of a base64 array (a shape's product is checked exactly)."""
+MAX_ARRAY_DIM = 2**20
+"""Largest extent of one axis of a base64 array (a shape's product is checked exactly);
+far above any real axis (candidates, tokens, token dimension)."""
+MAX_CONTEXT_ABS = 65504.0
+"""Largest magnitude of a context value: fp16's largest finite number. Finite float32
+values beyond it (3e38) overflow the text tower's arithmetic into NaN logits, and the
+official code rounds contexts to fp16 anyway; refused before any query is charged."""
 LEASE_MARGIN_S = 60.0
 """A reservation's lease outlasts its call's deadline by this much."""
 
@@ -139,19 +149,59 @@ def decode_array(value: Any, name: str) -> tuple[np.ndarray, bool]:
             )
         try:
             return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32), True
-        except (ValueError, OverflowError) as error:  # e.g. a zero axis beside a vast one
-            raise RequestError(422, f"{name}.shape {shape} cannot be used: {error}") from None
+        except (ValueError, OverflowError):  # e.g. a zero axis beside a vast one
+            raise RequestError(
+                422, f"{name}.shape {shape} cannot be used: its axes are too long together"
+            ) from None
     if not isinstance(value, list):
         raise RequestError(
             422, f"{name} must be a nested list of numbers or {{shape, float32_base64}}"
         )
+    _only_numbers(value, name)
     try:
-        array = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused by the caller
+            array = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
         raise RequestError(
-            422, f"{name} must be a rectangular nested list of numbers (ragged or non-numeric)"
+            422, f"{name} must be a rectangular nested list of numbers (ragged or too large)"
         ) from None
     return array, False
+
+
+def _only_numbers(value: list[Any], name: str) -> None:
+    """Every leaf a JSON number: numpy would read ``"0.5"``, ``" 1 "`` or ``true`` as numbers.
+
+    Iterative (the body's depth is bounded, its size is not small), and by exact
+    type: ``bool`` is a subclass of ``int``.
+    """
+    stack: list[list[Any]] = [value]
+    while stack:
+        for item in stack.pop():
+            kind = type(item)
+            if kind is list:
+                stack.append(item)
+            elif kind is not float and kind is not int:
+                shown = truncate_repr(item)
+                raise RequestError(
+                    422, f"{name} must hold numbers only; found {shown} ({kind.__name__})"
+                )
+
+
+def truncate_repr(item: Any, limit: int = 40) -> str:
+    text = repr(item)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_context_range(contexts: np.ndarray, name: str = "contexts") -> None:
+    """Refuse values fp16 cannot hold (:data:`MAX_CONTEXT_ABS`); NaN and inf are the oracle's."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(contexts) & (np.abs(contexts) > MAX_CONTEXT_ABS)  # NaN/inf: the oracle's
+    if big.any():
+        raise RequestError(
+            422,
+            f"{name} holds {int(big.sum())} values beyond +-{MAX_CONTEXT_ABS:g} (fp16's range); "
+            "they overflow the text tower into NaN logits",
+        )
 
 
 def user_error(error: BaseException) -> RequestError | None:
@@ -324,7 +374,12 @@ class OracleService:
         self.limiter.update(keys)
         self.slots.update(keys)
         for name in removed - in_progress:  # their image sets go with them
-            self._state.pop(name, None)
+            state = self._state.pop(name, None)
+            if state is not None and state.image_sets:
+                scoped = [scoped_image_set_id(name, i) for i in state.image_sets]
+                task = asyncio.ensure_future(self._evict(scoped))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         for name in keys:
             self._state.setdefault(name, _KeyState())
         self._budgets_set = False
@@ -391,7 +446,16 @@ class OracleService:
         }
 
     def _text_bytes(self, name: str, text: str, what: str) -> None:
-        size = len(text.encode("utf-8", "surrogatepass"))
+        """``text`` is Unicode the tokenizer takes, within the key's ``max_text_bytes``."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") from JSON
+            raise RequestError(
+                422,
+                f"{what} is not valid Unicode text: a lone surrogate at character {error.start}",
+                kind="ValueError",
+            ) from None
+        size = len(text.encode("utf-8"))
         limit = self.keys[name].max_text_bytes
         if size > limit:
             raise over_limit("max_text_bytes", size, limit, f"UTF-8 bytes of {what}")
@@ -400,7 +464,7 @@ class OracleService:
         phrase = fields.get("phrase")
         if not isinstance(phrase, str):
             raise RequestError(422, "phrase must be a string")
-        self._text_bytes(name, phrase, "the phrase")
+        self._text_bytes(name, phrase, "phrase")
         array = await answer_of(
             self.oracle.phrase_embeddings.remote(phrase, self.keys[name].max_tokens)
         )
@@ -446,16 +510,19 @@ class OracleService:
                     "the image registrar failed; nothing was registered, retry",
                 )
             if box["id"] not in state.image_sets:  # the same pixels again: registered once
-                state.image_sets[box["id"]] = {**box, "upload": upload}
+                # scope: the replicas hold this key's features apart from every other key's
+                state.image_sets[box["id"]] = {**box, "upload": upload, "scope": name}
                 state.images += box["size"]
                 state.image_bytes += box["bytes"]
             state.uploads[upload] = box["id"]
         return {"image_set": box["id"], "size": box["size"]}
 
-    def delete(self, name: str, set_id: str) -> dict[str, Any]:
-        """Forget one of the key's sets: its images and bytes no longer count against it."""
+    async def delete(self, name: str, set_id: str) -> dict[str, Any]:
+        """Forget one of the key's sets: its images and bytes no longer count against it,
+        and every oracle replica drops its features before the answer."""
         if not self._forget(name, set_id):
             raise RequestError(404, f"unknown image set {set_id!r} of this key", kind="KeyError")
+        await self._evict([scoped_image_set_id(name, set_id)])
         return {"image_set": set_id, "deleted": True, "images_registered": self._state[name].images}
 
     def _forget(self, name: str, set_id: str) -> bool:
@@ -467,6 +534,11 @@ class OracleService:
         state.image_bytes -= box["bytes"]
         state.uploads = {u: s for u, s in state.uploads.items() if s != set_id}
         return True
+
+    async def _evict(self, scoped: list[str]) -> None:
+        """Every oracle replica drops these sets' features (a control call, not the hot path)."""
+        if scoped and self.oracle is not None:
+            await self.oracle.broadcast("forget_image_sets", scoped).results_async()
 
     # ---------------------------------------------------------------- logits
     async def logits(self, name: str, fields: dict[str, Any]) -> Answer:
@@ -486,6 +558,7 @@ class OracleService:
                 kind="KeyError",
             )
         contexts, binary = decode_array(fields["contexts"], "contexts")
+        check_context_range(contexts)
         try:
             contexts_t = validate_contexts(contexts, _Metadata.of(described))
             names = validate_class_names(fields["class_names"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import socket
@@ -769,3 +770,83 @@ def test_unread_responses_of_a_key_are_bounded_and_their_memory_returns(url, key
         url, keys[1]["h-alice"], facts["sets"]["h-alice"], _contexts(1, facts["dim"]), NAMES
     )
     assert other.status_code == 200  # other keys were never refused
+
+
+# A hostile value of each class of input, for any field: types, encodings, sizes. A new field
+# in a valid body below gets all of them without a new test.
+HOSTILE_VALUES = {
+    "a number as a string": "1",
+    "a boolean": True,
+    "null": None,
+    "an object": {"a": 1},
+    "an empty list": [],
+    "a lone surrogate": "\ud800",
+    "a NUL character": "a\x00b",
+    "2**63": 2**63,
+    "1e308": 1e308,
+    "a 200 kB string": "a" * 200_000,
+    "a list of 10,000 strings": ["a"] * 10_000,
+    "nested 20 deep": functools.reduce(lambda inner, _: [inner], range(20), 0),
+}
+
+
+def _a_valid_value(field: str, value: object) -> bool:
+    """Whether a hostile value is one the field takes: any Unicode phrase ("1" too), a boolean
+    ``binary``."""
+    if field == "binary":
+        return isinstance(value, bool)
+    if field == "phrase" and isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            return False
+        return True
+    return False
+
+
+def _valid_bodies(facts) -> dict[str, dict]:
+    image = _b64(_png(np.zeros((8, 8, 3), np.uint8)))
+    return {
+        "/v1/oracle/logits": {
+            "contexts": [[[0.01] * facts["dim"]]],
+            "class_names": NAMES,
+            "image_set": facts["sets"]["h-fuzz"],
+            "indices": [0, 1],
+        },
+        "/v1/oracle/image-sets": {"images": [image]},
+        "/v1/oracle/phrase-embeddings": {"phrase": "a photo of", "binary": False},
+        "/v1/classify": {"adapter": ADAPTER, "image": image, "top_k": 3},
+    }
+
+
+def test_every_field_refuses_every_class_of_hostile_value_naming_it(url, keys, facts):
+    token = keys[1]["h-fuzz"]
+    spent = _usage(url, token)["queries_used"]
+    problems, served = [], 0
+    for path, valid in _valid_bodies(facts).items():
+        headers = {} if path == "/v1/classify" else _auth(token)
+        response = requests.post(f"{url}{path}", json=valid, headers=headers, timeout=120)
+        assert response.status_code == 200, (path, response.text)  # the valid body is served
+        served += path == "/v1/oracle/logits"
+        for field in valid:
+            for kind, value in HOSTILE_VALUES.items():
+                body = json.dumps({**valid, field: value}).encode()
+                response = requests.post(
+                    f"{url}{path}",
+                    data=body,
+                    headers={**headers, "Content-Type": "application/json"},
+                    timeout=120,
+                )
+                if response.status_code == 200 and not _a_valid_value(field, value):
+                    problems.append((path, field, kind, "accepted"))
+                    served += path == "/v1/oracle/logits"
+                    continue
+                if response.status_code == 200:
+                    continue
+                answer = response.json()
+                error = answer.get("error", "")
+                named = field in error or "limit" in answer  # or the limit it passed (413)
+                if response.status_code >= 500 or (not named and kind != "nested 20 deep"):
+                    problems.append((path, field, kind, response.status_code, error[:120]))
+    assert not problems, "\n".join(map(str, problems))
+    assert _usage(url, token)["queries_used"] == spent + served  # refusals charged nothing

@@ -305,7 +305,7 @@ def _malformed(dim: int, length: int, set_id: str) -> list[tuple[str, str, dict,
     base = {"contexts": ok, "class_names": NAMES, "image_set": set_id}
     return [
         ("logits", "json", {"class_names": NAMES}, 422, "missing field(s): contexts, image_set"),
-        ("logits", "json", {**base, "image_set": "nope"}, 404, "unknown image set 'nope'"),
+        ("logits", "json", {**base, "image_set": "nope"}, 404, "image_set 'nope' is no image set"),
         ("logits", "json", {**base, "image_set": [1]}, 422, "image_set must be a string"),
         (
             "logits",
@@ -316,7 +316,7 @@ def _malformed(dim: int, length: int, set_id: str) -> list[tuple[str, str, dict,
         ),
         ("logits", "json", {**base, "contexts": [[1, 2], [3]]}, 422, "rectangular"),
         ("logits", "json", {**base, "contexts": "abc"}, 422, "nested list of numbers"),
-        ("logits", "json", {**base, "contexts": [["a"]]}, 422, "rectangular"),
+        ("logits", "json", {**base, "contexts": [["a"]]}, 422, "numbers only"),
         ("logits", "json", {**base, "contexts": []}, 422, "must have shape (population"),
         (
             "logits",

@@ -247,11 +247,22 @@ def _lost(error: BaseException) -> bool:
     )
 
 
+def _binary(fields: dict[str, Any]) -> bool:
+    """The optional ``binary`` field: a JSON boolean, nothing that merely looks like one."""
+    binary = fields.get("binary", False)
+    if not isinstance(binary, bool):
+        raise RequestError(422, "binary must be true or false")
+    return binary
+
+
+def _shown(text: str, most: int = 80) -> str:
+    """A client's string, quoted, cut short: an error never echoes a whole body back."""
+    return repr(text if len(text) <= most else text[:most] + "...")
+
+
 def _indices(value: Any, size: int) -> np.ndarray | None:
     """The ``indices`` field as int64, checked in plain Python before numpy sees it."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not value:  # null too: leave the field out for all
         raise RequestError(422, "indices must be a non-empty list of integers")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         raise RequestError(422, "indices must be integers", kind="TypeError")
@@ -464,11 +475,12 @@ class OracleService:
         phrase = fields.get("phrase")
         if not isinstance(phrase, str):
             raise RequestError(422, "phrase must be a string")
+        binary = _binary(fields)
         self._text_bytes(name, phrase, "phrase")
         array = await answer_of(
             self.oracle.phrase_embeddings.remote(phrase, self.keys[name].max_tokens)
         )
-        return Answer({}, "embeddings", np.asarray(array), bool(fields.get("binary")))
+        return Answer({}, "embeddings", np.asarray(array), binary)
 
     # ------------------------------------------------------------ image sets
     async def register(self, name: str, images: list[bytes]) -> dict[str, Any]:
@@ -553,8 +565,8 @@ class OracleService:
         if box is None:
             raise RequestError(
                 404,
-                f"unknown image set {fields['image_set']!r}: register it with "
-                "POST /v1/oracle/image-sets first (sets are private to each key)",
+                f"image_set {_shown(fields['image_set'])} is no image set of this key: register "
+                "it with POST /v1/oracle/image-sets first (sets are private to each key)",
                 kind="KeyError",
             )
         contexts, binary = decode_array(fields["contexts"], "contexts")
@@ -564,7 +576,7 @@ class OracleService:
             names = validate_class_names(fields["class_names"])
         except (ValueError, TypeError) as error:
             raise RequestError(422, str(error), kind=type(error).__name__) from None
-        index = _indices(fields.get("indices"), box["size"])
+        index = _indices(fields["indices"], box["size"]) if "indices" in fields else None
         population, n_context = contexts_t.shape[0], contexts_t.shape[1]
         n_images = box["size"] if index is None else len(index)
         n_classes = len(names)

@@ -37,6 +37,12 @@ the hostile phase, at its peak and after it (goal: the gateway's within 20 %
 of before), as resident size (RSS) and the process's own part of it (RSS less
 the object store's shared pages it maps).
 
+Then the front door's two probes (issue 29), each with the proxy's and the
+gateway's memory before, at its peak and 5 s after (goal: within 20 % of
+before): 10 connections of one key each ask for a 21.3 MB answer (P = 1, 16
+classes, 250,000 indices, base64) and never read it; 4 connections each send an
+unfinished 64 MB header.
+
     .venv/bin/python benchmarks/serving_hostile.py [--quick] [--phases slow logits all]
 """
 
@@ -305,6 +311,97 @@ class Hostiles:
             thread.join(timeout=30)
 
 
+def _front_door_probes(url: str, token: str, image_set: str, dim: int, pids: dict) -> dict:
+    """The unread-response and big-header probes; the proxy's and gateway's memory, MB."""
+    import numpy as np
+
+    parts = urlsplit(url)
+    body = json.dumps(
+        {
+            "contexts": _b64_array(np.full((1, 1, dim), 0.01, np.float32)),  # base64 answers
+            "class_names": [f"class {i}" for i in range(16)],
+            "image_set": image_set,
+            "indices": [i % 320 for i in range(250_000)],  # under max_json_values
+        }
+    ).encode()
+    watched = {name: pids[name] for name in ("proxy", "gateway")}
+    ratios = {}
+
+    def probe(name: str, run) -> None:
+        before = {n: _memory_mb(pid) for n, pid in watched.items()}
+        peak = {n: dict(memory) for n, memory in before.items()}
+        sockets: list[socket.socket] = []
+        try:
+            statuses = run(peak, sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+        time.sleep(5)  # closed: freed, and handed back to the OS
+        after = {n: _memory_mb(pid) for n, pid in watched.items()}
+        print(f"front door, {name}: statuses {dict(collections.Counter(statuses))}")
+        for n in watched:
+            print(
+                f"  {n} memory, MB: "
+                + "; ".join(
+                    f"{field} before {before[n][field]:.0f}, peak {peak[n][field]:.0f}, after "
+                    f"{after[n][field]:.0f} ({after[n][field] / before[n][field] - 1:+.1%})"
+                    for field in ("rss", "anon")
+                )
+            )
+            for field in ("rss", "anon"):
+                ratio = after[n][field] / before[n][field]
+                ratios[f"{n}_{field}_after_{name.split()[0]}_over_before"] = ratio
+
+    def sample(peak: dict) -> None:
+        for n, pid in watched.items():
+            for field, value in _memory_mb(pid).items():
+                peak[n][field] = max(peak[n][field], value)
+
+    def unread(peak: dict, sockets: list) -> list:
+        statuses = []
+        for _ in range(10):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+            sock.connect((parts.hostname, parts.port))
+            head = (
+                f"POST /v1/oracle/logits HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer "
+                f"{token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+            time.sleep(3)  # answered (or about to be), and waiting in the proxy
+            sample(peak)
+            sock.settimeout(0.5)
+            try:
+                statuses.append(sock.recv(64, socket.MSG_PEEK).split(b" ")[1].decode())
+            except (TimeoutError, IndexError):
+                statuses.append("none")
+        return statuses
+
+    def headers(peak: dict, sockets: list) -> list:
+        statuses = []
+        for _ in range(4):
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+            sockets.append(sock)
+            try:
+                sock.sendall(b"GET /v1/oracle/usage HTTP/1.1\r\nHost: b\r\nX-Big: ")
+                for _ in range(64):
+                    sock.sendall(b"a" * MB)
+            except OSError:  # the proxy closed it: what it should do
+                pass
+            sample(peak)
+            try:
+                statuses.append(sock.recv(64).split(b" ")[1].decode())
+            except (OSError, IndexError):
+                statuses.append("closed")
+        return statuses
+
+    probe("unread responses, 10 x 21.3 MB", unread)
+    probe("big headers, 4 x 64 MB unfinished", headers)
+    return ratios
+
+
 def main(quick: bool, phases: list[str], attackers: int, chunk_prompts: int | None = None) -> None:
     import numpy as np
     import requests
@@ -386,6 +483,13 @@ def main(quick: bool, phases: list[str], attackers: int, chunk_prompts: int | No
 
     for _ in range(3):
         generation()  # warm-up: the replica has the set's features, connections are open
+    for name in sets:  # each key's features are its own (issue 29): encoded once, before timing
+        requests.post(
+            f"{url}/v1/oracle/logits",
+            json={**good_body, "image_set": sets[name]},
+            headers={"Authorization": f"Bearer {tokens[name]}"},
+            timeout=600,
+        ).raise_for_status()
     requests.post(  # and the adapter replica has loaded its backend and the adapter
         f"{url}/v1/classify", json={"adapter": adapter, "image": pngs[0]}, timeout=300
     ).raise_for_status()
@@ -482,11 +586,13 @@ def main(quick: bool, phases: list[str], attackers: int, chunk_prompts: int | No
             + f"; shared after {after[name]['shmem']:.0f}"
         )
     print(f"good key's account after: reserved {usage['queries_reserved']}")
+    front = _front_door_probes(url, tokens["attacker-0"], sets["attacker-0"], dim, pids)
     print(
         f"p99_hostile_over_alone={_percentile(hostile, 99) / _percentile(alone, 99):.2f} "
         f"p50_hostile_over_alone={_percentile(hostile, 50) / _percentile(alone, 50):.2f} "
         f"gateway_rss_after_over_before={after['gateway']['rss'] / before['gateway']['rss']:.2f} "
-        f"gateway_own_after_over_before={after['gateway']['anon'] / before['gateway']['anon']:.2f}"
+        f"gateway_own_after_over_before={after['gateway']['anon'] / before['gateway']['anon']:.2f} "
+        + " ".join(f"{name}={ratio:.2f}" for name, ratio in front.items())
     )
     serve.delete(APP_NAME)
     shutil.rmtree(work, ignore_errors=True)

@@ -31,6 +31,7 @@ read in the proxy process (:data:`MAX_HEADER_BYTES_ENV`,
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -212,6 +213,10 @@ class UnreadResponseGuard:
 
             def trim() -> None:
                 self._trim = None
+                # A dropped connection ends its body's writer with an exception, whose
+                # traceback holds the body in a reference cycle: only the cycle collector
+                # frees it, and an idle proxy may not run it for minutes.
+                gc.collect()
                 loop.run_in_executor(None, trim_memory)
 
             self._trim = loop.call_later(2.0, trim)

@@ -19,6 +19,7 @@ from vlmlab.pool._pool import (
     build_app,
     deploy_oracle_pool,
     oracle_deployment,
+    replica_failure,
 )
 from vlmlab.pool._ray import NAMESPACE, ensure_ray
 
@@ -38,4 +39,5 @@ __all__ = [
     "ensure_ray",
     "ledger_actor",
     "oracle_deployment",
+    "replica_failure",
 ]

@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -424,9 +423,35 @@ class PoolOracle:
         return torch.from_numpy(np.concatenate(outputs, axis=0))
 
     # ------------------------------------------------------------- plumbing
+    def _retrying(self) -> Any:
+        """Retry a replica call on the failures a restarted replica cures, and only those.
+
+        Bounded (``retries``), with exponential back-off (0.25 s doubling, at most
+        2 s); a user's mistake (ValueError, TypeError, KeyError in the replica) and
+        any other error are raised at once.
+        """
+        import tenacity
+
+        def before_sleep(state: Any) -> None:
+            log.warning(
+                "oracle replica failed (%s); retrying (%d/%d)",
+                state.outcome.exception(),
+                state.attempt_number,
+                self.retries,
+            )
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(replica_failure),
+            stop=tenacity.stop_after_attempt(self.retries + 1),
+            wait=tenacity.wait_exponential(multiplier=0.25, max=2.0),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
     def _fan_out(self, shards, names, box, index_array) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(shards)
-        for attempt in range(self.retries + 1):
+
+        def send_the_missing() -> list[np.ndarray]:
             pending = {
                 i: self._handle.logits.remote(shard, names, box, index_array)
                 for i, shard in enumerate(shards)
@@ -441,32 +466,57 @@ class PoolOracle:
                     if cause is not None:
                         raise cause from None
                     failure = error
-            if failure is None:
-                return results  # type: ignore[return-value]
-            log.warning(
-                "oracle replica failed (%s); retrying (%d/%d)", failure, attempt + 1, self.retries
-            )
-            time.sleep(min(2.0, 0.25 * 2**attempt))
-        raise RuntimeError(
-            f"oracle pool {self.app_name!r}: request failed after {self.retries} retries"
-        ) from failure
+            if failure is not None:
+                raise failure  # the shards that were answered are kept for the next try
+            return results  # type: ignore[return-value]
+
+        try:
+            return self._retrying()(send_the_missing)
+        except Exception as error:
+            if not replica_failure(error):
+                raise
+            raise RuntimeError(
+                f"oracle pool {self.app_name!r}: request failed after {self.retries} retries"
+            ) from error
 
     def _call(self, method: str, *args: Any) -> Any:
-        for attempt in range(self.retries + 1):
+        def call() -> Any:
             try:
                 return getattr(self._handle, method).remote(*args).result()
             except Exception as error:
                 cause = _user_error(error)
                 if cause is not None:
                     raise cause from None
-                if attempt == self.retries:
-                    raise
-                time.sleep(min(2.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
+                raise
+
+        return self._retrying()(call)
 
     def replica_stats(self) -> dict[str, Any]:
         """Stats of whichever replica answers (pid, peak RSS, image sets)."""
         return self._call("stats")
+
+
+def replica_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a replica, worker or node going away: what a retry can cure.
+
+    Serve replaces a dead replica, so the same request on another (or the new)
+    one succeeds; anything else (a bug, a user's mistake, a cancelled call)
+    would fail the same way again.
+    """
+    import ray.exceptions
+    from ray.serve import exceptions as serve_exceptions
+
+    transient = (
+        ray.exceptions.RayActorError,  # the replica died or is unreachable
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.ObjectLostError,
+        ray.exceptions.OwnerDiedError,
+        serve_exceptions.BackPressureError,
+        serve_exceptions.DeploymentUnavailableError,
+        serve_exceptions.ReplicaUnavailableError,
+    )
+    return isinstance(error, transient)
 
 
 def _user_error(error: BaseException) -> BaseException | None:

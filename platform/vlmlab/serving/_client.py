@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,18 +143,33 @@ class HttpOracle:
 
     # ------------------------------------------------------------- plumbing
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        for attempt in range(self.retries + 1):
-            response = self._session.request(
-                method, self.url + path, timeout=self.timeout, **kwargs
-            )
-            if response.status_code in (429, 503) and attempt < self.retries:
-                wait = float(response.headers.get("Retry-After", 0.5 * 2**attempt))
-                time.sleep(min(wait, 30.0))
-                continue
-            break
+        """One call; a 429 or 503 (rate, slots, a replica restarting) is retried after the
+        server's ``Retry-After`` (at most 30 s), ``retries`` times; anything else is final."""
+        import tenacity
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            response = state.outcome.result() if state.outcome else None
+            default = 0.5 * 2 ** (state.attempt_number - 1)
+            header = response.headers.get("Retry-After") if response is not None else None
+            try:
+                return min(float(header) if header is not None else default, 30.0)
+            except ValueError:  # an HTTP date: not sent by vlmlab's server
+                return min(default, 30.0)
+
+        response = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda r: r.status_code in (429, 503)),
+            stop=tenacity.stop_after_attempt(self.retries + 1),
+            wait=wait,
+            retry_error_callback=_last_answer,
+        )(self._session.request, method, self.url + path, timeout=self.timeout, **kwargs)
         if response.ok:
             return response.json()
         raise _error(response)
+
+
+def _last_answer(state: Any) -> Any:
+    """When the retries are spent: the server's last answer, to be raised as its error."""
+    return state.outcome.result()
 
 
 def _error(response: Any) -> Exception:

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, Reservation, Usage
+from vlmlab.ledger._book import DEFAULT_BUDGET_KEY, Reservation, Usage
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 

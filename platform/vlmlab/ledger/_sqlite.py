@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from vlmlab.oracle._ledger import QueryLedger, Reservation
+from vlmlab.ledger._book import QueryLedger, Reservation
 
 Synchronous = Literal["normal", "full"]
 
@@ -314,7 +314,7 @@ def open_ledger(journal: str | Path | None, **options: Any) -> Any:
     """The ledger a journal names: ``None``, an in-memory :class:`QueryLedger`; a
     ``postgresql://`` URI, a :class:`~vlmlab.oracle.PostgresLedger` (one book for
     several services); any other string or path, a :class:`JournaledLedger` (SQLite)."""
-    from vlmlab.oracle._postgres import PostgresLedger, is_postgres_uri
+    from vlmlab.ledger._postgres import PostgresLedger, is_postgres_uri
 
     if journal is None:
         return QueryLedger()

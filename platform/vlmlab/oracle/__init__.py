@@ -1,4 +1,4 @@
-"""The black box: the Oracle contract, the query ledger and the backends (layer 1).
+"""The black box: the Oracle contract and the backends (layer 1); the ledger's names again.
 
 >>> from vlmlab.oracle import create_oracle
 >>> oracle = create_oracle("conse")                      # offline stand-in
@@ -14,18 +14,21 @@ from __future__ import annotations
 from typing import Any
 
 from vlmlab.errors import BudgetExceededError
-from vlmlab.oracle._base import FineTunableImage, FineTunableText, LocalOracle, LogitsRequest
-from vlmlab.oracle._cache import default_cache_dir
-from vlmlab.oracle._journal import JournaledLedger, open_ledger
-from vlmlab.oracle._ledger import (
+from vlmlab.ledger import (  # the ledger is its own package; named here for the oracle's users
     DEFAULT_BUDGET_KEY,
+    JournaledLedger,
     Ledger,
+    PostgresLedger,
     QueryLedger,
     Reservation,
     Usage,
+    is_postgres_uri,
     metered,
+    open_ledger,
+    redact_postgres_uri,
 )
-from vlmlab.oracle._postgres import PostgresLedger, is_postgres_uri, redact_postgres_uri
+from vlmlab.oracle._base import FineTunableImage, FineTunableText, LocalOracle, LogitsRequest
+from vlmlab.oracle._cache import default_cache_dir
 from vlmlab.oracle._protocol import (
     ImageSet,
     ImageSetRef,

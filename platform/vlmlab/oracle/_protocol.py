@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from vlmlab.oracle._ledger import Ledger
+from vlmlab.ledger import Ledger
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,15 @@ pass. :class:`MicroBatcher` gathers the requests a replica holds:
 
 Compute runs on one executor thread (the replica's, where torch's thread
 pool stays warm); the event loop only gathers and hands out results.
+
+Why not Ray Serve's ``@serve.batch``: when its batch function raises, every
+request of the batch gets the exception (``_assign_func_results`` in
+``ray/serve/batching.py`` sets it on all their futures). One trial's bad
+request (an unknown image set, an unregistered class list) would then fail
+the other trials batched with it, and their generations would be retried or
+lost; here it fails alone (``test_a_bad_request_fails_alone``: of three
+requests batched, the bad one fails and the two others are answered). On CPU the two would perform alike: on
+two cores batching itself saves nothing (BENCHMARKS.md, 0.96x-0.99x).
 """
 
 from __future__ import annotations

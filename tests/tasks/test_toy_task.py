@@ -1,114 +1,23 @@
 """A task is one module: a toy task registered here runs through every command unchanged.
 
 The toy task (random search over soft prompts, on the ``latency:0`` backend:
-no model, instant) is defined in a few lines of this file and registered with
-``register_task``; ``vlmlab run``, ``vlmlab sweep``, ``vlmlab report`` and the
-artifact loader then serve it without any other module knowing it.
+no model, instant) is defined in a few lines of ``toy_plugin.py`` and registered
+with ``register_task``; ``vlmlab run``, ``vlmlab sweep``, ``vlmlab report`` and
+the artifact loader then serve it without any other module knowing it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import numpy as np
 import pytest
-import torch
 import yaml
+from toy_plugin import Toy
 from typer.testing import CliRunner
 
 from vlmlab.cli import app
-from vlmlab.data import stratified_subset
-from vlmlab.methods import Metrics, StepRecord
 from vlmlab.results import ResultsStore
 from vlmlab.serving import AdaptedModel, AdapterStore
-from vlmlab.tasks import MethodSpec, Task, register_task, unregister_task
-
-
-class ToyMethodSpec(MethodSpec):
-    name: Literal["toy"] = "toy"
-    popsize: int = 4
-    iterations: int = 3
-    spread: float = 1.0
-
-
-class ToyMethod:
-    """Random search: each generation scores ``popsize`` random prompts in one call."""
-
-    def __init__(self, oracle, data, config: ToyMethodSpec, seed: int, budget_key, eval_key):
-        self.oracle, self.config, self.budget_key, self.eval_key = (
-            oracle,
-            config,
-            budget_key,
-            eval_key,
-        )
-        train = data.train.subset(stratified_subset(data.train.labels, 20, seed=seed))
-        self.names = list(train.class_names)
-        self.sets = {
-            "train": (oracle.register_images(train.image_set()), train.labels),
-            "val": (oracle.register_images(train.image_set()), train.labels),
-            "test": (oracle.register_images(data.test.image_set()), data.test.labels),
-        }
-        self.generator = torch.Generator().manual_seed(seed)
-        self.generation, self.generations = 0, config.iterations
-        self.queries_used = self.images_scored = 0
-        self.best: torch.Tensor | None = None
-        self.best_score = -1.0
-
-    done = property(lambda self: self.generation >= self.generations)
-    best_generation = None
-
-    def _score(self, contexts, split, key):
-        image_set, labels = self.sets[split]
-        logits = self.oracle.logits(contexts, self.names, image_set, budget_key=key)
-        return (logits.argmax(-1).numpy() == labels[None]).mean(1)
-
-    def step(self) -> StepRecord:
-        meta = self.oracle.metadata
-        noise = torch.randn(self.config.popsize, 2, meta.token_dim, generator=self.generator)
-        contexts = meta.embedding_mean + self.config.spread * meta.embedding_std * noise
-        scores = self._score(contexts, "train", self.budget_key)
-        if scores.max() > self.best_score:
-            self.best_score, self.best = float(scores.max()), contexts[int(scores.argmax())][None]
-        self.generation += 1
-        self.queries_used += len(contexts)
-        self.images_scored += len(contexts) * len(self.sets["train"][1])
-        return StepRecord(
-            self.generation,
-            self.queries_used,
-            self.images_scored,
-            {"train": {"best_score": self.best_score}},
-            f"best {self.best_score:.2f}",
-        )
-
-    def evaluate(self, split: str) -> Metrics:
-        return {"toy_score": float(self._score(self.best, split, self.eval_key)[0])}
-
-    def reference(self, split: str, prompt: str) -> Metrics:
-        contexts = self.oracle.phrase_embeddings(prompt)[None]
-        return {"toy_score": float(self._score(contexts, split, self.eval_key)[0])}
-
-    def state_dict(self) -> dict[str, Any]:
-        keys = ("generation", "queries_used", "images_scored", "best", "best_score")
-        return {**{k: getattr(self, k) for k in keys}, "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if key != "rng":
-                setattr(self, key, value)
-        self.generator.set_state(state["rng"])
-
-
-class Toy(Task):
-    name, title = "toy", "Toy task"
-    method_spec = ToyMethodSpec
-    metrics = (("toy_score", "toy score"),)
-    sweep_metrics = ("val_toy_score",)
-
-    def build(self, spec, seed, oracle, data, *, budget_key, eval_key):
-        return ToyMethod(oracle, data, spec.method, seed, budget_key, eval_key)
-
-    def artifact(self, method):
-        return {"contexts": method.best}, {"class_names": method.names}
+from vlmlab.tasks import register_task, unregister_task
 
 
 @pytest.fixture
@@ -170,8 +79,8 @@ def test_toy_task_sweeps_on_ray(toy_task, tmp_path, ray_session):
 
     from ray import cloudpickle
 
-    # Ray workers cannot import this test module: its classes travel by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # Ray workers cannot import the toy plugin module: its classes travel by value.
+    cloudpickle.register_pickle_by_value(sys.modules[Toy.__module__])
     space = {"method.spread": {"type": "uniform", "low": 0.5, "high": 2.0}}
     spec = _spec(
         tmp_path,

@@ -13,7 +13,12 @@ from vlmlab.data._common import OFFLINE_DATASET
 from vlmlab.data._dataset import ImageDataset
 from vlmlab.data._imagefolder import imagefolder_split_manifest
 from vlmlab.data._lazy import LazyImages, OriginalImages
-from vlmlab.data._loaders import FASHION_MNIST_CLASSES, list_datasets, load_dataset
+from vlmlab.data._loaders import (
+    FASHION_MNIST_CLASSES,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from vlmlab.data._names import (
     ClassNames,
     prompt_name,
@@ -52,6 +57,7 @@ __all__ = [
     "partition_classes",
     "prompt_name",
     "read_class_names",
+    "register_dataset",
     "rename_classes",
     "renamed",
     "sample_per_class",

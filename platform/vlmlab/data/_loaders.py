@@ -20,6 +20,7 @@ from vlmlab.data._dataset import ImageDataset
 from vlmlab.data._imagefolder import load_imagefolder
 from vlmlab.data._torchvision import COOP_SOURCES, load_coop_dataset
 from vlmlab.errors import DatasetUnavailableError
+from vlmlab.plugins import DATASETS, load_plugins
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 
@@ -166,14 +167,38 @@ def _register_coop() -> None:
 _register_coop()
 
 
+def _loaders() -> dict[str, tuple[Callable[..., ImageDataset], str]]:
+    """The registry, with the datasets of installed plugins (entry points ``vlmlab.datasets``)."""
+    load_plugins(DATASETS)
+    return _LOADERS
+
+
+def register_dataset(
+    name: str, loader: Callable[..., ImageDataset], description: str, *, replace: bool = False
+) -> None:
+    """Make a dataset known to specs (``data.dataset``), ``vlmlab run`` and the reports.
+
+    ``loader(split, **options)`` returns the split (``"train"`` or ``"test"``) as
+    an :class:`ImageDataset`; ``options`` are the spec's (``root`` and the like).
+
+    Raises:
+        ValueError: an empty name, or one registered already (without ``replace``).
+    """
+    if not name or name != name.strip():
+        raise ValueError(f"a dataset name is a non-empty word; got {name!r}")
+    if name in _LOADERS and not replace:
+        raise ValueError(f"a dataset named {name!r} is registered already (replace=True)")
+    _LOADERS[name] = (loader, description)
+
+
 def list_datasets() -> dict[str, str]:
     """Registered dataset names and what each one is."""
-    return {name: text for name, (_, text) in _LOADERS.items()}
+    return {name: text for name, (_, text) in _loaders().items()}
 
 
 def load_dataset(name: str, split: str = "test", **options: Any) -> ImageDataset:
     """Load a registered dataset split (``options`` go to its loader, e.g. ``root``)."""
-    entry = _LOADERS.get(name)
+    entry = _loaders().get(name)
     if entry is None:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(_LOADERS)}")
     return entry[0](split, **options)

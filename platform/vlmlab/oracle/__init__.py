@@ -42,6 +42,7 @@ from vlmlab.oracle._registry import (
     check_backend,
     create_oracle,
     list_backends,
+    register_backend,
 )
 from vlmlab.oracle._validation import (
     check_call,
@@ -99,6 +100,7 @@ __all__ = [
     "pixel_batches",
     "preprocess_pixels",
     "redact_postgres_uri",
+    "register_backend",
     "register_model_configs",
     "scoped_image_set_id",
     "validate_class_names",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vlmlab.oracle._base import LocalOracle
+from vlmlab.plugins import BACKENDS, load_plugins
 
 
 def _open_clip(model: str | None, **kwargs: Any) -> LocalOracle:
@@ -38,10 +39,47 @@ _BACKENDS: dict[str, tuple[Callable[..., LocalOracle], str]] = {
     "conse": (_conse, "offline ConSE stand-in (EfficientNet-lite0 + MiniLM-L6), not CLIP"),
     "latency": (_latency, "no model: a fixed delay per call ('latency:<ms>'), for benchmarks"),
 }
-_TAKES_WEIGHTS = frozenset({"open_clip"})
+_TAKES_WEIGHTS = {"open_clip"}
 """Backends whose constructor takes ``pretrained`` (a hub tag or a checkpoint)."""
-_TAKES_MODEL = frozenset({"open_clip", "latency"})
+_TAKES_MODEL = {"open_clip", "latency"}
 """Backends named with a model part (``open_clip:RN50``, ``latency:20``)."""
+
+
+def _backends() -> dict[str, tuple[Callable[..., LocalOracle], str]]:
+    """The registry, with the backends of installed plugins (entry points ``vlmlab.backends``)."""
+    load_plugins(BACKENDS)
+    return _BACKENDS
+
+
+def register_backend(
+    name: str,
+    factory: Callable[..., LocalOracle],
+    description: str,
+    *,
+    takes_model: bool = False,
+    takes_weights: bool = False,
+    replace: bool = False,
+) -> None:
+    """Make a backend known to ``create_oracle``, specs, ``vlmlab run`` and serving.
+
+    ``factory(model, **kwargs)`` builds the oracle: ``model`` is the part after
+    the colon of ``"<name>:<model>"`` (None without one), ``kwargs`` the
+    backend's options (``pretrained`` where ``takes_weights``, ``cache_dir``).
+
+    Raises:
+        ValueError: a bad name, or one registered already (without ``replace``).
+    """
+    key = name.lower()
+    if not key or ":" in key or not key.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"a backend name is letters, digits, - and _; got {name!r}")
+    if key in _BACKENDS and not replace:
+        raise ValueError(f"a backend named {key!r} is registered already (replace=True)")
+    _BACKENDS[key] = (factory, description)
+    for flag, names in ((takes_model, _TAKES_MODEL), (takes_weights, _TAKES_WEIGHTS)):
+        if flag:
+            names.add(key)
+        else:
+            names.discard(key)
 
 
 def backend_takes_model(name: str) -> tuple[bool, bool]:
@@ -51,7 +89,7 @@ def backend_takes_model(name: str) -> tuple[bool, bool]:
         ValueError: ``name`` is not a registered backend (the message lists them).
     """
     backend = name.partition(":")[0].lower()
-    if backend not in _BACKENDS:
+    if backend not in _backends():
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(_BACKENDS))}")
     return backend in _TAKES_MODEL, backend in _TAKES_WEIGHTS
 
@@ -78,7 +116,7 @@ def check_backend(spec: str, pretrained: str | None = None) -> str:
 
 def list_backends() -> dict[str, str]:
     """Backend names and what each one is."""
-    return {name: text for name, (_, text) in _BACKENDS.items()}
+    return {name: text for name, (_, text) in _backends().items()}
 
 
 def create_oracle(spec: str, **kwargs: Any) -> LocalOracle:
@@ -93,7 +131,7 @@ def create_oracle(spec: str, **kwargs: Any) -> LocalOracle:
             f"oracle spec must be a string like 'conse' or 'open_clip:RN50', got {spec!r}"
         )
     backend, _, model = spec.partition(":")
-    entry = _BACKENDS.get(backend.lower())
+    entry = _backends().get(backend.lower())
     if entry is None:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(_BACKENDS))}")
     return entry[0](model or None, **kwargs)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from vlmlab.data import ImageDataset
 from vlmlab.methods import Method, Metrics
 from vlmlab.oracle import LocalOracle, Oracle
+from vlmlab.plugins import TASKS, load_plugins
 from vlmlab.results import (
     ReportTable,
     TableGroup,
@@ -282,6 +283,12 @@ DEFAULT_TASK = "forgetting"
 """The task of a spec that names none."""
 
 
+def _tasks() -> dict[str, Task]:
+    """The registry, with the tasks of installed plugins (entry points ``vlmlab.tasks``)."""
+    load_plugins(TASKS)
+    return _TASKS
+
+
 def register_task(task: Task, *, replace: bool = False) -> Task:
     """Make ``task`` known to specs, runs, sweeps, studies, reports and serving."""
     if not replace and task.name in _TASKS:
@@ -316,7 +323,7 @@ def get_task(name: str) -> Task:
     Raises:
         ValueError: no such task (the message lists the registered ones).
     """
-    task = _TASKS.get(name)
+    task = _tasks().get(name)
     if task is None:
         raise ValueError(f"unknown task {name!r}; registered: {', '.join(_TASKS)}")
     return task
@@ -324,22 +331,22 @@ def get_task(name: str) -> Task:
 
 def list_tasks() -> dict[str, str]:
     """Registered task names and their titles."""
-    return {name: task.title for name, task in _TASKS.items()}
+    return {name: task.title for name, task in _tasks().items()}
 
 
 def iter_tasks() -> Iterator[Task]:
-    return iter(list(_TASKS.values()))
+    return iter(list(_tasks().values()))
 
 
 def metric_names() -> list[str]:
     """Every registered task's metric names, in registration order, each once."""
-    return list(dict.fromkeys(name for task in _TASKS.values() for name, _ in task.metrics))
+    return list(dict.fromkeys(name for task in _tasks().values() for name, _ in task.metrics))
 
 
 def reference_metrics() -> dict[str, list[str]]:
     """Each extra reference (``dropclasses``) and the metrics of the tasks that report it."""
     references: dict[str, list[str]] = {}
-    for task in _TASKS.values():
+    for task in _tasks().values():
         for reference in task.extra_references:
             known = references.setdefault(reference, [])
             known += [name for name, _ in task.metrics if name not in known]
@@ -359,7 +366,7 @@ def reference_labels() -> dict[str, str]:
     """Each extra reference's row label in tables (``dropclasses`` -> its task's label)."""
     return {
         reference: task.reference_label(reference)
-        for task in _TASKS.values()
+        for task in _tasks().values()
         for reference in task.extra_references
     }
 
@@ -368,6 +375,6 @@ def study_metrics() -> dict[str, tuple[tuple[str, str], ...]]:
     """The test metrics a budget study reports, by black-box task."""
     return {
         task.name: task.table_metrics or task.metrics
-        for task in _TASKS.values()
+        for task in _tasks().values()
         if not task.white_box
     }

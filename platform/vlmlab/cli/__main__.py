@@ -1,0 +1,5 @@
+"""``python -m vlmlab.cli``: the ``vlmlab`` command."""
+
+from vlmlab.cli import main
+
+main()

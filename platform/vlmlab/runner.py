@@ -1,4 +1,4 @@
-"""The runner (layer 7): one trial, or a whole spec, in-process.
+"""The runner: one trial, or a whole spec, in-process.
 
 The public API is :func:`run_trial` (one seed of one expanded spec, the loop
 every driver calls: in-process, on Ray actors, in Tune trials) and

@@ -1,4 +1,4 @@
-"""Tracking (beside the runner, layer 7): MLflow and TensorBoard, from ``tracking:`` in a spec.
+"""Tracking (beside the runner): MLflow and TensorBoard, from ``tracking:`` in a spec.
 
 ``vlmlab run`` feeds :class:`Tracker` (a :class:`vlmlab.runner.ProgressListener`)
 from the driver: one MLflow run per trial (its parameters are the spec's

@@ -1,4 +1,4 @@
-"""Drivers (layer 8): many trials at once on Ray, each the runner's one loop.
+"""Drivers: many trials at once on Ray, each the runner's one loop.
 
 - :func:`run_experiment_on_pool`: a spec's trials as Ray actors sharing one
   oracle pool (white-box trials as actors with their own backend).

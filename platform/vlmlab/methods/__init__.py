@@ -1,4 +1,4 @@
-"""Methods (layer 4): plain PyTorch/numpy loops over an Oracle, or over a fine-tunable model.
+"""Methods: plain PyTorch/numpy loops over an Oracle, or over a fine-tunable model.
 
 Every method implements :class:`Method` (``step`` / ``evaluate`` /
 ``reference`` / ``state_dict``); see ``vlmlab.methods._protocol`` for the

@@ -1,4 +1,4 @@
-"""The black box: the Oracle contract and the backends (layer 1); the ledger's names again.
+"""The black box: the Oracle contract and the backends; the ledger's names again.
 
 >>> from vlmlab.oracle import create_oracle
 >>> oracle = create_oracle("conse")                      # offline stand-in

@@ -1,4 +1,4 @@
-"""The oracle's Ray backend (layer 2): the Serve replica pool, its client, the ledger actor.
+"""The oracle's Ray backend: the Serve replica pool, its client, the ledger actor.
 
 Nothing here knows tasks or specs: a :class:`PoolOracle` is one more
 :class:`~vlmlab.oracle.Oracle`, so a method runs on the pool unchanged, with

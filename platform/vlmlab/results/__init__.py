@@ -1,4 +1,4 @@
-"""Results (layer 5): Arrow/Parquet tables, their atomic writer and readers, artifacts,
+"""Results: Arrow/Parquet tables, their atomic writer and readers, artifacts,
 and the pieces of reports and plots.
 
 Nothing here knows a task: the metric columns of ``runs`` and each task's

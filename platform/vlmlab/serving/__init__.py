@@ -1,4 +1,4 @@
-"""Serving (layer 9): adapted models as classifiers, the HTTP app that serves them,
+"""Serving: adapted models as classifiers, the HTTP app that serves them,
 and the oracle service's keys and client.
 
 Artifacts are written and read by ``vlmlab.results``; each task builds its

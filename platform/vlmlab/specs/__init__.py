@@ -1,4 +1,4 @@
-"""Experiment specs (layer 7): pydantic models loaded from YAML, with overrides.
+"""Experiment specs: pydantic models loaded from YAML, with overrides.
 
 >>> from vlmlab.specs import load_spec
 >>> spec = load_spec("experiments/quickstart.yaml", ["method.popsize=30"])

@@ -1,4 +1,4 @@
-"""Tasks (layer 6): one module per task, and the registry every upper layer reads.
+"""Tasks: one module per task, and the registry every upper layer reads.
 
 - ``vlmlab.tasks.forgetting``: Black-Box Forgetting (bbf, bbt, wo_lcs).
 - ``vlmlab.tasks.craft``: CraFT (craft, prompt_only, refine_only, no_consistency).

@@ -658,6 +658,15 @@ def _replica_sets() -> int:
     return int(handle.stats.remote().result()["image_sets"])
 
 
+def _registrar_held() -> int:
+    from ray import serve
+
+    from vlmlab.serving._http import APP_NAME
+
+    handle = serve.get_deployment_handle("ImageRegistrar", app_name=APP_NAME)
+    return int(handle.held.remote().result())
+
+
 def test_one_key_learns_nothing_from_another_keys_image_sets(url, keys, facts):
     """The second key to score the same images computes their features itself (no shared
     cache hit to time), and a DELETE drops them from the replicas."""
@@ -665,8 +674,9 @@ def test_one_key_learns_nothing_from_another_keys_image_sets(url, keys, facts):
     images = [_png(np.full((8, 8, 3), 40 + i, np.uint8)) for i in range(3)]
     first = _register(url, tokens["h-alice"], images).json()["image_set"]
     assert _logits(url, tokens["h-alice"], first, _contexts(1, dim), NAMES).status_code == 200
-    held = _replica_sets()
+    held, pixels_held = _replica_sets(), _registrar_held()
     second = _register(url, tokens["h-other"], images).json()["image_set"]
+    assert _registrar_held() == pixels_held + 1  # the owner holds each key's pixels
     assert second == first  # content-addressed ids, as the Oracle protocol's
     assert _logits(url, tokens["h-other"], second, _contexts(1, dim), NAMES).status_code == 200
     assert _replica_sets() == held + 1  # h-other's own features: encoded, not a cache hit
@@ -675,6 +685,10 @@ def test_one_key_learns_nothing_from_another_keys_image_sets(url, keys, facts):
     )
     assert deleted.status_code == 200, deleted.text
     assert _replica_sets() == held  # evicted before the DELETE was answered
+    deadline = time.monotonic() + 30
+    while _registrar_held() != pixels_held:  # and its pixels released, in the background
+        assert time.monotonic() < deadline, (_registrar_held(), pixels_held)
+        time.sleep(0.2)
     assert _logits(url, tokens["h-alice"], first, _contexts(1, dim), NAMES).status_code == 200
 
 

@@ -48,6 +48,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable
@@ -86,6 +87,8 @@ values beyond it (3e38) overflow the text tower's arithmetic into NaN logits, an
 official code rounds contexts to fp16 anyway; refused before any query is charged."""
 LEASE_MARGIN_S = 60.0
 """A reservation's lease outlasts its call's deadline by this much."""
+
+log = logging.getLogger(__name__)
 
 
 def encode_array(array: np.ndarray, binary: bool) -> Any:
@@ -391,6 +394,7 @@ class OracleService:
                 task = asyncio.ensure_future(self._evict(scoped))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+                self._release(name, None)
         for name in keys:
             self._state.setdefault(name, _KeyState())
         self._budgets_set = False
@@ -545,7 +549,23 @@ class OracleService:
         state.images -= box["size"]
         state.image_bytes -= box["bytes"]
         state.uploads = {u: s for u, s in state.uploads.items() if s != set_id}
+        self._release(name, [set_id])
         return True
+
+    def _release(self, name: str, set_ids: list[str] | None) -> None:
+        """The registrar lets go of these sets' pixels (in the background)."""
+        if self.registrar is None:
+            return
+        release = self.registrar.release.remote(name, set_ids)
+
+        async def wait() -> None:
+            try:
+                await release
+            except Exception as error:  # a registrar that restarted holds nothing anyway
+                log.warning("the image registrar did not release %s's sets: %s", name, error)
+
+        self._background.add(task := asyncio.ensure_future(wait()))
+        task.add_done_callback(self._background.discard)
 
     async def _evict(self, scoped: list[str]) -> None:
         """Every oracle replica drops these sets' features (a control call, not the hot path)."""

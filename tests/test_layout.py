@@ -64,3 +64,59 @@ def test_no_module_reaches_into_another_packages_private_names():
     files = [*(ROOT / "platform" / "vlmlab").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     found = [hit for path in files for hit in _private_imports(path)]
     assert not found, "\n".join(found)
+
+
+def _settings_classes() -> dict[str, set[str]]:
+    """Every settings model in ``vlmlab.methods`` and ``vlmlab.tasks``, with the fields it declares."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import vlmlab.methods
+    import vlmlab.tasks
+
+    found = {}
+    for package in (vlmlab.methods, vlmlab.tasks):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for name, cls in vars(module).items():
+                if (
+                    inspect.isclass(cls)
+                    and issubclass(cls, BaseModel)
+                    and cls.__module__ == module.__name__
+                ):
+                    found[f"{module.__name__}.{name}"] = set(inspect.get_annotations(cls))
+    return found
+
+
+def test_each_setting_is_declared_once():
+    """A method's settings live in one class: no two settings models list five or more of the
+    same fields (a subclass adds fields, it never lists its parent's again)."""
+    import itertools
+
+    classes = _settings_classes()
+    assert {
+        "vlmlab.methods._forgetting_config.ForgettingConfig",
+        "vlmlab.methods._craft_config.CraftConfig",
+    } <= set(classes)
+    twice = [
+        f"{a} and {b}: {sorted(fields_a & fields_b)}"
+        for (a, fields_a), (b, fields_b) in itertools.combinations(classes.items(), 2)
+        if len(fields_a & fields_b) >= 5
+    ]
+    assert not twice, "\n".join(twice)
+
+
+def test_each_task_validates_its_method_section_with_the_methods_own_config():
+    from vlmlab.methods import MethodConfig
+    from vlmlab.tasks import get_task
+
+    for name in ("forgetting", "safe_forgetting", "craft", "devsafety"):  # the built-in tasks
+        task = get_task(name)
+        assert issubclass(task.method_spec, MethodConfig), name
+        assert task.method_spec.__module__.startswith("vlmlab.methods."), (
+            name,
+            task.method_spec.__module__,
+        )

@@ -26,8 +26,16 @@ def task(conse, fashion_train, fashion_test):
     )
 
 
-def _craft(conse, task, key, **config) -> Craft:
-    return Craft(conse, task, CraftConfig(**config), seed=1, budget_key=key, eval_key=f"{key}:eval")
+def _craft(conse, task, key, *, budget, **config) -> Craft:
+    return Craft(
+        conse,
+        task,
+        CraftConfig(**config),
+        budget=budget,
+        seed=1,
+        budget_key=key,
+        eval_key=f"{key}:eval",
+    )
 
 
 def test_craft_beats_zero_shot_and_prompt_only(conse, task):
@@ -37,7 +45,7 @@ def test_craft_beats_zero_shot_and_prompt_only(conse, task):
     zero_shot = float((zero_shot_logits[0].argmax(-1).numpy() == task.test_labels).mean())
     craft = _craft(conse, task, "craft-gain", budget=2000, views=8)
     craft.run()
-    prompt_only = _craft(conse, task, "prompt-only-gain", budget=2000, variant="prompt_only")
+    prompt_only = _craft(conse, task, "prompt-only-gain", budget=2000, name="prompt_only")
     prompt_only.run()
     prompts = _craft(conse, task, "prompts-gain", budget=2000, head_data="prompts")
     prompts.run()
@@ -61,7 +69,7 @@ def test_craft_beats_zero_shot_and_prompt_only(conse, task):
 
 @pytest.mark.parametrize("mode", ["refine_only", "no_consistency"])
 def test_ablations_run(conse, task, mode):
-    method = _craft(conse, task, f"ablation-{mode}", budget=205, variant=mode, views=2)
+    method = _craft(conse, task, f"ablation-{mode}", budget=205, name=mode, views=2)
     method.run()
     assert method.generation == 5  # 205 // 40
     expected_queries = 0 if mode == "refine_only" else 200
@@ -95,14 +103,16 @@ def test_resume_is_bit_for_bit(conse, task, head_data):
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="variant"):
-        CraftConfig(variant="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        CraftConfig(name="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"cannot pay for one generation \(40 queries\)"):
-        CraftConfig(budget=39)
-    assert CraftConfig(budget=40).generations == 1  # the official budget pays for P only
+        Craft(None, None, CraftConfig(), budget=39, seed=1)  # type: ignore[arg-type]
+    assert CraftConfig().generations(40) == 1  # the official budget pays for P only
     with pytest.raises(ValueError, match=r"cannot pay for one generation \(41 queries\)"):
-        CraftConfig(budget=40, head_data="prompts")
-    with pytest.raises(ValueError, match="views must be >= 1"):
+        Craft(None, None, CraftConfig(head_data="prompts"), budget=40, seed=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="coop"):
+        Craft(None, None, CraftConfig(name="coop"), budget=40, seed=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="views"):
         CraftConfig(views=0)
     with pytest.raises(ValueError, match="augment_scale"):
         CraftConfig(augment_scale=(0.9, 0.5))
@@ -134,14 +144,13 @@ def test_cutoff_ends_the_consistency_term_of_the_refinement_loss_only(tiny, head
     config = CraftConfig(
         popsize=4,
         latent_dim=8,
-        budget=20,
         consistency_cutoff=4,
         refine_batch=8,
         hidden=8,
         head_data=head_data,
     )
     key = f"cutoff-{head_data}"
-    method = Craft(oracle, task, config, seed=1, budget_key=key, eval_key=f"{key}:eval")
+    method = Craft(oracle, task, config, budget=20, seed=1, budget_key=key, eval_key=f"{key}:eval")
     calls = []
     with mock.patch.object(craft_module, "_kl", wraps=craft_module._kl) as kl:
         while not method.done:
@@ -156,7 +165,8 @@ def test_cutoff_ends_the_consistency_term_of_the_refinement_loss_only(tiny, head
     no_consistency = Craft(
         oracle,
         task,
-        CraftConfig(**{**config.__dict__, "variant": "no_consistency"}),
+        config.replaced(name="no_consistency"),
+        budget=20,
         seed=1,
         budget_key=f"cutoff-none-{head_data}",
         eval_key=f"cutoff-none-{head_data}:eval",
@@ -170,11 +180,17 @@ def test_views_are_registered_once_and_the_head_prompt_follows_the_official_choi
     from unittest import mock
 
     oracle, task = tiny
-    base = {"popsize": 4, "latent_dim": 8, "budget": 24, "refine_batch": 8, "hidden": 8}
+    base = {"popsize": 4, "latent_dim": 8, "refine_batch": 8, "hidden": 8}
 
     def run(key, **options):
         method = Craft(
-            oracle, task, CraftConfig(**base, **options), seed=1, budget_key=key, eval_key="e"
+            oracle,
+            task,
+            CraftConfig(**base, **options),
+            budget=24,
+            seed=1,
+            budget_key=key,
+            eval_key="e",
         )
         head_sets = []
         real = oracle.logits
@@ -236,8 +252,10 @@ def test_no_validation_split_and_short_classes_run_as_the_official_code(fashion_
     task = make_craft_data(oracle, train, test, shots=4, seed=1, val_shots=0)
     assert task.val is None and task.val_labels is None and not task.has_split("val")
     assert np.bincount(task.train_labels).tolist() == [4] * 10
-    config = CraftConfig(popsize=4, latent_dim=8, budget=8, refine_batch=8, hidden=8, views=1)
-    method = Craft(oracle, task, config, seed=1, budget_key="noval", eval_key="noval:eval")
+    config = CraftConfig(popsize=4, latent_dim=8, refine_batch=8, hidden=8, views=1)
+    method = Craft(
+        oracle, task, config, budget=8, seed=1, budget_key="noval", eval_key="noval:eval"
+    )
     method.run()
     assert method.evaluate("val") == {} and method.reference("val", "a photo of a") == {}
     assert oracle.ledger.usage("noval:eval").queries == 0  # no query for an absent split
@@ -286,12 +304,13 @@ def test_crops_come_from_the_originals_by_default(fashion_train):
     }
     assert kinds["original"].train.id != kinds["stored"].train.id
     assert CraftConfig().augment_source == "original"
-    config = CraftConfig(popsize=4, latent_dim=8, budget=8, refine_batch=8, hidden=8)
+    config = CraftConfig(popsize=4, latent_dim=8, refine_batch=8, hidden=8)
     for source, task in kinds.items():
         method = Craft(
             oracle,
             task,
-            config.__class__(**{**config.__dict__, "augment_source": source}),
+            config.replaced(augment_source=source),
+            budget=8,
             seed=1,
             budget_key=f"crop-{source}",
             eval_key="e",

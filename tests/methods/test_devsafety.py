@@ -64,8 +64,8 @@ def test_bad_settings_are_named(conse):
         FineTunableModel(conse, NAMES, prompt="a photo")
     with pytest.raises(ValueError, match="trainable must be one of"):
         FineTunableModel(conse, NAMES).set_trainable("everything")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="variant must be one of"):
-        DevSafetyConfig(variant="greedy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name\n  Input should be"):
+        DevSafetyConfig(name="greedy")  # type: ignore[arg-type]
 
 
 def test_per_class_accuracy_marks_absent_classes():
@@ -113,7 +113,7 @@ def three_methods(fmnist_task):
     results = {}
     for mode in ("constrained", "finetune", "weighted"):
         model, task = fmnist_task(1)
-        method = DevSafety(model, task, DevSafetyConfig(variant=mode, **SMALL), seed=1)
+        method = DevSafety(model, task, DevSafetyConfig(name=mode, **SMALL), seed=1)
         while not method.done:
             method.step()
         results[mode] = method
@@ -394,7 +394,7 @@ def test_protected_heads_learn_only_from_the_constraints(tiny_task, variant):
     # The objective alone (finetune, or constrained with beta 0) never reaches a protected
     # head: negatives' captions go through the negative head (official cls_ids = -1).
     method = tiny_task(
-        variant=variant, trainable="heads", negative_head=True, beta=0.0, lr=0.05, epochs=2
+        name=variant, trainable="heads", negative_head=True, beta=0.0, lr=0.05, epochs=2
     )
     while not method.done:
         method.step()
@@ -404,7 +404,7 @@ def test_protected_heads_learn_only_from_the_constraints(tiny_task, variant):
     assert head_b[8].abs().sum() > 0  # the target (bag)
     assert head_b[-1].abs().sum() > 0  # the negative head
     # vlmlab's earlier reading: the negatives' own heads take the objective's gradient
-    old = tiny_task(variant=variant, trainable="heads", negative_head=False, beta=0.0, lr=0.05)
+    old = tiny_task(name=variant, trainable="heads", negative_head=False, beta=0.0, lr=0.05)
     old.step()
     assert old.model.head_b.detach()[protected].abs().sum() > 0
 
@@ -464,7 +464,7 @@ def test_weighted_baseline_is_the_objective_plus_weighted_protected_losses(
     tiny_task, monkeypatch, settings, factor
 ):
     method = tiny_task(
-        variant="weighted",
+        name="weighted",
         beta=100.0,
         tau=0.05,
         **{"weight": None, "weight_reduction": "mean", **settings},

@@ -49,7 +49,7 @@ def _meta(dim: int = 16) -> OracleMetadata:
 @pytest.mark.parametrize("variant", ["bbf", "bbt", "wo_lcs"])
 def test_search_shapes_and_projection(variant):
     config = ForgettingConfig(  # fp32 contexts: the fp16 rounding has its own test
-        variant=variant, n_context=3, shared_dim=3, unique_dim=2, popsize=6, context_rounding="none"
+        name=variant, n_context=3, shared_dim=3, unique_dim=2, popsize=6, context_rounding="none"
     )
     search = LatentContextSearch(config, _meta(), seed=0)
     contexts = search.ask()
@@ -85,7 +85,7 @@ def test_search_shapes_and_projection(variant):
     ],
 )
 def test_baselines_have_the_total_size_of_lcs(setting, variant, dims):
-    config = ForgettingConfig(variant=variant, popsize=4, **setting)
+    config = ForgettingConfig(name=variant, popsize=4, **setting)
     search = LatentContextSearch(config, _meta(), seed=0)
     assert [strategy.dim for strategy in search.strategies] == dims
     per_token = dims[0] // setting["n_context"] if variant == "bbt" else dims[-1]
@@ -183,7 +183,7 @@ def test_full_fitness_is_the_mean_of_the_batch_losses(fashion_train, order, prec
     minibatch = BlackBoxForgetting(
         oracle,
         task,
-        ForgettingConfig(**{**config.__dict__, "fitness": "minibatch"}),
+        config.replaced(fitness="minibatch"),
         seed=1,
         budget_key=f"minibatch-{order}",
     )
@@ -284,14 +284,14 @@ def test_search_leaves_global_numpy_random_alone():
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="variant"):
-        ForgettingConfig(variant="lcs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        ForgettingConfig(name="lcs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="popsize"):
         ForgettingConfig(popsize=1)
     with pytest.raises(ValueError, match="n_context"):
         ForgettingConfig(n_context=0)
     for name in ("batch_order", "loss_precision", "context_rounding", "csa"):
-        with pytest.raises(ValueError, match=f"{name} must be one of"):
+        with pytest.raises(ValueError, match=f"{name}\n  Input should be"):
             ForgettingConfig(**{name: "other"})  # type: ignore[arg-type]
 
 
@@ -363,7 +363,7 @@ def test_baselines_and_sep_cma_run(conse, fashion_train, test_images, variant, s
         fashion_train,
         test_images,
         key=f"variant-{variant}-{sep}",
-        variant=variant,
+        name=variant,
         sep_cma=sep,
         iterations=4,
     )

@@ -159,9 +159,11 @@ def test_every_forgetting_run_reports_devsafety_and_per_class_accuracy(setting):
 def test_bad_configs():
     with pytest.raises(ValueError, match="fitness='full'"):
         SafeForgettingConfig(fitness="minibatch")
-    with pytest.raises(ValueError, match="Latent Context Sharing"):
-        SafeForgettingConfig(variant="bbt")
-    with pytest.raises(ValueError, match="constraint must be"):
+    assert SafeForgettingConfig(name="bbt").search_variant == "bbt"  # plain BBT, for the table
+    assert SafeForgettingConfig().search_variant == "bbf"  # safe_bbf searches with LCS
+    with pytest.raises(ValueError, match="name"):
+        SafeForgettingConfig(name="lcs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="constraint\n  Input should be"):
         SafeForgettingConfig(constraint="barrier")  # type: ignore[arg-type]
 
 

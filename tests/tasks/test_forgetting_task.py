@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmlab.errors import TrialsFailedError
+from vlmlab.methods.forgetting import ForgettingConfig
 from vlmlab.results import load_artifact
 from vlmlab.runner import run_experiment
 from vlmlab.specs import validate_spec
@@ -44,9 +45,9 @@ def test_unknown_forget_class_names_the_field_and_the_classes(tmp_path):
 
 
 def test_official_defaults():
-    method = validate_spec({"name": "d"}, "t").method
-    assert method.fitness == "full" and method.baseline_dim is None  # type: ignore[attr-defined]
-    config = method.to_config()  # type: ignore[attr-defined]
+    config = validate_spec({"name": "d"}, "t").method
+    assert isinstance(config, ForgettingConfig)  # the spec's section is the method's config
+    assert config.fitness == "full" and config.baseline_dim is None
     assert (config.batch_order, config.loss_precision, config.context_rounding, config.csa) == (
         "shuffled",
         "fp16",
@@ -60,7 +61,7 @@ def test_official_defaults():
         "csa": "installed",
     }
     spec = validate_spec({"name": "d", "method": ours}, "t")
-    chosen = spec.method.to_config()  # type: ignore[attr-defined]
+    chosen = spec.method
     assert {name: getattr(chosen, name) for name in ours} == ours
     with pytest.raises(ValueError, match=r"method\.batch_order"):
         validate_spec({"name": "d", "method": {"batch_order": "random"}}, "t")

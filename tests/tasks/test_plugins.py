@@ -53,19 +53,7 @@ def test_an_installed_plugin_runs_and_reports_through_the_commands(tmp_path):
     listed = _vlmlab(site, "tasks")
     assert listed.returncode == 0, listed.stderr
     assert "toy" in listed.stdout and "Toy task" in listed.stdout
-    spec = tmp_path / "toy.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "name": "plug",
-                "task": "toy",  # the plugin's task, method and metric
-                "backend": {"name": "toy-latency"},  # the plugin's backend
-                "data": {"dataset": "toy-shapes", "shots": 2, "test_size": 0},  # its dataset
-                "method": {"popsize": 4, "iterations": 2},
-                "seeds": [1],
-            }
-        )
-    )
+    spec = HERE / "toy.yaml"  # the plugin's one spec, as a user writes it
     results = tmp_path / "results"
     run = _vlmlab(site, "run", str(spec), "--in-process", "--results", str(results))
     assert run.returncode == 0, run.stdout + run.stderr
@@ -76,6 +64,30 @@ def test_an_installed_plugin_runs_and_reports_through_the_commands(tmp_path):
     report = _vlmlab(site, "report", str(results))
     assert report.returncode == 0, report.stderr
     assert "Toy task" in report.stdout and "toy-shapes" in report.stdout
+
+
+def test_a_method_setting_is_declared_once_and_reaches_the_method(tmp_path):
+    """The toy's own setting (``spread``), declared once in its config: the spec is validated
+    by it (a bad value is refused naming the field) and the method reads it as it is."""
+    site = _install(tmp_path / "site")
+    tree = yaml.safe_load((HERE / "toy.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**tree, "method": {**tree["method"], "spread": -1}}))
+    refused = _vlmlab(site, "validate", str(bad))
+    assert refused.returncode != 0
+    assert "method.spread" in refused.stdout + refused.stderr
+    scores = {}
+    for spread in (0.01, 1.0):
+        spec = tmp_path / f"spread-{spread}.yaml"
+        spec.write_text(yaml.safe_dump({**tree, "method": {**tree["method"], "spread": spread}}))
+        results = tmp_path / f"results-{spread}"
+        run = _vlmlab(site, "run", str(spec), "--in-process", "--results", str(results))
+        assert run.returncode == 0, run.stdout + run.stderr
+        steps = pq.read_table(next((results / "steps").glob("*.parquet"))).to_pylist()
+        scores[spread] = sorted(
+            (r["step"], r["value"]) for r in steps if r["metric"] == "best_score"
+        )
+    assert scores[0.01] != scores[1.0]  # the setting changed what the method searched
 
 
 def test_a_broken_plugin_is_skipped_with_a_warning_naming_it(tmp_path, monkeypatch):

@@ -94,3 +94,44 @@ def test_toy_task_sweeps_on_ray(toy_task, tmp_path, ray_session):
     runs = ResultsStore(results).runs()
     assert len(runs) == 2 and set(runs.status) == {"completed"}
     assert runs.val_toy_score.notna().all() and (runs.queries_used == 12).all()
+
+
+class _Ledgered:
+    """The toy's oracle, remembering every budget the harness sets on its ledger."""
+
+    def __init__(self):
+        from vlmlab.oracle import create_oracle
+
+        self.oracle = create_oracle("latency:0")
+        self.budgets: dict[str, int | None] = {}
+        set_budget = self.oracle.ledger.set_budget
+
+        def remember(key, max_queries):
+            self.budgets[key] = max_queries
+            set_budget(key, max_queries)
+
+        self.oracle.ledger.set_budget = remember
+
+
+def test_the_harness_arms_the_budget_and_rearms_it_on_resume(toy_task, tmp_path):
+    """The toy method never sets a budget: the harness does, per attempt, with what the
+    checkpoint left, and the ledger holds a method to it."""
+    from vlmlab.errors import TrialsFailedError
+    from vlmlab.runner import run_experiment
+    from vlmlab.specs import load_spec
+
+    spec = load_spec(_spec(tmp_path, seeds=[1], eval_every=1, budget={"max_queries": 12}))
+    first = _Ledgered()
+    run_experiment(spec, tmp_path / "r", oracle=first.oracle, stop_after=1)  # 4 of 12 spent
+    assert list(first.budgets.values()) == [12]
+    second = _Ledgered()  # a new process: a new ledger
+    (outcome,) = run_experiment(spec, tmp_path / "r", oracle=second.oracle, resume=True)
+    ((key, left),) = second.budgets.items()
+    assert key.startswith("toy-toy-s1@") and key not in first.budgets  # a key per attempt
+    assert left == 12 - 4 and second.oracle.ledger.usage(key).queries == 8
+    assert outcome.queries_used == 12 and outcome.generations == 3
+
+    # A budget the method would overrun: the ledger refuses its third generation.
+    short = load_spec(_spec(tmp_path, seeds=[1], budget={"max_queries": 8}))
+    with pytest.raises(TrialsFailedError, match="BudgetExceeded"):
+        run_experiment(short, tmp_path / "short", oracle=_Ledgered().oracle)

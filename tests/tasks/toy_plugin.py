@@ -13,24 +13,29 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from vlmlab.data import ImageDataset, register_dataset, stratified_subset
-from vlmlab.methods import Metrics, StepRecord
+from vlmlab.methods import MethodConfig, Metrics, StepRecord
 from vlmlab.oracle import create_oracle, register_backend
-from vlmlab.tasks import MethodSpec, Task, register_task
+from vlmlab.tasks import Task, register_task
 
 
-class ToyMethodSpec(MethodSpec):
+class ToyConfig(MethodConfig):
+    """The toy method's settings, declared once: the spec's ``method`` section is validated
+    by this class and the method reads it as it is."""
+
     name: Literal["toy"] = "toy"
-    popsize: int = 4
-    iterations: int = 3
-    spread: float = 1.0
+    popsize: int = Field(4, ge=1)
+    iterations: int = Field(3, ge=1)
+    spread: float = Field(1.0, gt=0)
+    """The toy's own setting: how far from the table's mean its random prompts reach."""
 
 
 class ToyMethod:
     """Random search: each generation scores ``popsize`` random prompts in one call."""
 
-    def __init__(self, oracle, data, config: ToyMethodSpec, seed: int, budget_key, eval_key):
+    def __init__(self, oracle, data, config: ToyConfig, seed: int, budget_key, eval_key):
         self.oracle, self.config, self.budget_key, self.eval_key = (
             oracle,
             config,
@@ -96,7 +101,7 @@ class ToyMethod:
 
 class Toy(Task):
     name, title = "toy", "Toy task"
-    method_spec = ToyMethodSpec
+    method_spec = ToyConfig
     metrics = (("toy_score", "toy score"),)
     sweep_metrics = ("val_toy_score",)
 

@@ -100,7 +100,7 @@ def run(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vlmlab.runner import build_oracle, run_experiment
+    from vlmlab.drivers import executor_for
 
     loaded, results, found = _load_checked(spec, [*(set_ or []), *_track_overrides(track)], results)
     if dry_run:
@@ -109,25 +109,19 @@ def run(
     console = Console()
     _print_tracking(console, loaded, results)
     with _run_failures():
-        oracle = pool_oracle = None
-        if in_process:
-            with console.status(f"loading {loaded.backend.name}..."):
-                oracle = build_oracle(loaded)
-            where = "in-process"
-        elif loaded.white_box:  # trains the model: each trial builds its backend on an actor
-            resources = loaded.pool
-            where = f"Ray actors ({resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU each)"
-        else:
-            from vlmlab.drivers import deploy_for_spec
-
-            with console.status(f"starting Ray and the {loaded.backend.name} oracle pool..."):
-                oracle = pool_oracle = deploy_for_spec(loaded, address=address)
-            where = f"oracle pool ({loaded.pool.replicas} replica(s))"
+        executor = executor_for(loaded, "in-process" if in_process else "ray", address=address)
+        preparing = (
+            f"loading {loaded.backend.name}..."
+            if in_process
+            else f"starting Ray and the {loaded.backend.name} oracle pool..."
+        )
+        with console.status(preparing):
+            oracle = executor.prepare()
         shown = oracle.metadata.display_name if oracle is not None else loaded.backend.name
         console.print(
             f"[bold]{loaded.name}[/]: {loaded.method.name} on {shown}, "
             f"{loaded.data.dataset} {_shots(loaded.data.shot_ladder)}, seeds {loaded.seeds}, "
-            f"{_budgets(loaded)}; {where}; results in {results}"
+            f"{_budgets(loaded)}; {executor.where}; results in {results}"
         )
         columns = (
             TextColumn("{task.description}"),
@@ -137,22 +131,7 @@ def run(
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console) as progress:
-            listener = _RichProgress(progress)
-            if in_process:
-                outcomes = run_experiment(
-                    loaded, results, resume=resume, oracle=oracle, listener=listener
-                )
-            else:
-                from vlmlab.drivers import run_experiment_on_pool
-
-                outcomes = run_experiment_on_pool(
-                    loaded,
-                    results,
-                    resume=resume,
-                    address=address,
-                    pool=pool_oracle,
-                    listener=listener,
-                )
+            outcomes = executor.run(results, resume=resume, listener=_RichProgress(progress))
 
     first = outcomes[0]
     where = f"{first.backend} {first.model} on {loaded.data.dataset}"

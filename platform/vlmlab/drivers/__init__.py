@@ -1,4 +1,7 @@
-"""Drivers: many trials at once on Ray, each the runner's one loop.
+"""Drivers: where a spec's trials run, and many trials at once on Ray, each the runner's one loop.
+
+- :func:`executor_for`: the one parameter that says where (``in-process`` or ``ray``):
+  an :class:`Executor` prepares the backend or the pool, and runs the trials.
 
 - :func:`run_experiment_on_pool`: a spec's trials as Ray actors sharing one
   oracle pool (white-box trials as actors with their own backend).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmlab.drivers._executors import Executor, InProcess, OnRay, Where, executor_for
 from vlmlab.drivers._parallel import deploy_for_spec, run_experiment_on_pool
 from vlmlab.drivers._study import run_budget_study, study_trials
 from vlmlab.drivers._sweep import LEDGER_AUDIT, TUNE_DIR, run_sweep
@@ -31,7 +35,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LEDGER_AUDIT",
     "TUNE_DIR",
+    "Executor",
+    "InProcess",
+    "OnRay",
+    "Where",
     "deploy_for_spec",
+    "executor_for",
     "run_budget_study",
     "run_experiment_on_pool",
     "run_sweep",

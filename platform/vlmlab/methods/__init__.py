@@ -14,6 +14,7 @@ against the Serve pool, because the pool's client is just another oracle.
 
 from __future__ import annotations
 
+from vlmlab.methods._config import MethodConfig, PopulationSearch, Settings, config_changes
 from vlmlab.methods._finetune import TRAINABLE, FineTunableModel, Trainable
 from vlmlab.methods._protocol import Method, Metrics, StepRecord
 from vlmlab.methods.zeroshot import ZeroShotResult, zero_shot
@@ -22,9 +23,13 @@ __all__ = [
     "TRAINABLE",
     "FineTunableModel",
     "Method",
+    "MethodConfig",
     "Metrics",
+    "PopulationSearch",
+    "Settings",
     "StepRecord",
     "Trainable",
     "ZeroShotResult",
+    "config_changes",
     "zero_shot",
 ]

@@ -29,6 +29,7 @@ heads alone up to the whole model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -82,6 +83,7 @@ class FineTunableModel(nn.Module):
             raise ValueError(f"prompt must contain '{{}}' for the class name, got {prompt!r}")
         self.oracle = oracle
         self.class_names = list(class_names)
+        self.prompt = prompt
         self.prompts = [prompt.format(name) for name in self.class_names]
         text = oracle.text_tower()
         self.tower, projection = text.tower, text.projection
@@ -265,3 +267,16 @@ class FineTunableModel(nn.Module):
                     )
                 self.visual.load_state_dict(visual)
         self._pooled_cache = None
+
+
+def warmup_cosine(total_steps: int, warm: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warm`` steps, then a cosine decay to zero (official ``cosine_lr``)."""
+    warm = max(1, warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -4,9 +4,13 @@ Lifecycle, as the runner (``vlmlab.runner``) sees a method:
 
 1. A task module builds the method from its spec (``vlmlab.tasks``): the
    oracle (or, for a white-box method, a fine-tunable model), the task's data
-   registered with it, a config dataclass, a seed, and the ledger keys of its
-   optimization queries (``budget_key``) and of its evaluations (``eval_key``).
-2. ``load_state_dict`` may restore a checkpoint before the first step.
+   registered with it, its config (:class:`~vlmlab.methods.MethodConfig`, the
+   spec's ``method`` section), a seed, and the ledger keys of its optimization
+   queries (``budget_key``) and of its evaluations (``eval_key``).
+2. ``load_state_dict`` may restore a checkpoint before the first step. The
+   harness (:class:`vlmlab.runner.TrialRun`) then arms the ledger: a new
+   ``budget_key`` per attempt, capped at what the trial's budget leaves after
+   the checkpoint's ``queries_used``. A method only spends; it never sets a budget.
 3. ``step`` runs one generation (one CMA-ES generation, or one epoch of a
    white-box method) until ``done``. Every ``eval_every`` generations, and
    after the last, the runner calls ``evaluate`` on each split the task

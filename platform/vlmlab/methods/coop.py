@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from vlmlab.methods._config import config_changes
+from vlmlab.methods._coop_config import CoOpConfig, CoOpSettings
 from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.methods.craft import CraftData
 from vlmlab.methods.forgetting import (
@@ -42,29 +43,14 @@ from vlmlab.methods.forgetting import (
 )
 from vlmlab.oracle import LocalOracle, Oracle
 
-Init = Literal["prompt", "random"]
-
-
-@dataclass(frozen=True)
-class CoOpConfig:
-    """CoOp's optimization (see the module docstring)."""
-
-    n_context: int = 4
-    epochs: int = 50
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 32
-    init: Init = "prompt"
-
-    def __post_init__(self) -> None:
-        for name in ("n_context", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0, momentum in [0, 1), weight_decay >= 0")
-        if self.init not in ("prompt", "random"):
-            raise ValueError(f"init must be 'prompt' or 'random', got {self.init!r}")
+__all__ = [
+    "CoOpClassifier",
+    "CoOpConfig",
+    "CoOpForgetting",
+    "CoOpSettings",
+    "ContextLearner",
+    "white_box_backend",
+]
 
 
 def white_box_backend(oracle: Oracle) -> LocalOracle:
@@ -185,7 +171,7 @@ class CoOpForgetting(BlackBoxForgetting):
         super().__init__(
             backend,
             task,
-            replace(ForgettingConfig(), n_context=config.n_context, iterations=config.epochs),
+            ForgettingConfig(n_context=config.n_context, iterations=config.epochs),
             seed=seed,
             eval_key=eval_key,
             reference_prompt=reference_prompt,
@@ -245,7 +231,7 @@ class CoOpForgetting(BlackBoxForgetting):
         best = self._best
         return {
             "version": 1,
-            "coop": asdict(self.coop),
+            "coop": self.coop.record(),
             "seed": self.seed,
             "generation": self.generation,
             "images_scored": self.images_scored,
@@ -258,7 +244,10 @@ class CoOpForgetting(BlackBoxForgetting):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("coop") != asdict(self.coop) or state.get("seed") != self.seed:
+        if (
+            config_changes(state.get("coop") or {}, self.coop.record())
+            or state.get("seed") != self.seed
+        ):
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = int(state["generation"])
         self.images_scored = int(state["images_scored"])
@@ -366,7 +355,7 @@ class CoOpClassifier:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "coop": asdict(self.config),
+            "coop": self.config.record(),
             "seed": self.seed,
             "generation": self.generation,
             "images_scored": self.images_scored,
@@ -374,7 +363,10 @@ class CoOpClassifier:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("coop") != asdict(self.config) or state.get("seed") != self.seed:
+        if (
+            config_changes(state.get("coop") or {}, self.config.record())
+            or state.get("seed") != self.seed
+        ):
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = int(state["generation"])
         self.images_scored = int(state["images_scored"])

@@ -49,107 +49,43 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmlab.data import ImageDataset, augmented_view, few_shot_split
+from vlmlab.data import augmented_view
 from vlmlab.methods._cma import CmaStrategy
+from vlmlab.methods._config import config_changes
+from vlmlab.methods._craft_config import (
+    VARIANTS,
+    AugmentSource,
+    CraftConfig,
+    Variant,
+    queries_per_generation,
+)
+from vlmlab.methods._craft_data import FITNESS_VIEW, CraftData, make_craft_data
 from vlmlab.methods._protocol import Metrics, StepRecord
 from vlmlab.oracle import ImageSetRef, Oracle
 
-Variant = Literal["craft", "prompt_only", "refine_only", "no_consistency"]
-VARIANTS: tuple[str, ...] = ("craft", "prompt_only", "refine_only", "no_consistency")
-HeadData = Literal["views", "prompts"]
-HeadPrompt = Literal["sample_mean", "xbest", "mean"]
-FitnessImages = Literal["augmented", "plain"]
-AugmentSource = Literal["original", "stored"]
-
-
-def queries_per_generation(popsize: int, head_data: str) -> int:
-    """Budget queries a generation: P (views, official) or P + 1 (prompts: the ES mean too)."""
-    return popsize + (1 if head_data == "prompts" else 0)
-
-
-@dataclass(frozen=True)
-class CraftConfig:
-    """Hyperparameters (Wang et al. 2024 and the official craft_configs); defaults are the paper's."""
-
-    variant: Variant = "craft"
-    init_phrase: str = "a photo of a"
-    latent_dim: int = 512
-    projection_std: float = 0.2
-    projection_init: Literal["normal", "uniform"] = "normal"
-    """normal: A ~ N(0, projection_std) (main_craft.py); uniform: torch's default Linear
-    init, U(+-1/sqrt(latent_dim)) (main_craft_imagenet.py, which ignores std)."""
-    popsize: int = 40
-    sigma: float = 1.0
-    bounds: float | None = 5.0
-    hidden: int = 256
-    lr: float = 1e-3
-    consistency_weight: float = 0.1
-    consistency_cutoff: int = 1
-    """n: the refinement loss's consistency term stays on while queries used <= budget / n
-    (the fitness keeps its term throughout)."""
-    refine_batch: int = 256
-    budget: int = 8000
-    head_data: HeadData = "views"
-    """views: the head prompt's logits on augmented images (official); prompts: every
-    prompt's logits on the plain images (vlmlab's earlier reading)."""
-    head_prompt: HeadPrompt = "sample_mean"
-    views: int | None = None
-    """Augmented views to register and cycle; None: a new one each generation (official)."""
-    augment_scale: tuple[float, float] = (0.5, 1.0)
-    augment_source: AugmentSource = "original"
-    """original: crops cut from the full-resolution images the stored pixels came from
-    (official: the transform reads the photo), where the dataset keeps them; stored:
-    from the stored 224 px centre squares (``vlmlab.data.augmented_view``)."""
-    fitness_images: FitnessImages = "augmented"
-
-    @property
-    def queries_per_generation(self) -> int:
-        """Budget queries a generation: P (views) or P + 1 (prompts: the ES mean too)."""
-        return queries_per_generation(self.popsize, self.head_data)
-
-    @property
-    def generations(self) -> int:
-        """``budget // queries_per_generation``: the official maxiter = budget // popsize."""
-        return self.budget // self.queries_per_generation
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.popsize < 2 or self.latent_dim < 1 or self.hidden < 1:
-            raise ValueError("popsize >= 2, latent_dim >= 1 and hidden >= 1 are required")
-        if self.budget < self.queries_per_generation:
-            raise ValueError(
-                f"budget {self.budget} cannot pay for one generation "
-                f"({self.queries_per_generation} queries)"
-            )
-        if self.views is not None and self.views < 1:
-            raise ValueError(
-                f"views must be >= 1 (or None for one per generation), got {self.views}"
-            )
-        low, high = self.augment_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(
-                f"augment_scale must satisfy 0 < low <= high <= 1, got {self.augment_scale}"
-            )
-        if self.augment_source not in ("original", "stored"):
-            raise ValueError(
-                f"augment_source must be 'original' or 'stored', got {self.augment_source!r}"
-            )
-        if self.consistency_weight < 0 or self.consistency_cutoff < 1:
-            raise ValueError("consistency_weight must be >= 0 and consistency_cutoff >= 1")
+__all__ = [
+    "FITNESS_VIEW",
+    "HEAD_PREFIX",
+    "VARIANTS",
+    "AugmentSource",
+    "Craft",
+    "CraftConfig",
+    "CraftData",
+    "RefinementHead",
+    "Variant",
+    "make_craft_data",
+    "queries_per_generation",
+]
 
 
 HEAD_PREFIX = "refinement."
-FITNESS_VIEW = 2**31 - 1
-"""The view index of the fixed augmented view candidates are scored on (head views count from 0)."""
 
 
 class RefinementHead(nn.Module):
@@ -188,93 +124,6 @@ def _kl(target_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor
     return (target.exp() * (target - other)).sum(-1).mean(-1)
 
 
-@dataclass(frozen=True)
-class CraftData:
-    """Registered k-shot training images, an optional k-shot validation set and the test set.
-
-    Validation images never train anything: they score a run for sweeps (tuning on
-    the test split would leak), at evaluation queries outside the budget. The
-    official code has none (``main_craft.py`` L53-55 never reads its ``val_loader``):
-    ``val`` is then None, and the methods report no validation metrics.
-    """
-
-    class_names: list[str]
-    train: ImageSetRef
-    train_labels: np.ndarray
-    test: ImageSetRef
-    test_labels: np.ndarray
-    val: ImageSetRef | None = None
-    val_labels: np.ndarray | None = None
-    train_images: ImageDataset | None = None
-    """The k-shot pixels, for augmented views of the refinement head (None: no views)."""
-
-    def has_split(self, name: str) -> bool:
-        """Whether ``name`` (train, test, val) is a split of this task."""
-        return name in ("train", "test") or (
-            name == "val" and self.val is not None and self.val_labels is not None
-        )
-
-    def split(self, name: str) -> tuple[ImageSetRef, np.ndarray]:
-        if name == "test":
-            return self.test, self.test_labels
-        if name == "val" and self.val is not None and self.val_labels is not None:
-            return self.val, self.val_labels
-        if name == "train":
-            return self.train, self.train_labels
-        raise ValueError(
-            f"no {name!r} split in this task (train, test{', val' if self.val else ''})"
-        )
-
-
-def make_craft_data(
-    oracle: Oracle,
-    train: ImageDataset,
-    test: ImageDataset,
-    *,
-    shots: int,
-    seed: int,
-    val_shots: int | None = None,
-    fitness_view: tuple[float, float] | None = None,
-    augment_source: AugmentSource = "original",
-) -> CraftData:
-    """Sample k-shot train and validation sets from ``train``; register every split.
-
-    The training shots are drawn as CoOp's loaders draw them (which the official
-    code uses): a class with fewer than ``shots`` images is filled with repeats
-    (``datasets/utils.py`` L237-245, ``random.choices``).
-
-    Args:
-        val_shots: validation images per class (None: ``shots``); 0: no validation
-            split, as the official code (``CraftData.val`` is None).
-        fitness_view: an augmentation scale: candidates are then scored on one
-            fixed augmented view of the training images (the official code's
-            rule), else on the images as they are.
-        augment_source: what that view crops (``vlmlab.data.augmented_view``).
-    """
-    if train.class_names != test.class_names:
-        raise ValueError("train and test splits disagree on class names")
-    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots, repeat=True)
-    train_set = train.subset(split.train)
-    scored = (
-        train_set
-        if fitness_view is None
-        else augmented_view(
-            train_set, seed=seed, view=FITNESS_VIEW, scale=fitness_view, source=augment_source
-        )
-    )
-    val_set = train.subset(split.val) if len(split.val) else None
-    return CraftData(
-        class_names=list(train.class_names),
-        train_images=train_set,
-        train=oracle.register_images(scored.image_set()),
-        train_labels=train_set.labels,
-        test=oracle.register_images(test.image_set()),
-        test_labels=test.labels,
-        val=None if val_set is None else oracle.register_images(val_set.image_set()),
-        val_labels=None if val_set is None else val_set.labels,
-    )
-
-
 class Craft:
     """CraFT over any :class:`~vlmlab.oracle.Oracle`; state round-trips bit for bit."""
 
@@ -284,14 +133,24 @@ class Craft:
         task: CraftData,
         config: CraftConfig,
         *,
+        budget: int,
         seed: int,
+        init_phrase: str = "a photo of a",
         budget_key: str = "craft",
         eval_key: str = "craft:eval",
     ) -> None:
+        if config.name not in VARIANTS:
+            raise ValueError(f"Craft runs the variants {VARIANTS}, got {config.name!r}")
+        if budget < config.queries_per_generation:
+            raise ValueError(
+                f"budget {budget} cannot pay for one generation "
+                f"({config.queries_per_generation} queries)"
+            )
         self.oracle, self.task, self.config, self.seed = oracle, task, config, seed
+        self.budget, self.init_phrase = budget, init_phrase
         self.budget_key, self.eval_key = budget_key, eval_key
         meta = oracle.metadata
-        self.p0 = oracle.phrase_embeddings(config.init_phrase)
+        self.p0 = oracle.phrase_embeddings(init_phrase)
         self.n_context = self.p0.shape[0]
         seeds = np.random.SeedSequence(seed).spawn(3)
         rng = np.random.default_rng(seeds[0])
@@ -319,9 +178,8 @@ class Craft:
         if config.head_data == "views" and task.train_images is None:
             raise ValueError("head_data='views' needs the training pixels (CraftData.train_images)")
         # Every mode runs as many generations (refinement epochs) as CraFT affords.
-        self.generations = config.generations
+        self.generations = config.generations(budget)
         self.head_key = f"{budget_key}:head"
-        oracle.ledger.set_budget(budget_key, config.budget)
         self.generation = 0
         self.queries_used = 0
         self.images_scored = 0
@@ -337,7 +195,7 @@ class Craft:
 
     def mean_contexts(self) -> torch.Tensor:
         """The result prompt: the head prompt (views) or the ES mean (prompts); p0 at first."""
-        if self.config.variant == "refine_only":
+        if self.config.name == "refine_only":
             return self.p0.unsqueeze(0)
         if self.config.head_data == "views":
             if self._head_latent is None:
@@ -347,9 +205,9 @@ class Craft:
 
     def _consistency_on(self) -> bool:
         config = self.config
-        if config.variant == "no_consistency":
+        if config.name == "no_consistency":
             return False
-        return self.queries_used <= config.budget // config.consistency_cutoff
+        return self.queries_used <= self.budget // config.consistency_cutoff
 
     @property
     def done(self) -> bool:
@@ -383,8 +241,8 @@ class Craft:
             .view(len(candidates), -1)
             .mean(1)
         )
-        weight = 0.0 if config.variant == "no_consistency" else config.consistency_weight
-        if config.variant == "prompt_only" or weight == 0:
+        weight = 0.0 if config.name == "no_consistency" else config.consistency_weight
+        if config.name == "prompt_only" or weight == 0:
             return ce
         with torch.no_grad():
             refined = self.head(candidates)
@@ -408,10 +266,10 @@ class Craft:
     def _step_views(self) -> dict[str, float]:
         config = self.config
         record: dict[str, float] = {}
-        if config.variant != "refine_only":
+        if config.name != "refine_only":
             candidates, fitness, record = self._search()
             self._head_latent = self._choose_head_latent()
-        if config.variant == "prompt_only":  # no head query: the best candidate's accuracy
+        if config.name == "prompt_only":  # no head query: the best candidate's accuracy
             predictions = candidates[int(fitness.argmin())].argmax(-1)
         else:
             logits = self._head_logits()
@@ -457,7 +315,7 @@ class Craft:
     def _step_prompts(self) -> dict[str, float]:
         config = self.config
         record: dict[str, float] = {}
-        if config.variant == "refine_only":
+        if config.name == "refine_only":
             if self._fixed_logits is None:
                 self._fixed_logits = self._query(self.p0.unsqueeze(0))
                 self.queries_used += 1
@@ -466,7 +324,7 @@ class Craft:
         else:
             views, _, record = self._search(extra=self.mean_contexts())
             mean_logits = views[-1]
-        if config.variant != "prompt_only":
+        if config.name != "prompt_only":
             # As in the views mode: the cutoff counts this generation's queries too.
             weight = config.consistency_weight if self._consistency_on() else 0.0
             record["refine_loss"] = self._refine_epoch(views, weight)
@@ -506,7 +364,7 @@ class Craft:
 
     # ------------------------------------------------------------- evaluation
     def predict_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.variant == "prompt_only":
+        if self.config.name == "prompt_only":
             return logits
         with torch.no_grad():
             refined: torch.Tensor = self.head(logits)
@@ -559,7 +417,7 @@ class Craft:
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config": asdict(self.config),
+            "config": self._record(),
             "seed": self.seed,
             "generation": self.generation,
             "queries_used": self.queries_used,
@@ -574,7 +432,7 @@ class Craft:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != asdict(self.config) or state["seed"] != self.seed:
+        if config_changes(state["config"], self._record()) or state["seed"] != self.seed:
             raise ValueError("checkpoint was written by a run with another config or seed")
         self.generation = state["generation"]
         self.queries_used = state["queries_used"]
@@ -586,8 +444,10 @@ class Craft:
         self._fixed_logits = state["fixed_logits"]
         self._head_latent = state["head_latent"]
         self.head_queries = state["head_queries"]
-        if self.oracle.ledger.usage(self.budget_key).queries == 0:
-            self.oracle.ledger.set_budget(self.budget_key, self.config.budget - self.queries_used)
+
+    def _record(self) -> dict[str, Any]:
+        """The settings a checkpoint must match: the config's, the budget and the words."""
+        return {**self.config.record(), "budget": self.budget, "init_phrase": self.init_phrase}
 
     def state_bytes(self) -> bytes:
         return pickle.dumps(self.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)

@@ -4,392 +4,82 @@ The problem (Li et al. 2024, "Model Developmental Safety")::
 
     minimize F(w)   subject to   L_k(w) - L_k(w_old) <= 0   for every protected class k
 
-Each step draws a **target batch** (``batch_size``: half target images, half
-negatives, the other classes' images) and a separate, class-balanced
-**control batch** (``control_classes`` protected classes x
-``control_per_class`` images), as the official ``train.py`` does. Defaults
-are the official scripts' values (``GangLii/DevSafety``, ``train_foggy.sh``,
-``loss.py`` / ``train.py``: 40 epochs, AdamW at 1e-6 for everything, weight
-decay 0.1, 500 warm-up steps, beta 100, tau 0.05; ``trainable`` aside, below):
+Each step draws a **target batch** (half target images, half negatives, the
+other classes' images) and a separate, class-balanced **control batch** of
+protected classes, as the official ``train.py`` does. Every option named below
+is a field of :class:`DevSafetyConfig`, whose defaults are the official
+scripts' values (``GangLii/DevSafety`` ``train_foggy.sh``, ``loss.py`` /
+``train.py``) and whose field docs say which line each follows.
 
-- ``L_k`` is class k's cross-entropy on the control batch with logits
-  ``cos / tau`` over all classes (``constraint_logits="tau"``); the w_old
-  losses are per sample, computed once before development, and paired with
-  the same samples: the constraint value is ``mean_i (l_i(w) - l_i(w_old))``
-  over class k's rows;
-- the estimates start at the first value, then move:
-  ``u_k <- (1 - gamma) u_k + gamma c_k`` (classes present in the batch);
-- the penalty (``penalty="official"``) adds
-  ``mean_k max(beta u_k, 0).detach() * L_k * tau`` over the protected classes
-  present: zero at ``u_k <= 0`` and ``beta u_k tau`` above.
-  ``penalty="smoothed"`` is vlmlab's earlier reading, kept as an option: the
-  derivative of ``beta/2 [u]_+^2`` with the hinge smoothed at temperature tau,
-  ``beta tau softplus(u/tau) sigmoid(u/tau)``, summed over the classes (it
-  pushes back slightly before a constraint is violated);
-- ``F`` (``objective``): ``contrastive`` is the official SogCLR-style loss
-  (temperature ``contrastive_t``, moving average ``contrastive_gamma``): each
-  target image against the negatives' captions and each negative image
-  against the target's caption. With no captions offline, a negative's caption
-  is its class prompt through the extra **negative head** (``negative_head``,
-  official: ``cls_ids = -1`` in ``train.py`` L176-180, so the protected heads
-  get gradient from the constraints only); ``negative_head=False`` is vlmlab's
-  earlier reading, through the negative's own class head. ``ce`` is the
-  cross-entropy of the target images over all classes;
-- **augmented batches** (``augment_views`` > 0): target, negative and control
-  rows are scored on augmented images (official ``clip.py`` L70-78: random
-  resized crop 0.7-1, rotation +-15 degrees, flip), with a frozen image tower
-  one of ``augment_views`` fixed, cached views of each training image drawn
-  per row and step, while
-  ``w_old``'s per-sample losses use the clean images (the official evaluation
-  preprocessing), so a constraint is usually nonzero from the first step. 0
-  (the default) trains on the clean features;
-- AdamW with a linear warm-up (``warmup_steps``, or the ``warmup`` share of
-  all steps) and a cosine decay to zero.
+- ``L_k`` is class k's cross-entropy on the control batch (logits ``cos / tau``);
+  the w_old losses are per sample, computed once before development and paired
+  with the same samples: the constraint value is ``mean_i (l_i(w) - l_i(w_old))``
+  over class k's rows. The estimates start at the first value, then move:
+  ``u_k <- (1 - gamma) u_k + gamma c_k`` (classes present in the batch).
+- The penalty adds ``mean_k max(beta u_k, 0).detach() * L_k * tau`` over the
+  protected classes present: zero at ``u_k <= 0``, ``beta u_k tau`` above
+  (``penalty="smoothed"``: vlmlab's earlier smoothed hinge, an option).
+- ``F`` is the official SogCLR-style contrastive loss: each target image against
+  the negatives' captions and each negative against the target's. Offline there
+  are no captions: a negative's caption is its class prompt through the extra
+  **negative head** (official ``cls_ids = -1``), so the protected heads learn from
+  the constraints only.
+- **Augmented batches** (``augment_views`` > 0): rows are scored on augmented
+  images while ``w_old``'s losses stay on the clean ones (the official
+  evaluation preprocessing), so a constraint is usually nonzero from the start.
+- AdamW with a linear warm-up and a cosine decay to zero.
 
-Baselines in this module: ``finetune`` (minimize F alone) and ``weighted``
-(official ``SogCLR_RM``, ``loss.py`` L513-534: F plus ``beta tau`` times the
-mean of the protected losses in the control batch; ``weight`` replaces
-``beta tau``, ``weight_reduction="sum"`` sums them, vlmlab's earlier reading).
-
-The data (:func:`make_devsafety_data`): ``control_cap`` is the official
-``--control-size``: at most that many training images of each protected class
-(all of a shorter class), every remaining target image, drawn by a fixed
-``control_seed`` (official 2024) or the trial seed.
+Baselines: ``finetune`` (F alone) and ``weighted`` (official ``SogCLR_RM``: F plus
+``beta tau`` times the mean of the protected losses in the control batch). The
+data: :func:`make_devsafety_data`.
 
 The model is a :class:`~vlmlab.methods.FineTunableModel` with per-class
 low-rank heads on the text projection (the official "LoRA" heads). The image
-tower stays frozen (its features are cached) unless ``trainable="full"``: then
-it trains too, as in the official runs (every parameter of CLIP), and each
-batch's pixels go through it every step, freshly augmented when
-``augment_views`` > 0 (a new draw per step, not cached views); validation,
-test and constraint figures are re-encoded by the current tower. ``full`` is
-the official setting, but the default is ``all`` (frozen image tower: any
-backend, cached features). ``base_epochs > 0`` first develops ``w_old``
-itself: the shared projection fitted to the protected classes' images (the
-official BDD runs start from a BDD-fine-tuned checkpoint instead). Metrics (held-out): target
-accuracy and its gain over ``w_old``, each protected class's accuracy change,
-and DevSafety(acc) = the minimum of those changes (safe when >= 0).
+tower stays frozen (its features cached) unless ``trainable="full"``, the
+official setting: then it trains too and each batch's pixels go through it
+every step. ``base_epochs > 0`` first develops ``w_old`` itself (the official
+BDD runs start from a BDD-fine-tuned checkpoint instead). Metrics (held-out):
+target accuracy and its gain over ``w_old``, each protected class's accuracy
+change, and DevSafety(acc) = the minimum of those changes (safe when >= 0).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlmlab.data import (
-    ImageDataset,
     augmented_view,
-    class_indices,
-    sample_per_class,
-    sample_up_to_per_class,
 )
-from vlmlab.methods._finetune import TRAINABLE, FineTunableModel, Trainable
+from vlmlab.methods._devsafety_config import VARIANTS, DevSafetyConfig, Variant
+from vlmlab.methods._devsafety_data import (
+    VAL_SHARE,
+    VIEW_CHUNK,
+    DevSafetyData,
+    make_devsafety_data,
+    per_class_accuracy,
+    per_class_mean,
+)
+from vlmlab.methods._finetune import FineTunableModel, warmup_cosine
 from vlmlab.methods._protocol import Metrics, StepRecord
 
-Variant = Literal["constrained", "finetune", "weighted"]
-VARIANTS: tuple[str, ...] = ("constrained", "finetune", "weighted")
-Penalty = Literal["official", "smoothed"]
-Objective = Literal["contrastive", "ce"]
-ConstraintLogits = Literal["tau", "model"]
-WeightReduction = Literal["mean", "sum"]
-
-VAL_SHARE = 0.2
-"""With ``control_cap``: validation takes at most this share of each class's images."""
-VIEW_CHUNK = 4096
-"""Augmented views are made and encoded this many images at a time (bounded memory)."""
-
-
-@dataclass(frozen=True)
-class DevSafetyConfig:
-    """Hyperparameters; defaults are the official scripts' values (``train_foggy.sh``)."""
-
-    variant: Variant = "constrained"
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-6
-    tower_lr: float | None = None
-    """Learning rate of the text tower when it trains (``trainable: all``); None: ``lr``
-    (official: one AdamW group for every parameter, ``train.py`` L143)."""
-    weight_decay: float = 0.1
-    warmup: float = 0.1
-    """Share of all steps spent warming the learning rate up from zero (``warmup_steps`` None)."""
-    warmup_steps: int | None = 500
-    """Warm-up length in steps (official ``--warmup_length`` 500); None: ``warmup``."""
-    steps_per_epoch: int | None = None
-    """Steps an epoch (official: 600 BDD, 1600 Places); None: training images / batch_size."""
-    control_per_class: int = 10
-    control_classes: int | None = None
-    """Protected classes in each control batch (None: all of them)."""
-    objective: Objective = "contrastive"
-    contrastive_t: float = 0.05
-    contrastive_gamma: float = 0.8
-    penalty: Penalty = "official"
-    constraint_logits: ConstraintLogits = "tau"
-    """tau: constraint losses at logit scale 1/tau (official); model: the backend's scale."""
-    rank: int = 32
-    trainable: Trainable = "all"
-    """Official: ``full`` (all of CLIP); ``all`` by default (any backend, cached features)."""
-    negative_head: bool = True
-    """Negative captions through an extra head (official); False: through their own class's."""
-    augment_views: int = 0
-    """Augmented views of each training image that batches are scored on (0: clean images);
-    with ``trainable="full"``, any number > 0 augments every batch afresh."""
-    augment_scale: tuple[float, float] = (0.7, 1.0)
-    """Random resized crop's area range (official ``clip.py`` L72)."""
-    augment_rotation: float = 15.0
-    """Random rotation's largest angle in degrees (official L73)."""
-    augment_flip: bool = True
-    """Random horizontal flip (official L74)."""
-    beta: float = 100.0
-    gamma: float = 0.8
-    tau: float = 0.05
-    weight: float | None = None
-    """The weighted baseline's weight on the protected losses; None: ``beta * tau`` (official)."""
-    weight_reduction: WeightReduction = "mean"
-    """mean (official) or sum of the protected classes' losses in the weighted baseline."""
-    base_epochs: int = 0
-    base_lr: float = 1e-3
-    prompt: str = "a photo of a {}."
-    safety_tolerance: float = 0.0
-    """What ``safe_gain`` counts as safe: DevSafety(acc) >= -tolerance. Never used in training."""
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.rank < 1 or self.base_epochs < 0:
-            raise ValueError("epochs, batch_size and rank must be >= 1, base_epochs >= 0")
-        if not 0 < self.gamma <= 1 or self.tau < 0 or self.beta < 0 or not 0 <= self.warmup < 1:
-            raise ValueError("need 0 < gamma <= 1, tau >= 0, beta >= 0 and 0 <= warmup < 1")
-        if self.tau == 0 and (self.penalty == "official" or self.constraint_logits == "tau"):
-            raise ValueError(
-                "tau must be > 0: the official penalty and constraint logits use 1/tau"
-            )
-        if self.batch_size < 2 or self.control_per_class < 1:
-            raise ValueError(
-                "batch_size must be >= 2 (half target, half negatives), control_per_class >= 1"
-            )
-        if self.control_classes is not None and self.control_classes < 1:
-            raise ValueError("control_classes must be >= 1 (or None for all protected classes)")
-        if (self.steps_per_epoch is not None and self.steps_per_epoch < 1) or (
-            self.warmup_steps is not None and self.warmup_steps < 0
-        ):
-            raise ValueError("steps_per_epoch must be >= 1 and warmup_steps >= 0")
-        if self.contrastive_t <= 0 or not 0 < self.contrastive_gamma <= 1:
-            raise ValueError("need contrastive_t > 0 and 0 < contrastive_gamma <= 1")
-        if self.tower_lr is not None and self.tower_lr <= 0:
-            raise ValueError(f"tower_lr must be > 0 (or None for lr), got {self.tower_lr}")
-        if self.weight is not None and self.weight < 0:
-            raise ValueError(f"weight must be >= 0 (or None for beta * tau), got {self.weight}")
-        if self.weight_reduction not in ("mean", "sum"):
-            raise ValueError(f"weight_reduction must be mean or sum, got {self.weight_reduction!r}")
-        low, high = self.augment_scale
-        if self.augment_views < 0 or self.augment_rotation < 0 or not 0 < low <= high <= 1:
-            raise ValueError(
-                "need augment_views >= 0, augment_rotation >= 0 and 0 < augment_scale[0] <= "
-                f"augment_scale[1] <= 1, got {self.augment_views}, {self.augment_rotation}, "
-                f"{self.augment_scale}"
-            )
-
-    @property
-    def protected_weight(self) -> float:
-        """The weighted baseline's weight: ``weight``, or ``beta * tau`` (official ``SogCLR_RM``)."""
-        return self.beta * self.tau if self.weight is None else self.weight
-
-
-@dataclass
-class DevSafetyData:
-    """Features and labels of the three splits, and which classes are target / protected.
-
-    ``train_views`` (``V x N x E``), where batches are augmented, holds the
-    features of ``V`` augmented views of every training image; ``train_features``
-    are always the clean ones. ``train_images`` / ``val_images`` / ``test_images``
-    are the images themselves (a tower that trains encodes them again).
-    """
-
-    class_names: list[str]
-    target: tuple[int, ...]
-    protected: tuple[int, ...]
-    train_features: torch.Tensor
-    train_labels: torch.Tensor
-    val_features: torch.Tensor
-    val_labels: torch.Tensor
-    test_features: torch.Tensor
-    test_labels: torch.Tensor
-    train_views: torch.Tensor | None = None
-    train_images: ImageDataset | None = None
-    val_images: ImageDataset | None = None
-    test_images: ImageDataset | None = None
-
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {name!r}; allowed: train, val, test")
-        return getattr(self, f"{name}_features"), getattr(self, f"{name}_labels")
-
-
-def per_class_mean(values: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Mean of ``values`` over each class's images (NaN for a class with none); differentiable."""
-    sums = torch.zeros(n_classes, device=values.device, dtype=values.dtype).index_add(
-        0, labels, values
-    )
-    counts = torch.bincount(labels, minlength=n_classes).to(values.dtype)
-    return sums / counts.where(counts > 0, torch.tensor(float("nan"), device=counts.device))
-
-
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Accuracy of each class (NaN for a class with no images)."""
-    return per_class_mean((logits.argmax(-1) == labels).float(), labels, n_classes)
-
-
-def make_devsafety_data(
-    model: FineTunableModel,
-    train: ImageDataset,
-    test: ImageDataset,
-    *,
-    per_class: int | None,
-    val_per_class: int,
-    seed: int,
-    target: Sequence[int | str] | None = None,
-    control_cap: int | None = None,
-    control_seed: int | None = None,
-    views: int = 0,
-    view_scale: tuple[float, float] = (0.7, 1.0),
-    view_rotation: float = 15.0,
-    view_flip: bool = True,
-) -> DevSafetyData:
-    """The training, validation and test features of a development run.
-
-    Two ways to draw the training images:
-
-    - ``per_class`` (vlmlab's few-shot protocol): that many training images of
-      every class, target included, then ``val_per_class`` disjoint validation
-      images of every class (each class must have enough);
-    - ``control_cap`` (the official ``--control-size``, ``bdd100k.py`` L96-103):
-      validation first, ``min(val_per_class, share)`` images of each class, where
-      the share is ``VAL_SHARE`` of the class (vlmlab's choice: the official runs
-      read a separate ``train_val`` list); then the control set, at most
-      ``control_cap`` of each *protected* class's remaining images (all of a
-      shorter class, never an error); and every remaining target image (the
-      official target data are their own, uncapped source). The split is drawn by
-      ``control_seed`` (official: ``np.random.seed(2024)``, one control set for
-      every run) or, when None, by ``seed``.
-
-    ``target`` names classes by index or by name; None picks the weakest class
-    of the model as given (before any development) on the validation images.
-    Every other class is protected. ``views`` > 0 also encodes that many
-    augmented views of every training image (``augmented_view`` with
-    ``view_scale``, ``view_rotation`` and ``view_flip``, seeded by ``seed``;
-    cached by the backend like any image set).
-
-    Raises:
-        ValueError: neither or both of ``per_class`` and ``control_cap``; a class
-            without images; bad target classes.
-    """
-    if (per_class is None) == (control_cap is None):
-        raise ValueError(
-            "give per_class (images of every class) or control_cap (the official cap on "
-            f"each protected class), not both or neither; got {per_class} and {control_cap}"
-        )
-    n_classes = train.num_classes
-    targets = (
-        None if target is None else class_indices(target, train.class_names, field="data.target")
-    )
-    split_seed = seed if control_seed is None else control_seed
-    if per_class is not None:
-        train_rows: np.ndarray | None = sample_per_class(train.labels, per_class, seed)
-        val_rows = sample_per_class(
-            train.labels, val_per_class, seed + 1_000_003, exclude=train_rows
-        )
-    else:
-        train_rows = None
-        val_rows = sample_up_to_per_class(
-            train.labels, val_per_class, split_seed + 1_000_003, share=VAL_SHARE
-        )
-
-    def features(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.image_features(data), torch.as_tensor(data.labels, device=model.device).long()
-
-    val_set = train.subset(val_rows)
-    val_x, val_y = features(val_set)
-    test_x, test_y = features(test)
-    if targets is None:
-        with torch.no_grad():
-            accuracy = per_class_accuracy(model.logits(val_x), val_y, n_classes)
-        targets = [int(torch.nan_to_num(accuracy, nan=2.0).argmin())]
-    bad = [c for c in targets if not 0 <= c < n_classes]
-    if bad or not targets or len(set(targets)) != len(targets):
-        raise ValueError(
-            f"target classes must be distinct indices in [0, {n_classes}); got {targets}"
-        )
-    if len(targets) == n_classes:
-        raise ValueError("every class is a target: nothing is left to protect")
-    protected = tuple(c for c in range(n_classes) if c not in targets)
-    if train_rows is None:
-        left = np.ones(len(train.labels), dtype=bool)
-        left[val_rows] = False
-        target_rows = np.flatnonzero(np.isin(train.labels, targets) & left)
-        control_rows = sample_up_to_per_class(
-            train.labels, control_cap, split_seed, exclude=val_rows, classes=protected
-        )
-        train_rows = np.concatenate([target_rows, control_rows]).astype(np.int64)
-    train_set = train.subset(train_rows)
-    train_x, train_y = features(train_set)
-    train_views = None
-    if views:
-        train_views = torch.stack(
-            [
-                _view_features(model, train_set, seed, view, view_scale, view_rotation, view_flip)
-                for view in range(views)
-            ]
-        )
-    return DevSafetyData(
-        class_names=list(train.class_names),
-        target=tuple(sorted(targets)),
-        protected=protected,
-        train_features=train_x,
-        train_labels=train_y,
-        val_features=val_x,
-        val_labels=val_y,
-        test_features=test_x,
-        test_labels=test_y,
-        train_views=train_views,
-        train_images=train_set,
-        val_images=val_set,
-        test_images=test,
-    )
-
-
-def _view_features(
-    model: FineTunableModel,
-    images: ImageDataset,
-    seed: int,
-    view: int,
-    scale: tuple[float, float],
-    rotation: float,
-    flip: bool,
-) -> torch.Tensor:
-    """Features of one augmented view of ``images``, made and encoded ``VIEW_CHUNK`` at a
-    time (chunk ``i`` of view ``v`` is ``augmented_view``'s view ``v * chunks + i``)."""
-    chunks = max(1, math.ceil(len(images) / VIEW_CHUNK))
-    parts = []
-    for i, rows in enumerate(np.array_split(np.arange(len(images)), chunks)):
-        augmented = augmented_view(
-            images.subset(rows),
-            seed=seed,
-            view=view * chunks + i,
-            scale=scale,
-            rotation=rotation,
-            flip=flip,
-        )
-        parts.append(model.image_features(augmented))
-    return torch.cat(parts)
+__all__ = [
+    "VAL_SHARE",
+    "VARIANTS",
+    "VIEW_CHUNK",
+    "DevSafety",
+    "DevSafetyConfig",
+    "DevSafetyData",
+    "Variant",
+    "make_devsafety_data",
+    "per_class_accuracy",
+    "per_class_mean",
+    "safe_gain",
+]
 
 
 def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
@@ -398,19 +88,6 @@ def safe_gain(metrics: Metrics, tolerance: float = 0.0) -> float:
     closer to safe scores higher)."""
     devsafety = metrics["devsafety"]
     return metrics["target_gain"] if devsafety >= -tolerance else -1.0 + devsafety
-
-
-def _warmup_cosine(total_steps: int, warm: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warm`` steps, then a cosine decay to zero (official ``cosine_lr``)."""
-    warm = max(1, warm)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class DevSafety:
@@ -462,7 +139,7 @@ class DevSafety:
             config.warmup_steps if config.warmup_steps is not None else round(config.warmup * steps)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(steps, warm)
+            self.optimizer, warmup_cosine(steps, warm)
         )
         labels = task.train_labels
         self._positives = torch.nonzero(self._is_target[labels]).flatten()
@@ -717,7 +394,7 @@ class DevSafety:
             objective = self._objective(positives, negatives, text, pos_x, neg_x)
             loss = objective
             seen = len(positives) + len(negatives)
-            if config.variant != "finetune":
+            if config.name != "finetune":
                 control = self._control_rows().to(model.device)
                 seen += len(control)
                 control_labels = labels[control]
@@ -730,7 +407,7 @@ class DevSafety:
                 class_losses = per_class_mean(sample_losses, classes, n_protected)
                 present = ~class_losses.isnan()
                 current = class_losses[present]
-                if config.variant == "weighted":
+                if config.name == "weighted":
                     reduced = current.mean() if config.weight_reduction == "mean" else current.sum()
                     loss = loss + config.protected_weight * reduced
                 else:

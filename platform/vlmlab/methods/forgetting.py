@@ -7,7 +7,7 @@ fixed random matrix ``A`` (entries ~ N(0, sigma_hat), sigma_hat the std of the
 token-embedding table) around ``p0``, the table's mean. CMA-ES searches the
 latents; the oracle only scores prompts.
 
-Variants (``ForgettingConfig.variant``):
+Variants (``ForgettingConfig.name``):
 
 - ``"bbf"`` - Latent Context Sharing: ``z_i = [z_s, z_u,i]``, one shared latent
   and one unique latent per token; m + 1 CMA-ES strategies (shared + each
@@ -50,332 +50,54 @@ best prompt, the step) round-trips through ``state_dict`` /
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from vlmlab.data import ClassPartition, ImageDataset, few_shot_split
-from vlmlab.methods._cma import CSA_CHOICES, CmaStrategy, Csa
+from vlmlab.methods._config import config_changes
+from vlmlab.methods._forgetting_config import (
+    VARIANTS,
+    ForgettingConfig,
+    LatentSearchConfig,
+    Variant,
+)
+from vlmlab.methods._forgetting_data import ForgettingData, make_forgetting_data
+from vlmlab.methods._forgetting_loss import (
+    FP16_EPS,
+    LossPrecision,
+    forgetting_loss,
+    forgetting_metrics,
+    per_class_accuracy,
+)
+from vlmlab.methods._latent_search import LatentContextSearch
 from vlmlab.methods._protocol import Metrics, StepRecord
-from vlmlab.oracle import ImageSetRef, Oracle, OracleMetadata
+from vlmlab.oracle import ImageSetRef, Oracle
+
+__all__ = [
+    "DROP_CLASSES",
+    "FP16_EPS",
+    "VARIANTS",
+    "BlackBoxForgetting",
+    "ForgettingConfig",
+    "ForgettingData",
+    "LatentContextSearch",
+    "LatentSearchConfig",
+    "LossPrecision",
+    "Variant",
+    "forgetting_loss",
+    "forgetting_metrics",
+    "make_forgetting_data",
+    "per_class_accuracy",
+]
 
 DROP_CLASSES = "dropclasses"
 """The zero-query reference of :meth:`BlackBoxForgetting.reference`: the forget classes
 removed from the candidate list (its metrics are ``dropclasses:<metric>``)."""
 
-Variant = Literal["bbf", "bbt", "wo_lcs"]
-VARIANTS: tuple[str, ...] = ("bbf", "bbt", "wo_lcs")
-BatchOrder = Literal["shuffled", "shared", "sorted"]
-BATCH_ORDERS: tuple[str, ...] = ("shuffled", "shared", "sorted")
-LossPrecision = Literal["fp16", "fp64"]
-LOSS_PRECISIONS: tuple[str, ...] = ("fp16", "fp64")
-ContextRounding = Literal["fp16", "none"]
-CONTEXT_ROUNDINGS: tuple[str, ...] = ("fp16", "none")
-FP16_EPS = 1e-7
-"""The official forget loss's epsilon, ``log(p + 1e-7)`` (``utils.py`` L34-39); in fp16 it
-becomes 2**-23 (1.19e-7), so a class term costs at most ``-log(2**-23)`` = 15.94 nats."""
-
-
-@dataclass(frozen=True)
-class ForgettingConfig:
-    """Hyperparameters (Kuwana et al. 2024 and its official code). Defaults: the paper's CIFAR-10 setting."""
-
-    variant: Variant = "bbf"
-    n_context: int = 4
-    """m, context tokens."""
-    shared_dim: int = 20
-    """ds, the shared latent's dimension (LCS)."""
-    unique_dim: int = 5
-    """du, each unique latent's dimension (LCS). BBT and w/o LCS use ds + du per token."""
-    popsize: int = 20
-    sigma: float = 1.0
-    sep_cma: bool = False
-    """Sep-CMA-ES (diagonal covariance) instead of full CMA-ES."""
-    batch_size: int = 160
-    """Images per loss batch (the official 160)."""
-    fitness: Literal["full", "minibatch"] = "full"
-    """``full``: the whole training set a generation, the mean of its batch losses (official);
-    ``minibatch``: one random ``batch_size`` subset a generation."""
-    batch_order: BatchOrder = "shuffled"
-    """How ``fitness="full"`` cuts the training set into batches of ``batch_size``.
-    ``shuffled`` (official, ``main.py`` L113 ``shuffle=True``, re-iterated for every candidate,
-    ``train.py`` L186): a new permutation for each candidate of each generation, so every
-    batch mixes forget and kept images; ``shared``: one permutation a generation for the
-    whole population (vlmlab's option: the candidates are ranked on the same batches, less
-    noise in the ranking); ``sorted``: consecutive chunks of the class-sorted set (vlmlab's
-    earlier behaviour: on CIFAR-100 4-shot the first chunk holds only forget classes, which
-    weighs the forget term a third of the official). Drawn from the checkpointed batch
-    generator: no query more, and a resumed run stays bit for bit."""
-    loss_precision: LossPrecision = "fp16"
-    """``fp16`` (official, ``train.py`` L194-224 and ``utils.py`` L31-43 on the fp16 CLIP):
-    logits rounded to fp16, an fp16 softmax, the forget term ``-(1/C) sum_c log(p_c + 1e-7)``
-    and the kept images' cross-entropy rounded as CUDA's half ops round them (a class term
-    caps at 15.94 nats, so one confidently recognized forget image weighs at most about 16);
-    ``fp64``: the exact loss in float64, no epsilon and no cap (vlmlab's earlier loss: the
-    same function without fp16's rounding, kept to study it; a confident forget image can
-    then cost 30-50 nats)."""
-    context_rounding: ContextRounding = "fp16"
-    """``fp16`` (official, ``train.py`` L73 and L154-165): ``fp16(fp16(A z) + fp16(p0))``,
-    whatever the oracle's own precision; ``none``: ``A z + p0`` in fp32 (an fp16 oracle
-    rounds once more itself)."""
-    csa: Csa = "pycma3"
-    """CMA-ES step-size constants (see :class:`~vlmlab.methods._cma.CmaStrategy`): ``pycma3``,
-    pycma <= 4.4's, as the official runs had them (unpinned ``cma`` in ``requirements.txt``,
-    code of 2024-10); ``installed``: the installed pycma's (4.5 changes them below 40
-    variables)."""
-    baseline_dim: int | None = None
-    """BBT / w/o LCS: each token's latent size; None: ``(ds + m du) / m``, rounded."""
-    iterations: int = 400
-    projection_std: float | None = None
-    """Std of A's entries; None means sigma_hat, the token-embedding table's std."""
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("n_context", "shared_dim", "unique_dim", "batch_size", "iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.popsize < 2:
-            raise ValueError(f"popsize must be >= 2, got {self.popsize}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.fitness not in ("full", "minibatch"):
-            raise ValueError(f"fitness must be 'full' or 'minibatch', got {self.fitness!r}")
-        if self.baseline_dim is not None and self.baseline_dim < 1:
-            raise ValueError(f"baseline_dim must be >= 1, got {self.baseline_dim}")
-        for name, allowed in (
-            ("batch_order", BATCH_ORDERS),
-            ("loss_precision", LOSS_PRECISIONS),
-            ("context_rounding", CONTEXT_ROUNDINGS),
-            ("csa", CSA_CHOICES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
-    @property
-    def latent_dim(self) -> int:
-        """d, the latent dimension of one context token: ds + du for LCS; for the
-        baselines the same total size as LCS's, ``(ds + m du) / m`` (or ``baseline_dim``)."""
-        if self.variant == "bbf":
-            return self.shared_dim + self.unique_dim
-        if self.baseline_dim is not None:
-            return self.baseline_dim
-        total = self.shared_dim + self.n_context * self.unique_dim
-        return max(1, round(total / self.n_context))
-
-
-# --------------------------------------------------------------------- metrics
-def forgetting_metrics(
-    predictions: np.ndarray, labels: np.ndarray, forget_mask: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Err_fgt, Acc_mem and H for each row of ``predictions`` (``P x N``)."""
-    predictions = np.atleast_2d(predictions)
-    correct = predictions == labels[None, :]
-    forget, memorize = forget_mask, ~forget_mask
-    err_fgt = 1.0 - correct[:, forget].mean(axis=1) if forget.any() else np.ones(len(predictions))
-    acc_mem = correct[:, memorize].mean(axis=1) if memorize.any() else np.ones(len(predictions))
-    denom = err_fgt + acc_mem
-    harmonic = np.where(denom > 0, 2 * err_fgt * acc_mem / np.where(denom > 0, denom, 1), 0.0)
-    return {"err_fgt": err_fgt, "acc_mem": acc_mem, "H": harmonic}
-
-
-def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Accuracy of each row of ``predictions`` (``P x N``) on each class: ``P x C``
-    (NaN for a class with no sample)."""
-    predictions = np.atleast_2d(predictions)
-    correct = (predictions == labels[None, :]).astype(np.float64)
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    hits = np.stack([np.bincount(labels, weights=row, minlength=n_classes) for row in correct])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return hits / counts[None, :]
-
-
-def forgetting_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    forget_mask: torch.Tensor,
-    *,
-    precision: LossPrecision = "fp64",
-) -> torch.Tensor:
-    """Per-candidate loss ``CE(memorize) + mean over forget samples of -(1/C) sum_c log p_c``.
-
-    ``logits`` is ``P x N x C``; returns ``P`` losses (float64). ``precision="fp64"``: exact,
-    in float64 (differentiable, as CoOp uses it); ``"fp16"``: the official code's fp16
-    numerics (:func:`_forgetting_loss_fp16`).
-    """
-    if precision == "fp16":
-        return _forgetting_loss_fp16(logits, labels, forget_mask)
-    if precision != "fp64":
-        raise ValueError(f"precision must be one of {LOSS_PRECISIONS}, got {precision!r}")
-    log_probs = torch.log_softmax(logits.double(), dim=-1)
-    loss = torch.zeros(logits.shape[0], dtype=torch.float64)
-    memorize = ~forget_mask
-    if memorize.any():
-        picked = log_probs[:, memorize].gather(
-            -1, labels[memorize].view(1, -1, 1).expand(logits.shape[0], -1, 1)
-        )
-        loss = loss - picked.squeeze(-1).mean(dim=1)
-    if forget_mask.any():
-        loss = loss - log_probs[:, forget_mask].mean(dim=(1, 2))
-    return loss
-
-
-def _half(values: torch.Tensor) -> torch.Tensor:
-    """Round to fp16 and carry on in fp32, as CUDA's half ops compute in fp32 and round once."""
-    return values.half().float()
-
-
-def _forgetting_loss_fp16(
-    logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor
-) -> torch.Tensor:
-    """The official loss of one batch with its fp16 roundings (``P`` losses, float64).
-
-    ``train.py`` L194 ``soft_out = softmax(outputs)`` on fp16 logits; L217
-    ``ce_loss(outputs[mem], labels[mem])``; L220 ``crossentropyloss_max(soft_out[fgt], 1/C)``,
-    which is ``utils.py`` L31-43: ``-sum(sum(t * log(p + 1e-7), 1)) / len``; L221 the sum,
-    in fp16. Every elementwise result and every reduction's output is rounded to fp16, the
-    arithmetic in between in fp32. Measured against the official chain run on CUDA (an
-    H200, torch 2.11; fp16 logits of 10 to 1,000 classes, 1,500 batches): equal bit for
-    bit. The official CE of a batch without kept images is NaN; here it is left out
-    (only the ``sorted`` order makes such batches).
-    """
-    z = _half(logits.float())
-    n_candidates, _, n_classes = z.shape
-    loss = torch.zeros(n_candidates, dtype=torch.float32)
-    memorize = ~forget_mask
-    if memorize.any():
-        log_probs = _half(torch.log_softmax(z[:, memorize], dim=-1))
-        index = labels[memorize].view(1, -1, 1).expand(n_candidates, -1, 1)
-        loss = _half(-log_probs.gather(-1, index).squeeze(-1).mean(dim=1))
-    if forget_mask.any():
-        probs = _half(torch.softmax(z[:, forget_mask], dim=-1))
-        terms = _half((1.0 / n_classes) * _half(torch.log(_half(probs + FP16_EPS))))
-        per_image = _half(terms.sum(dim=-1))
-        forget_term = _half(_half(per_image.sum(dim=1)) / int(forget_mask.sum()))
-        loss = _half(loss - forget_term)
-    return loss.double()
-
-
-# ---------------------------------------------------------------- the search
-class LatentContextSearch:
-    """Ask/tell over context tokens: CMA-ES strategies + the fixed projection.
-
-    Knows nothing of oracles or data: ``ask`` gives contexts ``P x m x D``,
-    ``tell`` takes their losses.
-    """
-
-    def __init__(self, config: ForgettingConfig, metadata: OracleMetadata, seed: int) -> None:
-        self.config = config
-        seeds = np.random.SeedSequence(seed).spawn(config.n_context + 2)
-        projection_rng = np.random.default_rng(seeds[0])
-        std = config.projection_std if config.projection_std is not None else metadata.embedding_std
-        d, m = config.latent_dim, config.n_context
-        # A: D x d, fixed for the whole run (no bias); p0: the table mean.
-        self.projection = projection_rng.normal(0.0, std, size=(metadata.token_dim, d)).astype(
-            np.float32
-        )
-        self.center = metadata.embedding_mean.numpy().astype(np.float32)
-        common: dict[str, Any] = {
-            "popsize": config.popsize,
-            "sigma": config.sigma,
-            "diagonal": config.sep_cma,
-            "csa": config.csa,
-        }
-        if config.variant == "bbf":
-            dims = [config.shared_dim] + [config.unique_dim] * m
-        elif config.variant == "bbt":
-            dims = [d * m]
-        else:
-            dims = [d] * m
-        self.strategies = [
-            CmaStrategy(dim, seed=s, **common) for dim, s in zip(dims, seeds[1:], strict=False)
-        ]
-        self._pending: list[np.ndarray] | None = None
-
-    def latents(self, samples: Sequence[np.ndarray]) -> np.ndarray:
-        """Per-strategy samples -> latents ``P x m x d``."""
-        config = self.config
-        if config.variant == "bbf":
-            shared, uniques = samples[0], samples[1:]
-            return np.stack(
-                [np.concatenate([shared, unique], axis=1) for unique in uniques], axis=1
-            )
-        if config.variant == "bbt":
-            return samples[0].reshape(config.popsize, config.n_context, config.latent_dim)
-        return np.stack(samples, axis=1)
-
-    def to_contexts(self, latents: np.ndarray) -> torch.Tensor:
-        """``ctx_i = A z_i + p0`` for latents ``P x m x d`` (fp32; with ``context_rounding``
-        ``fp16``, ``fp16(fp16(A z_i) + fp16(p0))``, the official ``train.py`` L154-165)."""
-        projected = latents.astype(np.float32) @ self.projection.T
-        if self.config.context_rounding == "fp16":
-            rounded = torch.from_numpy(projected).half() + torch.from_numpy(self.center).half()
-            return rounded.float()
-        return torch.from_numpy(projected + self.center)
-
-    def ask(self) -> torch.Tensor:
-        if self._pending is not None:
-            raise RuntimeError("ask() called twice without tell()")
-        self._pending = [strategy.ask() for strategy in self.strategies]
-        return self.to_contexts(self.latents(self._pending))
-
-    def tell(self, losses: np.ndarray) -> None:
-        if self._pending is None:
-            raise RuntimeError("tell() called before ask()")
-        # One fitness vector for every strategy, aligned by candidate index.
-        for strategy, samples in zip(self.strategies, self._pending, strict=True):
-            strategy.tell(samples, losses)
-        self._pending = None
-
-    def mean_contexts(self) -> torch.Tensor:
-        """The contexts at the strategies' means (``1 x m x D``)."""
-        means = [strategy.mean[None, :] for strategy in self.strategies]
-        config = self.config
-        if config.variant == "bbt":
-            latents = means[0].reshape(1, config.n_context, config.latent_dim)
-        elif config.variant == "bbf":
-            latents = np.stack([np.concatenate([means[0], u], axis=1) for u in means[1:]], axis=1)
-        else:
-            latents = np.stack(means, axis=1)
-        return self.to_contexts(latents)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "strategies": [strategy.state_bytes() for strategy in self.strategies],
-            "pending": self._pending,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for strategy, blob in zip(self.strategies, state["strategies"], strict=True):
-            strategy.load_state_bytes(blob)
-        self._pending = state["pending"]
-
 
 # -------------------------------------------------------------------- the task
-@dataclass(frozen=True)
-class ForgettingData:
-    """What a forgetting run works on: images registered with the oracle, and labels.
-
-    ``pool`` holds the k-shot training and validation images together, so one
-    oracle call per generation scores both; ``train_index`` and ``val_index``
-    are positions in it.
-    """
-
-    dataset: str
-    class_names: list[str]
-    partition: ClassPartition
-    pool: ImageSetRef
-    train_index: np.ndarray
-    train_labels: np.ndarray
-    val_index: np.ndarray
-    val_labels: np.ndarray
-    test: ImageSetRef
-    test_labels: np.ndarray
-
-
 @dataclass
 class _Best:
     contexts: torch.Tensor | None = None
@@ -394,7 +116,7 @@ class BlackBoxForgetting:
         config: hyperparameters.
         seed: seeds the projection, every strategy and the batch sampler.
         max_queries: optimization budget; generations = min(iterations,
-            max_queries // popsize). Set on the oracle's ledger for ``budget_key``.
+            max_queries // popsize). The ledger's cap on ``budget_key`` is the harness's.
         budget_key: ledger key of the optimization queries.
         eval_key: ledger key of test evaluations (kept apart from the budget).
         reference_prompt: the zero-shot words (``"a photo of a"``) that DevSafety
@@ -407,7 +129,7 @@ class BlackBoxForgetting:
         self,
         oracle: Oracle,
         task: ForgettingData,
-        config: ForgettingConfig,
+        config: LatentSearchConfig,
         *,
         seed: int,
         max_queries: int | None = None,
@@ -433,7 +155,6 @@ class BlackBoxForgetting:
                     f"max_queries={max_queries} cannot pay for one generation of popsize {config.popsize}"
                 )
             self.generations = min(self.generations, max_queries // config.popsize)
-            oracle.ledger.set_budget(budget_key, max_queries)
         self.max_queries = max_queries
         self.generation = 0
         # Counted here as well as by the ledger, so they survive a resume in a new process.
@@ -697,7 +418,7 @@ class BlackBoxForgetting:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "config": asdict(self.config),
+            "config": self.config.record(),
             "seed": self.seed,
             "generation": self.generation,
             "queries_used": self.queries_used,
@@ -714,9 +435,8 @@ class BlackBoxForgetting:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved, ours = state.get("config") or {}, asdict(self.config)
-        if saved != ours or state.get("seed") != self.seed:
-            differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+        differ = config_changes(state.get("config") or {}, self.config.record())
+        if differ or state.get("seed") != self.seed:
             raise ValueError(
                 "checkpoint was written by a run with another config or seed "
                 f"(differing: {differ or ['seed']}; checkpoints written before batch_order, "
@@ -725,9 +445,6 @@ class BlackBoxForgetting:
         self.generation = int(state["generation"])
         self.queries_used = int(state["queries_used"])
         self.images_scored = int(state["images_scored"])
-        if self.max_queries is not None and self.oracle.ledger.usage(self.budget_key).queries == 0:
-            # A new process: the ledger has not seen this run's earlier queries.
-            self.oracle.ledger.set_budget(self.budget_key, self.max_queries - self.queries_used)
         self.search.load_state_dict(state["search"])
         self._batch_rng.bit_generator.state = state["batch_rng"]
         best = state["best"]
@@ -743,37 +460,3 @@ class BlackBoxForgetting:
 
     def load_state_bytes(self, blob: bytes) -> None:
         self.load_state_dict(pickle.loads(blob))
-
-
-def make_forgetting_data(
-    oracle: Oracle,
-    train: ImageDataset,
-    test: ImageDataset,
-    *,
-    shots: int,
-    seed: int,
-    partition: ClassPartition,
-    val_shots: int | None = None,
-) -> ForgettingData:
-    """Sample k-shot train/validation sets from ``train`` and register images with ``oracle``.
-
-    ``test`` is used as given (pass a subset for quick runs).
-    """
-    if train.class_names != test.class_names:
-        raise ValueError("train and test splits disagree on class names")
-    split = few_shot_split(train.labels, shots, seed, val_shots=val_shots)
-    pool_rows = np.concatenate([split.train, split.val])
-    pool = train.subset(pool_rows)
-    n_train = len(split.train)
-    return ForgettingData(
-        dataset=train.name,
-        class_names=list(train.class_names),
-        partition=partition,
-        pool=oracle.register_images(pool.image_set()),
-        train_index=np.arange(n_train),
-        train_labels=pool.labels[:n_train],
-        val_index=np.arange(n_train, len(pool)),
-        val_labels=pool.labels[n_train:],
-        test=oracle.register_images(test.image_set()),
-        test_labels=test.labels,
-    )

@@ -45,71 +45,76 @@ for white-box training. This brings the constraints to the black-box search:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from vlmlab.methods.forgetting import (
     BlackBoxForgetting,
-    ForgettingConfig,
     ForgettingData,
+    LatentSearchConfig,
+    Variant,
     forgetting_metrics,
     per_class_accuracy,
 )
 from vlmlab.oracle import ImageSetRef, Oracle
 
-Constraint = Literal["al", "penalty"]
-Start = Literal["prompt", "table_mean"]
-Prompted = Literal["forget", "all"]
-SelectionImages = Literal["val", "train_val"]
+SAFE_BBF: Literal["safe_bbf"] = "safe_bbf"
+"""The variant that searches under the constraints (the others run as plain BBF)."""
 
 
-@dataclass(frozen=True)
-class SafeForgettingConfig(ForgettingConfig):
-    """BBF's hyperparameters plus the constraints' (see the module docstring)."""
+class SafeForgettingConfig(LatentSearchConfig):
+    """BBF's settings plus the constraints' (see the module docstring). ``safe_bbf``
+    searches with Latent Context Sharing under the constraints; the task's other
+    variants (``bbf``, ``bbt``, ``wo_lcs``, ``coop``) run as in the forgetting task, on
+    the same images, for the table beside it."""
 
-    constraint: Constraint = "al"
+    name: Literal["safe_bbf", Variant, "coop"] = SAFE_BBF
+    constraint: Literal["al", "penalty"] = "al"
+    """al: pycma's augmented Lagrangian; penalty: MDS's moving-average penalty."""
     tolerance: float = 0.0
     """epsilon: how much each kept class's training loss may rise over the reference's
     (negative: a margin, the loss must fall by at least that much)."""
-    selection_tolerance: float = 0.0
+    selection_tolerance: float = Field(0.0, gt=-1, lt=1)
     """How much accuracy a kept class may lose and the prompt still be the result
     (negative: a margin, every kept class must gain at least that much)."""
-    beta: float = 100.0
+    beta: float = Field(100.0, gt=0)
     """``penalty``: the penalty's scale."""
-    gamma: float = 0.8
+    gamma: float = Field(0.8, gt=0, le=1)
     """``penalty``: the moving average's rate (MDS's gamma)."""
-    start: Start = "prompt"
-    prompted: Prompted = "forget"
+    start: Literal["prompt", "table_mean"] = "prompt"
+    """prompt: search around the zero-shot prompt (feasible at the start); table_mean: BBF's."""
+    prompted: Literal["forget", "all"] = "forget"
     """Whose names the searched prompt is put on: the forget classes' (the kept ones keep
     the reference prompt) or ``all`` classes' (BBF's one prompt)."""
-    selection_images: SelectionImages = "train_val"
+    selection_images: Literal["val", "train_val"] = "train_val"
     """Whose accuracy decides a candidate's safety: ``val`` alone, or ``train_val``, the
     training and validation images together (more images: a test estimate less noisy)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.variant != "bbf":
-            raise ValueError("safe forgetting searches with Latent Context Sharing (variant 'bbf')")
-        if self.fitness != "full":
+    @model_validator(mode="after")
+    def _whole_training_set(self) -> SafeForgettingConfig:
+        if self.name == SAFE_BBF and self.fitness != "full":
             raise ValueError(
-                "safe forgetting needs fitness='full': a constraint compares each kept class's "
+                "safe_bbf needs fitness='full': a constraint compares each kept class's "
                 "loss on the whole training set with the reference's"
             )
-        if self.constraint not in ("al", "penalty"):
-            raise ValueError(f"constraint must be 'al' or 'penalty', got {self.constraint!r}")
-        if self.start not in ("prompt", "table_mean"):
-            raise ValueError(f"start must be 'prompt' or 'table_mean', got {self.start!r}")
-        if self.prompted not in ("forget", "all"):
-            raise ValueError(f"prompted must be 'forget' or 'all', got {self.prompted!r}")
-        if self.selection_images not in ("val", "train_val"):
-            raise ValueError(
-                f"selection_images must be 'val' or 'train_val', got {self.selection_images!r}"
-            )
-        if not self.beta > 0 or not 0 < self.gamma <= 1:
-            raise ValueError("beta must be > 0 and 0 < gamma <= 1")
+        return self
+
+    @property
+    def search_variant(self) -> Variant:
+        return "bbf" if self.name == SAFE_BBF else super().search_variant
+
+    def record(self) -> dict[str, Any]:
+        """The search's settings; a plain variant's leaves out the constraints it never reads."""
+        record = super().record()
+        if self.name != SAFE_BBF:
+            for field in set(SafeForgettingConfig.model_fields) - set(
+                LatentSearchConfig.model_fields
+            ):
+                record.pop(field)
+        return record
 
 
 def class_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> np.ndarray:

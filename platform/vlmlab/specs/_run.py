@@ -205,7 +205,7 @@ class RunSpec(StrictModel):
                 if small:
                     found.append(
                         f"study.budgets: {small} cannot pay for one generation "
-                        f"({per_generation} queries at method.popsize={self.method.popsize})"  # type: ignore[attr-defined]
+                        f"({per_generation} queries{self._at_popsize()})"
                     )
         by_shots = self.budget.by_shots
         missing = [k for k in self.data.shot_ladder if by_shots is not None and k not in by_shots]
@@ -220,7 +220,7 @@ class RunSpec(StrictModel):
                     field = "budget.max_queries" if self.budget.max_queries else "budget.by_shots"
                     found.append(
                         f"{field}: {budget} queries ({shots}-shot) cannot pay for one generation "
-                        f"({per_generation} queries at method.popsize={self.method.popsize})"  # type: ignore[attr-defined]
+                        f"({per_generation} queries{self._at_popsize()})"
                     )
         if not task.white_box and (not self.prompt.endswith("{}.") or not self.prompt_phrase):
             found.append(
@@ -277,6 +277,11 @@ class RunSpec(StrictModel):
         if not isinstance(self.data.shots, int):
             raise ValueError(f"{self.name}: a shot ladder {self.data.shots}; expand_trials() first")
         return self.data.shots
+
+    def _at_popsize(self) -> str:
+        """`` at method.popsize=P`` where the method has a population (for messages)."""
+        popsize = getattr(self.method, "popsize", None)
+        return "" if popsize is None else f" at method.popsize={popsize}"
 
     def query_budget(self, shots: int | None = None) -> int | None:
         """Optimization queries of one trial at ``shots`` (default: this spec's one K)."""

@@ -1,7 +1,8 @@
 """What a task is, and the registry every other layer reads.
 
 A task (forgetting, craft, devsafety, ...) is one :class:`Task` subclass in one
-module: its method spec, its metrics (and so its ``runs`` columns), which of
+module: its method's config (the spec's ``method`` section, a
+:class:`~vlmlab.methods.MethodConfig` declared beside the method), its metrics (and so its ``runs`` columns), which of
 them a sweep may optimize, how it builds its method for one trial, what its
 artifact holds and how an artifact classifies images, and its report tables,
 figures and headline. ``vlmlab.specs``, the runner, the drivers, ``vlmlab
@@ -10,7 +11,7 @@ new task is one module and one :func:`register_task` call::
 
     class Toy(Task):
         name, title = "toy", "Toy task"
-        method_spec = ToyMethodSpec
+        method_spec = ToyConfig  # a MethodConfig: name, popsize, iterations, ...
         metrics = (("acc", "accuracy"),)
         sweep_metrics = ("val_acc",)
 
@@ -35,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from vlmlab.data import ImageDataset
-from vlmlab.methods import Method, Metrics
+from vlmlab.methods import Method, MethodConfig, Metrics, PopulationSearch
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.plugins import TASKS, load_plugins
 from vlmlab.results import (
@@ -61,14 +62,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MethodSpec(StrictModel):
-    """A task's method section; ``name`` (a ``Literal`` of the variants) tells them apart.
-
-    A subclass declares ``name: Literal[...] = "<main variant>"`` and its fields;
-    its task turns it into the method's config.
-    """
-
-    name: str
+MethodSpec = MethodConfig
+"""A task's method section: the method's own config (:class:`~vlmlab.methods.MethodConfig`);
+``name`` (a ``Literal`` of the variants) tells them apart."""
 
 
 class _Named:
@@ -151,12 +147,24 @@ class Task:
 
     def queries_per_generation(self, method: Any) -> int:
         """What one generation costs (the population, by default)."""
-        return 0 if self.is_white_box(method) else int(method.popsize)
+        if self.is_white_box(method):
+            return 0
+        if not isinstance(method, PopulationSearch):
+            raise NotImplementedError(
+                f"task {self.name!r}: its method config has no popsize; "
+                "override Task.queries_per_generation"
+            )
+        return method.popsize
 
     def generations(self, spec: RunSpec) -> int:
         """Generations of one expanded trial: the iterations, cut by the budget."""
         budget = spec.query_budget()
-        iterations = int(spec.method.iterations)  # type: ignore[attr-defined]
+        if not isinstance(spec.method, PopulationSearch):
+            raise NotImplementedError(
+                f"task {self.name!r}: its method config has no popsize and iterations; "
+                "override Task.generations"
+            )
+        iterations = spec.method.iterations
         per_generation = self.queries_per_generation(spec.method)
         if budget is None or per_generation == 0:
             return iterations

@@ -1,6 +1,6 @@
 """The craft task: CraFT and its ablations, in one place.
 
-Spec section ``method`` (:class:`CraftMethodSpec`, the paper's defaults),
+Spec section ``method`` (:class:`~vlmlab.methods.craft.CraftConfig`, the paper's defaults),
 metric ``acc`` (``runs`` columns ``test_acc`` ...), sweepable ``val_acc`` /
 ``test_acc``; the budget defaults to the paper's by shots; one generation
 costs ``popsize`` budget queries (``popsize + 1`` with ``head_data: prompts``,
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 
 from vlmlab.methods import Method
 from vlmlab.methods.coop import CoOpClassifier
@@ -27,7 +26,6 @@ from vlmlab.methods.craft import (
     CraftConfig,
     RefinementHead,
     make_craft_data,
-    queries_per_generation,
 )
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import (
@@ -38,63 +36,16 @@ from vlmlab.results import (
     panels,
     save_figure,
 )
-from vlmlab.tasks._base import MethodSpec, Task, TrialData
-from vlmlab.tasks._coop import COOP, CoOpSettings, is_coop
+from vlmlab.tasks._base import Task, TrialData
+from vlmlab.tasks._coop import is_coop
 
 if TYPE_CHECKING:
     from vlmlab.results import Artifact
     from vlmlab.specs import RunSpec
 
 
-class CraftMethodSpec(MethodSpec):
-    """CraFT and its ablations (see ``vlmlab.methods.craft``); defaults are the paper's.
-    ``coop``: CoOp, the white-box reference (its ``coop:`` settings; m = the prompt's words)."""
-
-    name: Literal["craft", "prompt_only", "refine_only", "no_consistency", "coop"] = "craft"
-    latent_dim: int = Field(512, ge=1)
-    projection_std: float = Field(0.2, gt=0)
-    projection_init: Literal["normal", "uniform"] = "normal"
-    """normal: A ~ N(0, projection_std) (main_craft.py); uniform: torch's default Linear
-    init (main_craft_imagenet.py, which ignores std)."""
-    popsize: int = Field(40, ge=2)
-    sigma: float = Field(1.0, gt=0)
-    bounds: float | None = Field(5.0, gt=0)
-    hidden: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    consistency_weight: float = Field(0.1, ge=0)
-    consistency_cutoff: int = Field(1, ge=1)
-    refine_batch: int = Field(256, ge=1)
-    head_data: Literal["views", "prompts"] = "views"
-    """views (official): the head learns from one prompt's logits on augmented images;
-    prompts (vlmlab's earlier reading): from every prompt's logits on the plain images."""
-    head_prompt: Literal["sample_mean", "xbest", "mean"] = "sample_mean"
-    """views: the head's and the result's prompt: the mean of a fresh ask() sample
-    (main_craft.py), the best candidate so far (the ImageNet script) or the ES mean."""
-    views: int | None = Field(None, ge=1)
-    """Augmented views registered (once each) and cycled; None: a new one every
-    generation, as the official code (the most images to encode)."""
-    augment_scale: tuple[float, float] = (0.5, 1.0)
-    """RandomResizedCrop's area range (the ImageNet script uses 0.08-1)."""
-    augment_source: Literal["original", "stored"] = "original"
-    """What the crops cut: the full-resolution originals (official: the transform reads
-    the photo), where the dataset keeps them (torchvision's CoOp sets, imagefolder); or
-    the stored 224 px centre squares. Sets held in memory at their own size
-    (Fashion-MNIST, CIFAR) have no other originals: both crop their stored pixels."""
-    fitness_images: Literal["augmented", "plain"] = "augmented"
-    """Candidates are scored on one fixed augmented view (official) or on the plain images."""
-    coop: CoOpSettings = Field(default_factory=CoOpSettings)
-    """``name: coop``'s settings (CoOp, the white-box reference)."""
-
-    def to_config(self, budget: int, init_phrase: str = "a photo of a") -> CraftConfig:
-        """The method's config; ``init_phrase`` is the spec prompt's words (the p0 context)."""
-        if self.name == COOP:
-            raise ValueError("coop is trained by gradient: its settings are method.coop")
-        return CraftConfig(
-            variant=self.name,  # type: ignore[arg-type]  # not coop: refused above
-            budget=budget,
-            init_phrase=init_phrase,
-            **self.model_dump(exclude={"name", "coop"}),
-        )
+CraftMethodSpec = CraftConfig
+"""The spec's ``method`` section is the method's own config (the name of earlier versions)."""
 
 
 def craft_budget(shots: int) -> int:
@@ -107,7 +58,7 @@ class CraftTask(Task):
 
     name = "craft"
     title = "CraFT"
-    method_spec = CraftMethodSpec
+    method_spec = CraftConfig
     metrics = (("acc", "accuracy"),)
     sweep_metrics = ("val_acc", "test_acc")
     validation_optional = True  # data.val_shots: 0, the official protocol (no validation)
@@ -124,11 +75,13 @@ class CraftTask(Task):
             return 0
         # The official budget pays for the population only; head_data=prompts also
         # scores the ES mean with it. The head's query (views) is counted apart.
-        return queries_per_generation(int(method.popsize), str(method.head_data))
+        assert isinstance(method, CraftConfig)
+        return method.queries_per_generation
 
     def generations(self, spec: RunSpec) -> int:
+        assert isinstance(spec.method, CraftConfig)
         if is_coop(spec.method):
-            return int(spec.method.coop.epochs)  # type: ignore[attr-defined]
+            return spec.method.coop.epochs
         return (spec.query_budget() or 0) // self.queries_per_generation(spec.method)
 
     def run_id(self, spec: RunSpec, seed: int) -> str:
@@ -145,7 +98,7 @@ class CraftTask(Task):
         budget_key: str,
         eval_key: str,
     ) -> Craft | CoOpClassifier:
-        assert isinstance(spec.method, CraftMethodSpec)
+        assert isinstance(spec.method, CraftConfig)
         coop = is_coop(spec.method)
         augmented = spec.method.fitness_images == "augmented" and not coop  # CoOp: plain images
         task = make_craft_data(
@@ -163,7 +116,7 @@ class CraftTask(Task):
             return CoOpClassifier(
                 oracle,
                 task,
-                spec.method.coop.config(n_context),
+                spec.method.coop.with_context(n_context),
                 seed=seed,
                 eval_key=eval_key,
                 init_phrase=spec.prompt_phrase,
@@ -173,7 +126,9 @@ class CraftTask(Task):
         return Craft(
             oracle,
             task,
-            spec.method.to_config(budget, spec.prompt_phrase),
+            spec.method,
+            budget=budget,
+            init_phrase=spec.prompt_phrase,
             seed=seed,
             budget_key=budget_key,
             eval_key=eval_key,
@@ -189,13 +144,13 @@ class CraftTask(Task):
                 "train_images": len(method.task.train_labels),
             }
         assert isinstance(method, Craft)
-        refinement = method.config.variant != "prompt_only"
+        refinement = method.config.name != "prompt_only"
         tensors = {"contexts": method.mean_contexts()}
         if refinement:
             tensors.update(method.head_tensors())
         return tensors, {
             "class_names": method.task.class_names,
-            "mode": method.config.variant,
+            "mode": method.config.name,
             "refinement": refinement,
             "train_images": len(method.task.train_labels),
             "head_data": method.config.head_data,

@@ -18,107 +18,24 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
 
 from vlmlab.methods import FineTunableModel, Method
 from vlmlab.methods.devsafety import DevSafety, DevSafetyConfig, make_devsafety_data
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.results import ReportTable, finish_panel, mean_std, panels, save_figure
-from vlmlab.tasks._base import MethodSpec, Task, TrialData
+from vlmlab.tasks._base import Task, TrialData
 
 if TYPE_CHECKING:
     from vlmlab.results import Artifact
     from vlmlab.specs import RunSpec
 
 
-class DevSafetyMethodSpec(MethodSpec):
-    """Model Developmental Safety and its baselines (see ``vlmlab.methods.devsafety``).
-
-    Defaults are the official scripts' values (``GangLii/DevSafety``
-    ``train_foggy.sh``; ``tests/fidelity/official_devsafety.py`` lists each source).
-    """
-
-    name: Literal["constrained", "finetune", "weighted"] = "constrained"
-    epochs: int = Field(40, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-6, gt=0)
-    tower_lr: float | None = Field(None, gt=0)
-    """Learning rate of the text tower (``trainable: all``); None: ``lr`` (official: one
-    AdamW group for the whole model)."""
-    weight_decay: float = Field(0.1, ge=0)
-    warmup: float = Field(0.1, ge=0, lt=1)
-    """Warm-up as a share of all steps, used when ``warmup_steps`` is null."""
-    warmup_steps: int | None = Field(500, ge=0)
-    """Warm-up in steps (official ``--warmup_length`` 500); null: ``warmup``."""
-    steps_per_epoch: int | None = Field(None, ge=1)
-    """Official: 600 (BDD) / 1600 (Places); None: training images / batch_size."""
-    control_per_class: int = Field(10, ge=1)
-    control_classes: int | None = Field(None, ge=1)
-    """Protected classes per control batch (official Places: 240 of 364; None: all)."""
-    objective: Literal["contrastive", "ce"] = "contrastive"
-    """contrastive: the official SogCLR-style image-caption loss (target vs negatives);
-    ce: the target images' cross-entropy over all classes."""
-    contrastive_t: float = Field(0.05, gt=0)
-    contrastive_gamma: float = Field(0.8, gt=0, le=1)
-    penalty: Literal["official", "smoothed"] = "official"
-    """official: mean_k max(beta u_k, 0) L_k tau; smoothed: vlmlab's earlier smoothed
-    hinge (beta tau softplus(u/tau) sigmoid(u/tau)), summed over classes."""
-    constraint_logits: Literal["tau", "model"] = "tau"
-    """tau: constraint losses at logit scale 1/tau (official); model: the backend's scale."""
-    rank: int = Field(32, ge=1)
-    trainable: Literal["target_heads", "heads", "projection", "all", "full"] = "all"
-    """What trains: the target's heads, every head, + the projection, + the text tower
-    (``all``), + the image tower (``full``, open_clip only: every parameter, as the
-    official runs; each batch is encoded by it, so a step costs image-tower passes).
-    The official value is ``full`` (the paper configs set it); the default stays ``all``
-    (cached image features, any backend) because ``full`` needs open_clip and costs
-    image-tower passes every step."""
-    negative_head: bool = True
-    """Negative captions through an extra head, so protected heads learn only from the
-    constraints (official ``cls_ids=-1``); false: through their own class's head."""
-    augment_views: int = Field(0, ge=0)
-    """Augmented batches (official): target and control rows are scored on augmented
-    images while w_old's losses stay on the clean ones. With a frozen image tower, this
-    many cached views of each training image (each row's view drawn per step; costs one
-    encoding of the training set per view); with ``trainable: full``, a fresh draw every
-    step (any number > 0). 0: clean images only."""
-    augment_scale: tuple[float, float] = (0.7, 1.0)
-    """Random resized crop's area range (official 0.7-1)."""
-    augment_rotation: float = Field(15.0, ge=0)
-    """Random rotation's largest angle, degrees (official 15)."""
-    augment_flip: bool = True
-    """Random horizontal flip (official)."""
-    beta: float = Field(100.0, ge=0)
-    gamma: float = Field(0.8, gt=0, le=1)
-    tau: float = Field(0.05, ge=0)
-    weight: float | None = Field(None, ge=0)
-    """The weighted baseline's weight on the protected losses; null: beta * tau (official)."""
-    weight_reduction: Literal["mean", "sum"] = "mean"
-    """mean: over the protected classes in the control batch (official SogCLR_RM); sum:
-    vlmlab's earlier reading."""
-    base_epochs: int = Field(0, ge=0)
-    base_lr: float = Field(1e-3, gt=0)
-    safety_tolerance: float = Field(0.0, ge=0, lt=1)
-    """What ``safe_gain`` (the sweep metric) counts as safe: DevSafety(acc) >= -tolerance.
-    0 is the paper's definition; a small slack suits validation sets where one image
-    moves a class's accuracy by more than that. Never used in training."""
-
-    @field_validator("augment_scale")
-    @classmethod
-    def _crop_area(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1] <= 1:
-            raise ValueError("must satisfy 0 < low <= high <= 1 (a share of the image's area)")
-        return value
-
-    def to_config(self, prompt: str = "a photo of a {}.") -> DevSafetyConfig:
-        """The method's config; ``prompt`` is the spec's class prompt template."""
-        values = self.model_dump(exclude={"name"})
-        values["augment_scale"] = tuple(values["augment_scale"])
-        return DevSafetyConfig(variant=self.name, prompt=prompt, **values)
+DevSafetyMethodSpec = DevSafetyConfig
+"""The spec's ``method`` section is the method's own config (the name of earlier versions)."""
 
 
 class DevSafetyTask(Task):
@@ -126,7 +43,7 @@ class DevSafetyTask(Task):
 
     name = "devsafety"
     title = "Model Developmental Safety"
-    method_spec = DevSafetyMethodSpec
+    method_spec = DevSafetyConfig
     metrics = (
         ("target_acc", "target acc"),
         ("target_gain", "target gain"),
@@ -145,7 +62,8 @@ class DevSafetyTask(Task):
     artifact_tensor = "class_embeddings"
 
     def generations(self, spec: RunSpec) -> int:
-        return int(spec.method.epochs)  # type: ignore[attr-defined]
+        assert isinstance(spec.method, DevSafetyConfig)
+        return spec.method.epochs
 
     def check(self, spec: RunSpec) -> list[str]:
         found = []
@@ -159,7 +77,8 @@ class DevSafetyTask(Task):
                 "data.shots: data.control_cap sets the training images (at most that many of "
                 "each protected class, every target image); a shot ladder does not apply"
             )
-        if spec.method.trainable == "full" and not spec.backend.name.startswith("open_clip"):  # type: ignore[attr-defined]
+        assert isinstance(spec.method, DevSafetyConfig)
+        if spec.method.trainable == "full" and not spec.backend.name.startswith("open_clip"):
             found.append(
                 f"method.trainable: full trains the image tower, which only open_clip "
                 f"backends offer; got backend {spec.backend.name!r}"
@@ -183,13 +102,13 @@ class DevSafetyTask(Task):
                 f"the {self.name} task trains the model: it needs an in-process backend, "
                 f"not {type(oracle).__name__}"
             )
-        assert isinstance(spec.method, DevSafetyMethodSpec)
-        config = spec.method.to_config(spec.prompt)
+        assert isinstance(spec.method, DevSafetyConfig)
+        config = spec.method
         model = FineTunableModel(
             oracle,
             data.train.class_names,
             rank=config.rank,
-            prompt=config.prompt,
+            prompt=spec.prompt,
             seed=seed,
             negative_head=config.negative_head,
         )
@@ -230,7 +149,7 @@ class DevSafetyTask(Task):
             "trainable": config.trainable,
             "rank": config.rank,
             "negative_head": config.negative_head,
-            "prompt": config.prompt,
+            "prompt": model.prompt,
             "logit_scale": model.logit_scale,
             "logit_bias": model.logit_bias,
         }

@@ -1,6 +1,6 @@
 """The forgetting task: Black-Box Forgetting and its baselines, in one place.
 
-Spec section ``method`` (:class:`ForgettingMethodSpec`), metrics H, Err_fgt and
+Spec section ``method`` (:class:`~vlmlab.methods.forgetting.ForgettingConfig`), metrics H, Err_fgt and
 Acc_mem (``runs`` columns ``test_H`` ...), sweepable ``val_H`` / ``test_H``;
 the result is the best-validation-H prompt (its artifact: ``contexts`` and the
 forget set); the report is the paper's table plus H against queries.
@@ -9,20 +9,20 @@ forget set); the report is the paper's table plus H against queries.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 
 from vlmlab.data import class_indices, partition_classes
-from vlmlab.methods import Method, Metrics
+from vlmlab.methods import Method, MethodConfig, Metrics
 from vlmlab.methods.coop import CoOpForgetting
 from vlmlab.methods.forgetting import (
     DROP_CLASSES,
     BlackBoxForgetting,
     ForgettingConfig,
+    LatentSearchConfig,
     make_forgetting_data,
 )
 from vlmlab.oracle import Oracle
@@ -33,8 +33,8 @@ from vlmlab.results import (
     panels,
     save_figure,
 )
-from vlmlab.tasks._base import MethodSpec, Task, TrialData
-from vlmlab.tasks._coop import COOP, CoOpSettings, is_coop
+from vlmlab.tasks._base import Task, TrialData
+from vlmlab.tasks._coop import is_coop
 
 DROP_CLASSES_LABEL = "drop forget classes (0 queries)"
 """The zero-query reference's name in tables and figures."""
@@ -43,50 +43,8 @@ if TYPE_CHECKING:
     from vlmlab.specs import RunSpec
 
 
-class ForgettingMethodSpec(MethodSpec):
-    """Black-Box Forgetting and its baselines (see ``vlmlab.methods.forgetting``), and
-    CoOp, the white-box reference (``coop``: its ``coop:`` settings, ``n_context``)."""
-
-    name: Literal["bbf", "bbt", "wo_lcs", "coop"] = "bbf"
-    n_context: int = Field(4, ge=1, le=64)
-    shared_dim: int = Field(20, ge=1)
-    unique_dim: int = Field(5, ge=1)
-    popsize: int = Field(20, ge=2)
-    sigma: float = Field(1.0, gt=0)
-    sep_cma: bool = False
-    batch_size: int = Field(160, ge=1)
-    fitness: Literal["full", "minibatch"] = "full"
-    """``full``: each candidate on the whole k-shot training set, the mean of its batch
-    losses (the official protocol); ``minibatch``: one random ``batch_size`` subset a
-    generation (vlmlab's earlier default: cheaper on large sets, noisier)."""
-    batch_order: Literal["shuffled", "shared", "sorted"] = "shuffled"
-    """``full`` fitness's batches: ``shuffled`` (official) a new permutation for every
-    candidate; ``shared`` one a generation for the whole population (less ranking noise);
-    ``sorted`` consecutive chunks of the class-sorted set (vlmlab's earlier behaviour)."""
-    loss_precision: Literal["fp16", "fp64"] = "fp16"
-    """``fp16`` (official): the fp16 CLIP's loss, ``log(p + 1e-7)`` of an fp16 softmax (a class
-    term caps at 15.94 nats); ``fp64``: the exact loss, no cap (vlmlab's earlier loss)."""
-    context_rounding: Literal["fp16", "none"] = "fp16"
-    """``fp16`` (official): contexts ``fp16(fp16(A z) + fp16(p0))``; ``none``: fp32."""
-    csa: Literal["pycma3", "installed"] = "pycma3"
-    """CMA-ES step-size constants: ``pycma3`` (pycma <= 4.4's, as the official runs had
-    them) or ``installed`` (the installed pycma's; 4.5 changed them below 40 variables)."""
-    baseline_dim: int | None = Field(None, ge=1)
-    """BBT / w/o LCS: each token's latent size; default ``(ds + m du) / m`` (official)."""
-    iterations: int = Field(400, ge=1)
-    projection_std: float | None = Field(None, gt=0)
-    safety_tolerance: float = Field(0.01, ge=0, lt=1)
-    """What ``safe_H`` counts as safe: DevSafety >= -tolerance (reported; never trained on)."""
-    coop: CoOpSettings = Field(default_factory=CoOpSettings)
-    """``name: coop``'s settings (CoOp, the white-box reference)."""
-
-    def to_config(self) -> ForgettingConfig:
-        if self.name == COOP:
-            raise ValueError("coop is trained by gradient: its settings are method.coop")
-        return ForgettingConfig(
-            variant=self.name,  # type: ignore[arg-type]  # not coop: refused above
-            **self.model_dump(include=set(ForgettingConfig.__dataclass_fields__) - {"variant"}),
-        )
+ForgettingMethodSpec = ForgettingConfig
+"""The spec's ``method`` section is the method's own config (the name of earlier versions)."""
 
 
 class ForgettingTask(Task):
@@ -94,7 +52,7 @@ class ForgettingTask(Task):
 
     name = "forgetting"
     title = "Black-Box Forgetting"
-    method_spec = ForgettingMethodSpec
+    method_spec: ClassVar[type[MethodConfig]] = ForgettingConfig
     metrics = (
         ("H", "H"),
         ("err_fgt", "Err_fgt"),
@@ -114,8 +72,8 @@ class ForgettingTask(Task):
         return DROP_CLASSES_LABEL if reference == DROP_CLASSES else reference
 
     def generations(self, spec: RunSpec) -> int:
-        if is_coop(spec.method):
-            return int(spec.method.coop.epochs)  # type: ignore[attr-defined]
+        if isinstance(spec.method, LatentSearchConfig) and is_coop(spec.method):
+            return spec.method.coop.epochs
         return super().generations(spec)
 
     def build(
@@ -128,7 +86,7 @@ class ForgettingTask(Task):
         budget_key: str,
         eval_key: str,
     ) -> BlackBoxForgetting:
-        assert isinstance(spec.method, ForgettingMethodSpec)
+        assert isinstance(spec.method, LatentSearchConfig)
         forget = spec.data.forget
         partition = partition_classes(
             data.train.num_classes,
@@ -150,7 +108,7 @@ class ForgettingTask(Task):
             return CoOpForgetting(
                 oracle,
                 task,
-                spec.method.coop.config(spec.method.n_context),
+                spec.method.coop.with_context(spec.method.n_context),
                 seed=seed,
                 eval_key=eval_key,
                 reference_prompt=spec.prompt_phrase,
@@ -159,7 +117,7 @@ class ForgettingTask(Task):
         return self.method_class(spec.method)(
             oracle,
             task,
-            spec.method.to_config(),
+            spec.method,
             seed=seed,
             max_queries=spec.query_budget(),
             budget_key=budget_key,
@@ -168,7 +126,7 @@ class ForgettingTask(Task):
             safety_tolerance=spec.method.safety_tolerance,
         )
 
-    def method_class(self, method: ForgettingMethodSpec) -> type[BlackBoxForgetting]:
+    def method_class(self, method: LatentSearchConfig) -> type[BlackBoxForgetting]:
         """The method a spec's variant runs (a subclass task adds its own)."""
         return BlackBoxForgetting
 

@@ -11,46 +11,23 @@ so one spec compares them on the same seeds. Its default sweep metric is
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from vlmlab.methods import Method
-from vlmlab.methods.forgetting import BlackBoxForgetting, ForgettingConfig
-from vlmlab.methods.safe_forgetting import SafeBlackBoxForgetting, SafeForgettingConfig
+from vlmlab.methods.forgetting import BlackBoxForgetting, LatentSearchConfig
+from vlmlab.methods.safe_forgetting import (
+    SAFE_BBF,
+    SafeBlackBoxForgetting,
+    SafeForgettingConfig,
+)
 from vlmlab.oracle import LocalOracle
 from vlmlab.results import Artifact
-from vlmlab.tasks.forgetting import ForgettingMethodSpec, ForgettingTask
+from vlmlab.tasks.forgetting import ForgettingTask
 
-
-class SafeForgettingMethodSpec(ForgettingMethodSpec):
-    """Forgetting's method section plus the constraints of ``safe_bbf``."""
-
-    name: Literal["safe_bbf", "bbf", "bbt", "wo_lcs", "coop"] = "safe_bbf"  # type: ignore[assignment]
-    constraint: Literal["al", "penalty"] = "al"
-    """al: pycma's augmented Lagrangian; penalty: MDS's moving-average penalty."""
-    tolerance: float = 0.0
-    """epsilon: how much each kept class's training loss may exceed the zero-shot prompt's
-    (negative: a margin it must stay below it by)."""
-    selection_tolerance: float = Field(0.0, gt=-1, lt=1)
-    """How much accuracy a kept class may lose in the prompt that is the result
-    (negative: a margin every kept class must gain)."""
-    beta: float = Field(100.0, gt=0)
-    gamma: float = Field(0.8, gt=0, le=1)
-    start: Literal["prompt", "table_mean"] = "prompt"
-    """prompt: search around the zero-shot prompt (feasible at the start); table_mean: BBF's."""
-    prompted: Literal["forget", "all"] = "forget"
-    """forget: the searched prompt on the forget classes' names, the kept ones keep the
-    zero-shot prompt; all: BBF's one prompt for every class."""
-    selection_images: Literal["val", "train_val"] = "train_val"
-    """Whose accuracy decides that a candidate is safe: validation, or training + validation."""
-
-    def to_config(self) -> ForgettingConfig:
-        if self.name != "safe_bbf":
-            return super().to_config()
-        fields = set(SafeForgettingConfig.__dataclass_fields__) - {"variant"}
-        return SafeForgettingConfig(variant="bbf", **self.model_dump(include=fields))
+SafeForgettingMethodSpec = SafeForgettingConfig
+"""The spec's ``method`` section is the method's own config (the name of earlier versions)."""
 
 
 class SafeForgettingTask(ForgettingTask):
@@ -58,11 +35,11 @@ class SafeForgettingTask(ForgettingTask):
 
     name = "safe_forgetting"
     title = "Safe forgetting"
-    method_spec = SafeForgettingMethodSpec
+    method_spec = SafeForgettingConfig
     sweep_metrics = ("val_safe_H", "val_H", "test_H")
 
-    def method_class(self, method: ForgettingMethodSpec) -> type[BlackBoxForgetting]:
-        return SafeBlackBoxForgetting if str(method.name) == "safe_bbf" else BlackBoxForgetting
+    def method_class(self, method: LatentSearchConfig) -> type[BlackBoxForgetting]:
+        return SafeBlackBoxForgetting if method.name == SAFE_BBF else BlackBoxForgetting
 
     def artifact(self, method: Method) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Forgetting's artifact; with ``prompted: forget``, also the reference prompt the

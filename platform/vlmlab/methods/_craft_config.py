@@ -17,11 +17,6 @@ VARIANTS: tuple[str, ...] = get_args(Variant)
 AugmentSource = Literal["original", "stored"]
 
 
-def queries_per_generation(popsize: int, head_data: str) -> int:
-    """Budget queries a generation: P (views, official) or P + 1 (prompts: the ES mean too)."""
-    return popsize + (1 if head_data == "prompts" else 0)
-
-
 class CraftConfig(MethodConfig):
     """CraFT and its ablations (Wang et al. 2024 and the official craft_configs; defaults
     are the paper's), and CoOp, the white-box reference (``coop``: its ``coop:``
@@ -69,7 +64,7 @@ class CraftConfig(MethodConfig):
     @property
     def queries_per_generation(self) -> int:
         """Budget queries a generation: P (views) or P + 1 (prompts: the ES mean too)."""
-        return queries_per_generation(self.popsize, self.head_data)
+        return self.popsize + (1 if self.head_data == "prompts" else 0)
 
     def generations(self, budget: int) -> int:
         """``budget // queries_per_generation``: the official maxiter = budget // popsize."""

@@ -64,7 +64,6 @@ from vlmlab.methods._craft_config import (
     AugmentSource,
     CraftConfig,
     Variant,
-    queries_per_generation,
 )
 from vlmlab.methods._craft_data import FITNESS_VIEW, CraftData, make_craft_data
 from vlmlab.methods._protocol import Metrics, StepRecord
@@ -81,7 +80,6 @@ __all__ = [
     "RefinementHead",
     "Variant",
     "make_craft_data",
-    "queries_per_generation",
 ]
 
 

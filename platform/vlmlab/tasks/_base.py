@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from vlmlab.data import ImageDataset
-from vlmlab.methods import Method, MethodConfig, Metrics, PopulationSearch
+from vlmlab.methods import Method, MethodConfig, Metrics, PopulationSearch, Settings
 from vlmlab.oracle import LocalOracle, Oracle
 from vlmlab.plugins import TASKS, load_plugins
 from vlmlab.results import (
@@ -56,10 +55,8 @@ if TYPE_CHECKING:  # the spec layer sits above this one: types only
     from vlmlab.specs import RunSpec
 
 
-class StrictModel(BaseModel):
-    """A spec section: unknown keys are refused, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StrictModel(Settings):
+    """A spec section: unknown keys are refused, values are frozen (the methods' rule)."""
 
 
 MethodSpec = MethodConfig

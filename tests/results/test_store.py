@@ -20,7 +20,7 @@ from vlmlab.results import (
     runs_schema,
     save_artifact,
 )
-from vlmlab.tasks import runs_schema_of_tasks, study_metrics
+from vlmlab.tasks import runs_schema_of_task, runs_schema_of_tasks, study_metrics
 
 
 def _row(run_id: str, **metrics: float) -> dict:
@@ -61,6 +61,39 @@ def test_store_with_the_task_schema_writes_every_column(tmp_path):
     assert pq.read_schema(path).names == runs_schema_of_tasks().names
     runs = store.runs()
     assert runs.loc[0, "test_H"] == 0.5 and pd.isna(runs.loc[0, "test_acc"])
+
+
+def test_each_run_file_holds_its_own_tasks_metric_columns(tmp_path):
+    """A forgetting run's file has no CraFT column and a CraFT run's none of forgetting's: a
+    metric added to one task changes no other task's files; the folder reads as the union."""
+    store = ResultsStore(tmp_path, schema_of=runs_schema_of_task)
+    forgetting = pq.read_schema(store.write_run(_row("f", test_H=0.5, dropclasses_test_H=0.4)))
+    craft = pq.read_schema(store.write_run({**_row("c", test_acc=0.7), "task": "craft"}))
+    assert "test_H" in forgetting.names and "dropclasses_test_H" in forgetting.names
+    assert "test_acc" not in forgetting.names and "test_target_gain" not in forgetting.names
+    assert "test_acc" in craft.names and "test_H" not in craft.names
+    assert forgetting.names == runs_schema_of_task("forgetting").names
+    runs = store.runs().set_index("run_id")
+    assert runs.loc["f", "test_H"] == 0.5 and pd.isna(runs.loc["f", "test_acc"])
+    assert runs.loc["c", "test_acc"] == 0.7 and pd.isna(runs.loc["c", "test_H"])
+    # A row read back from the mixed folder and rewritten keeps its task's columns only;
+    # a value in another task's column is refused, never dropped.
+    row = runs.reset_index().set_index("run_id", drop=False).loc["f"].to_dict()
+    rewritten = pq.read_schema(store.write_run({**row, "status": "stopped"}))
+    assert rewritten.names == forgetting.names
+    with pytest.raises(ValueError, match=r"columns not in the schema: \['test_acc'\]"):
+        store.write_run(_row("x", test_H=0.5, test_acc=0.9))
+    # An empty folder still reads with the fixed columns.
+    assert {"run_id", "status", "task"} <= set(ResultsStore(tmp_path / "empty").runs().columns)
+
+
+def test_a_folder_written_with_every_tasks_columns_still_reads(tmp_path):
+    ResultsStore(tmp_path, runs_schema_of_tasks()).write_run(_row("old", test_H=0.5))
+    store = ResultsStore(tmp_path, schema_of=runs_schema_of_task)
+    store.write_run({**_row("new", test_acc=0.7), "task": "craft"})
+    runs = store.runs().set_index("run_id")
+    assert runs.loc["old", "test_H"] == 0.5 and runs.loc["new", "test_acc"] == 0.7
+    assert pd.isna(runs.loc["new", "test_H"]) and pd.isna(runs.loc["old", "test_acc"])
 
 
 def test_store_without_a_schema_reads_the_union_of_its_files(tmp_path):

@@ -63,7 +63,7 @@ def test_rows_hold_target_gain_devsafety_and_w_old(devsafety_run):
         assert (gain - runs[f"{split}_target_gain"]).abs().max() < 1e-9
         assert runs[f"{split}_devsafety"].between(-1, 1).all()
         assert (runs[f"zeroshot_{split}_devsafety"] == 0).all()  # w_old against itself
-    assert runs.test_acc.notna().all() and runs.test_H.isna().all()
+    assert runs.test_acc.notna().all() and "test_H" not in runs  # its task's columns only
     constrained, finetune = runs.iloc[0], runs.iloc[1]
     assert finetune.test_devsafety <= -0.5 < constrained.test_devsafety
     # safe_gain ranks a safe run by its gain, an unsafe one below every safe run.

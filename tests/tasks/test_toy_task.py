@@ -54,9 +54,10 @@ def test_toy_task_runs_reports_and_serves(toy_task, tmp_path):
     runs = ResultsStore(results).runs().set_index("run_id")
     assert set(runs.index) == {"toy-toy-s1", "toy-toy-s2"}
     row = runs.loc["toy-toy-s1"]
-    # The task's metric became runs columns, beside every other task's (the schema is shared).
+    # The task's metric became runs columns, and no other task's did (each run file holds
+    # its task's columns).
     assert 0 <= row.test_toy_score <= 1 and 0 <= row.zeroshot_test_toy_score <= 1
-    assert "test_H" in runs.columns and np.isnan(row.test_H)
+    assert "test_H" not in runs.columns and "test_acc" not in runs.columns
     assert row.queries_used == 12 and row.status == "completed" and row.generations == 3
 
     report = runner.invoke(app, ["report", str(results)])

@@ -338,10 +338,10 @@ def _run_id(spec: RunSpec, result: Any) -> str:
 def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
     """Trials ASHA stopped (or that failed for good) never finish their row: close it here."""
     from vlmlab.runner import results_store
-    from vlmlab.tasks import metric_columns_of_tasks
 
     store = results_store(results)
     runs = store.runs()
+    columns = spec.task_entry.metric_columns()
     known: set[str] = set()
     for result in grid:
         metrics = result.metrics or {}
@@ -359,11 +359,7 @@ def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
             queries_used=int(metrics.get("queries_used", 0)),
             generations=int(metrics.get("generation", 0)),
             # The last report's metrics (a stopped trial's latest evaluation).
-            **{
-                column: metrics.get(column)
-                for column in metric_columns_of_tasks()
-                if column in metrics
-            },
+            **{column: metrics.get(column) for column in columns if column in metrics},
         )
         store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})
     # A trial a killed driver started less than a snapshot (~1 s) before it died is

@@ -5,10 +5,12 @@ Final metrics are columns named ``<split>_<metric>``; a run's reference
 (the zero-shot prompt, or the model before training) sits beside them as
 ``zeroshot_<split>_<metric>`` (a forgetting run also has the zero-query
 ``dropclasses_<split>_<metric>``). Metrics are fractions; the unit of every
-column that has one is in its Arrow field metadata. The metric names come from the task registry
-(``vlmlab.tasks.runs_schema()``), so the schema is fixed for a given set of
-tasks: every file holds the metric columns of every task, null where a task
-has none, and any Parquet reader sees the same columns in every file.
+column that has one is in its Arrow field metadata. Each run's file holds the
+fixed columns and its own task's metric columns (``Task.runs_schema()``), so a
+metric added to one task changes no other task's files; a folder read as one
+table (pandas, duckdb, polars, ``ResultsStore.runs``) is the union of its
+files' columns, null where a run's task has no such metric. Folders written
+when every file held every task's columns read the same way.
 
 ``steps``: long format, one row per (run, step, split, metric).
 """

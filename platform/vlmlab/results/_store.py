@@ -18,7 +18,7 @@ rows. pandas, duckdb and polars read ``runs/`` and ``steps/`` as they are.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,11 @@ def _table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     unknown = {key for row in rows for key in row} - set(schema.names)
     if unknown:
         raise ValueError(f"columns not in the schema: {sorted(unknown)}")
-    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    # A row read back through pandas has NaN / NaT where it had no value: null again here.
+    columns = {
+        name: [None if is_missing(row.get(name)) else row.get(name) for row in rows]
+        for name in schema.names
+    }
     return pa.table(columns, schema=schema)
 
 
@@ -54,14 +58,28 @@ class ResultsStore:
 
     Args:
         root: the folder (created if missing): a path or a URI (``s3://bucket/prefix``).
-        schema: the ``runs`` schema (``vlmlab.tasks.runs_schema()`` holds every
-            registered task's metric columns). Without one, rows are written with
-            their own metric columns and reads return the union of the files' columns.
+        schema: one ``runs`` schema for every row (``vlmlab.tasks.runs_schema_of_tasks()``,
+            the union of the registered tasks' metric columns).
+        schema_of: the ``runs`` schema of a row's task, by the row's ``task``
+            (``vlmlab.tasks.runs_schema_of_task``): each file then holds its task's
+            columns only, and a metric added to one task changes nothing else.
+            Without ``schema`` or ``schema_of``, rows are written with their own metric
+            columns. Unless ``schema`` is set, reads return the union of the files'
+            columns (and the fixed ones, even in an empty folder).
     """
 
-    def __init__(self, root: str | Path | Location, schema: pa.Schema | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | Location,
+        schema: pa.Schema | None = None,
+        *,
+        schema_of: Callable[[object], pa.Schema] | None = None,
+    ) -> None:
+        if schema is not None and schema_of is not None:
+            raise ValueError("give ResultsStore a schema or a schema_of, not both")
         self.location = locate(root)
         self.schema = schema
+        self.schema_of = schema_of
         self.runs_dir = self.location / "runs"
         self.steps_dir = self.location / "steps"
         self.artifacts_dir = self.location / "artifacts"
@@ -79,7 +97,15 @@ class ResultsStore:
     # ---------------------------------------------------------------- writing
     def write_run(self, row: dict[str, Any]) -> Path | str:
         path = self.runs_dir / f"{row['run_id']}.parquet"
-        schema = self.schema or runs_schema(_metrics_of(row))
+        if self.schema is not None:
+            schema = self.schema
+        elif self.schema_of is not None:
+            schema = self.schema_of(row.get("task"))
+            # A null cell of a column this task does not have (a row read back from a
+            # folder of several tasks) is no value; a value there is refused by _table.
+            row = {k: v for k, v in row.items() if k in schema.names or not is_missing(v)}
+        else:
+            schema = runs_schema(_metrics_of(row))
         write_parquet_atomic(_table([row], schema), path)
         return path.native
 
@@ -106,7 +132,7 @@ class ResultsStore:
 
     # ---------------------------------------------------------------- reading
     def runs(self) -> pd.DataFrame:
-        return read_table(self.runs_dir, self.schema)
+        return read_table(self.runs_dir, self.schema, base=runs_schema())
 
     def steps(self) -> pd.DataFrame:
         return read_table(self.steps_dir, STEPS_SCHEMA)
@@ -127,8 +153,14 @@ def _metrics_of(row: dict[str, Any]) -> list[str]:
     return names
 
 
-def read_table(folder: str | Path | Location, schema: pa.Schema | None = None) -> pd.DataFrame:
-    """All Parquet files of a table folder, read with ``schema`` (default: the union of theirs).
+def read_table(
+    folder: str | Path | Location,
+    schema: pa.Schema | None = None,
+    *,
+    base: pa.Schema | None = None,
+) -> pd.DataFrame:
+    """All Parquet files of a table folder, read with ``schema`` (default: the union of
+    theirs, and of ``base``: columns every reader may count on, even with no file).
 
     The files are read as one pyarrow dataset: in parallel, which is what keeps a
     1,000-file ``runs`` table on an object store from costing 1,000 round trips
@@ -137,13 +169,12 @@ def read_table(folder: str | Path | Location, schema: pa.Schema | None = None) -
     location = locate(folder)
     files = [entry.path for entry in location.entries(suffix=".parquet")]
     if schema is None:
-        if not files:
-            return runs_schema().empty_table().to_pandas()
         with ThreadPoolExecutor(max_workers=16) as pool:
             schemas = list(
                 pool.map(lambda f: pq.read_schema(f, filesystem=location.filesystem), files)
             )
-        schema = pa.unify_schemas(schemas)
+        base = runs_schema() if base is None and not files else base
+        schema = pa.unify_schemas([*([base] if base is not None else []), *schemas])
     if not files:
         return schema.empty_table().to_pandas()
     dataset = pads.dataset(files, schema=schema, filesystem=location.filesystem, format="parquet")

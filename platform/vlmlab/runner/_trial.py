@@ -35,7 +35,7 @@ from vlmlab.runner._rows import (
 )
 from vlmlab.specs import RunSpec
 from vlmlab.storage import Location, locate
-from vlmlab.tasks import TrialData, metric_names, runs_schema_of_tasks
+from vlmlab.tasks import TrialData, runs_schema_of_task
 
 
 class ProgressListener(Protocol):
@@ -88,8 +88,8 @@ class FileCheckpointer:
 
 
 def results_store(results_dir: str | Path | Location) -> ResultsStore:
-    """A results folder (path or URI) whose ``runs`` files carry every registered task's metric columns."""
-    return ResultsStore(results_dir, runs_schema_of_tasks())
+    """A results folder (path or URI) whose ``runs`` files each carry their task's metric columns."""
+    return ResultsStore(results_dir, schema_of=runs_schema_of_task)
 
 
 def run_id_for(spec: RunSpec, seed: int) -> str:
@@ -213,8 +213,10 @@ class TrialRun:
             "ray_node": _ray_node(),
         }
         self.failure.store, self.failure.row = store, self.row
-        self._schema_metrics = set(metric_names())
-        self._run_columns = set((store.schema or runs_schema_of_tasks()).names)
+        # What this run's row holds: its task's metric columns (a store given one schema for
+        # every row, such as the union of the registered tasks', holds that schema's).
+        self._schema_metrics = {name for name, _ in self.task.metrics}
+        self._run_columns = set((store.schema or self.task.runs_schema()).names)
         self.evaluations: dict[str, Metrics] = {}
         self._pending: list[dict[str, Any]] = []
 

@@ -112,6 +112,23 @@ class Task:
     ``<reference>:<metric>`` (forgetting: ``dropclasses``, the zero-query bound); each
     is a set of ``runs`` columns ``<reference>_<split>_<metric>``."""
 
+    # ---------------------------------------------------------------- results
+    def runs_schema(self) -> pa.Schema:
+        """This task's ``runs`` table: the fixed columns and its own metric columns only.
+
+        Each run file holds its task's columns, so a metric added to one task changes
+        no other task's files; a folder of several tasks reads as their union.
+        """
+        return runs_schema(*self._metrics_and_references())
+
+    def metric_columns(self) -> tuple[str, ...]:
+        """This task's metric columns of the ``runs`` table (``test_H``, ``zeroshot_test_H``, ...)."""
+        return metric_columns(*self._metrics_and_references())
+
+    def _metrics_and_references(self) -> tuple[list[str], dict[str, list[str]]]:
+        names = [name for name, _ in self.metrics]
+        return names, {reference: names for reference in self.extra_references}
+
     # ------------------------------------------------------------------ specs
     @property
     def variants(self) -> tuple[str, ...]:
@@ -359,8 +376,15 @@ def reference_metrics() -> dict[str, list[str]]:
 
 
 def runs_schema_of_tasks() -> pa.Schema:
-    """The ``runs`` schema with the metric columns of every registered task."""
+    """The ``runs`` schema with the metric columns of every registered task (their union)."""
     return runs_schema(metric_names(), reference_metrics())
+
+
+def runs_schema_of_task(name: object) -> pa.Schema:
+    """The ``runs`` schema of the task ``name`` (:meth:`Task.runs_schema`); the union of
+    every registered task's for a row of no registered task (a plugin not loaded here)."""
+    task = _tasks().get(name) if isinstance(name, str) else None
+    return task.runs_schema() if task is not None else runs_schema_of_tasks()
 
 
 def metric_columns_of_tasks() -> tuple[str, ...]:

@@ -50,6 +50,7 @@ class DevSafetyTask(Task):
         ("devsafety", "DevSafety(acc)"),
         ("protected_acc", "protected acc"),
         ("safe_gain", "safe gain"),
+        ("acc", "accuracy (every class)"),
     )
     table_metrics = (
         ("target_gain", "target gain"),

@@ -23,7 +23,6 @@ from typing import Any
 from vlmlab.drivers._parallel import deploy_for_spec, remote_traceback
 from vlmlab.errors import TrialsFailedError
 from vlmlab.pool import PoolOracle, ensure_ray
-from vlmlab.results import is_missing
 from vlmlab.specs import RunSpec, SpecError, apply_overrides, validate_spec
 from vlmlab.storage import Location, locate, tune_storage
 from vlmlab.tasks import Task, ensure_registered
@@ -361,10 +360,10 @@ def _close_stopped_trials(spec: RunSpec, results: Location, grid: Any) -> None:
             # The last report's metrics (a stopped trial's latest evaluation).
             **{column: metrics.get(column) for column in columns if column in metrics},
         )
-        store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})
+        store.write_run(row)  # the store writes NaN / NaT cells as nulls
     # A trial a killed driver started less than a snapshot (~1 s) before it died is
     # unknown to the restored sweep, which samples another in its place: its row is
     # closed as `abandoned` (its queries were spent; it is nobody's result).
     for row in runs[(runs.status == "running") & ~runs.run_id.isin(known)].to_dict("records"):
         row.update(status="abandoned", finished_at=datetime.now(UTC))
-        store.write_run({k: (None if is_missing(v) else v) for k, v in row.items()})
+        store.write_run(row)  # the store writes NaN / NaT cells as nulls

@@ -173,8 +173,10 @@ def read_table(
             schemas = list(
                 pool.map(lambda f: pq.read_schema(f, filesystem=location.filesystem), files)
             )
-        base = runs_schema() if base is None and not files else base
-        schema = pa.unify_schemas([*([base] if base is not None else []), *schemas])
+        known = [*([base] if base is not None else []), *schemas]
+        if not known:
+            return pd.DataFrame()  # no file and no columns asked for
+        schema = pa.unify_schemas(known)
     if not files:
         return schema.empty_table().to_pandas()
     dataset = pads.dataset(files, schema=schema, filesystem=location.filesystem, format="parquet")
